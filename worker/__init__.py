@@ -1,0 +1,3 @@
+"""personalize-worker: Kafka clickstream to Amazon Personalize PutEvents."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,142 @@
+"""Composition root: builds the parts, runs their loops, and shuts them down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from worker.config import Settings, redacted
+from worker.deadletter import DeadLetterWriter
+from worker.metrics import Metrics, MetricsServer
+from worker.pipeline import Pipeline
+from worker.sink import Sink
+from worker.source import Source, kafka_security
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, settings: Settings, *, until_drained: bool = False) -> None:
+        self.settings = settings
+        self.until_drained = until_drained
+        self.metrics = Metrics()
+        self.sink = Sink(settings.personalize, self.metrics)
+        self.producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, **kafka_security(settings.kafka))
+        self.dead_letters = DeadLetterWriter(self.producer, settings.dead_letter.topic, self.metrics)
+        self.pipeline = Pipeline(settings, self.sink, self.dead_letters, self.metrics, rate=lambda: self.sink.limiter.rate)
+        self.source = Source(settings, self.pipeline, self.metrics)
+        self.server = MetricsServer(self.metrics, self.readiness)
+        self.stop_requested = asyncio.Event()
+        self._stalled_reason: str | None = None
+        self._fetching = True
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.source.assigned_once.is_set():
+            return False, "waiting for a partition assignment"
+        if self.dead_letters.blocked_reason:
+            return False, self.dead_letters.blocked_reason
+        if self._stalled_reason:
+            return False, self._stalled_reason
+        return True, "ready"
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT (or, with `until_drained`, until every assigned partition is done)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_requested.set)
+        log.info("starting", extra={"settings": redacted(self.settings)})
+        await self.server.start(self.settings.metrics.host, self.settings.metrics.port)
+        await self.sink.start()
+        await self.producer.start()
+        await self.source.start()
+        self.metrics.rate_limit.set(self.sink.limiter.rate)
+        log.info("running", extra={"metrics_port": self.server.port, "until_drained": self.until_drained})
+        tasks = [
+            self._spawn(self._fetch_loop(), "fetch"),
+            self._spawn(self.pipeline.run_dispatcher(), "dispatch"),
+            self._spawn(self.pipeline.run_dead_letters(), "dead-letters"),
+            self._spawn(self._commit_loop(), "commit"),
+        ]
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        crashed = [t for t in done if t is not stop and (t.cancelled() or t.exception() is not None)]
+        for task in crashed:
+            log.error("a worker loop stopped unexpectedly", exc_info=task.exception())
+        clean = await self.shutdown(tasks, stop)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        return 1 if crashed or not clean else 0
+
+    async def shutdown(self, tasks: list[asyncio.Task[None]], stop: asyncio.Future[Any]) -> bool:
+        """Stop taking work, finish what is in hand within the drain budget, commit, close clients."""
+        budget = self.settings.worker.drain_timeout_seconds
+        # 1. Stop fetching: nothing new enters the pipeline from here on.
+        self._fetching = False
+        fetch, dispatch, dead_letters, committer = tasks
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+            await asyncio.wait_for(fetch, 2.0)
+        # 2. Send every buffered batch now, ignoring linger, and wait (bounded) for the results.
+        self.pipeline.draining = True
+        partitions = list(self.source.consumer.assignment())
+        clean = await self.pipeline.settle_partitions(partitions, budget)
+        if not clean:
+            log.warning("drain budget exhausted; unfinished records will be re-read after restart",
+                        extra={"outstanding": self.pipeline.outstanding})
+        # 3. Calls still running past the budget are abandoned; their offsets stay uncommitted.
+        await self.pipeline.cancel_in_flight()
+        # 4. Commit what is final. aiokafka's stop() does not call on_partitions_revoked: this is it.
+        await self.source.commit()
+        # 5. Stop the loops, leave the group, close the clients.
+        stop.cancel()
+        for task in (dispatch, dead_letters, committer, fetch):
+            task.cancel()
+        await asyncio.gather(dispatch, dead_letters, committer, fetch, stop, return_exceptions=True)
+        await self.source.stop()
+        await self.producer.stop()
+        await self.sink.close()
+        await self.server.stop()
+        log.info("stopped", extra={"clean": clean})
+        return clean
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        return asyncio.create_task(coroutine, name=name)
+
+    async def _fetch_loop(self) -> None:
+        while self._fetching:
+            await self.source.fetch_once()
+
+    async def _commit_loop(self) -> None:
+        """Commits on an interval; also the stall watchdog and the `until_drained` exit check."""
+        interval = self.settings.worker.commit_interval_seconds
+        stall_after = self.settings.worker.stall_timeout_seconds
+        while True:
+            await asyncio.sleep(interval)
+            await self.source.commit()
+            lag = self.source.lag()
+            idle = time.monotonic() - self.source.last_progress
+            stalled = lag > 0 and idle > stall_after
+            if stalled and self._stalled_reason is None:
+                self._stalled_reason = f"stalled: {lag} records behind and no progress for {idle:.0f}s"
+                log.error("stall detected", extra={"lag": lag, "idle_seconds": round(idle), "why": self._why_stalled()})
+            elif not stalled and self._stalled_reason is not None:
+                log.info("progress resumed")
+                self._stalled_reason = None
+            self.metrics.stalled.set(int(stalled))
+            if self.until_drained and await self.source.drained():
+                log.info("all assigned partitions drained and committed")
+                self.stop_requested.set()
+                return
+
+    def _why_stalled(self) -> str:
+        if self.dead_letters.blocked_reason:
+            return self.dead_letters.blocked_reason
+        if self.sink.last_error:
+            return f"PutEvents failing: {self.sink.last_error}"
+        return "nothing fetched and no offsets committed"

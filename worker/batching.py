@@ -1,0 +1,126 @@
+"""Per-session micro-batches: one PutEvents call carries one session, up to `max_events` events.
+
+Pure state: the caller passes `now`, takes ready batches and reports when a batch is done. A session
+has at most one call in flight, so its events reach Personalize in order even across retries.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+
+
+class Batch(Generic[K, T]):
+    __slots__ = ("created_at", "items", "key")
+
+    def __init__(self, key: K, created_at: float) -> None:
+        self.key = key
+        self.created_at = created_at
+        self.items: list[T] = []
+
+
+class Batcher(Generic[K, T]):
+    """Open batches fill up; full or lingered batches become ready; a busy session's batches wait."""
+
+    def __init__(self, max_events: int) -> None:
+        self.max_events = max_events
+        # Ordered by creation time, so lingered batches are always at the front.
+        self._open: OrderedDict[K, Batch[K, T]] = OrderedDict()
+        self._ready: deque[Batch[K, T]] = deque()
+        self._waiting: dict[K, deque[Batch[K, T]]] = {}
+        self._busy: set[K] = set()
+        self.buffered = 0
+        """Events held here (open, ready or waiting), not counting batches in flight."""
+
+    def add(self, key: K, item: T, now: float) -> None:
+        batch = self._open.get(key)
+        if batch is None:
+            batch = self._open[key] = Batch(key, now)
+        batch.items.append(item)
+        self.buffered += 1
+        if len(batch.items) >= self.max_events:
+            del self._open[key]
+            self._enqueue(batch)
+
+    def _enqueue(self, batch: Batch[K, T]) -> None:
+        if batch.key in self._busy:
+            self._waiting.setdefault(batch.key, deque()).append(batch)
+        else:
+            self._busy.add(batch.key)
+            self._ready.append(batch)
+
+    def oldest_open(self) -> float | None:
+        """Creation time of the oldest open batch: when the next linger deadline falls."""
+        for batch in self._open.values():
+            return batch.created_at
+        return None
+
+    def take(self, now: float, linger: float, limit: int) -> list[Batch[K, T]]:
+        """Up to `limit` batches to send now: full ones first, then those open for `linger` seconds."""
+        deadline = now - linger
+        while self._open and len(self._ready) < limit:
+            key, batch = next(iter(self._open.items()))
+            if batch.created_at > deadline:
+                break
+            del self._open[key]
+            self._enqueue(batch)
+        taken: list[Batch[K, T]] = []
+        while self._ready and len(taken) < limit:
+            batch = self._ready.popleft()
+            self.buffered -= len(batch.items)
+            taken.append(batch)
+        return taken
+
+    def done(self, key: K) -> None:
+        """The session's call finished (whatever its outcome): release its next waiting batch."""
+        waiting = self._waiting.get(key)
+        if waiting:
+            self._ready.append(waiting.popleft())
+            if not waiting:
+                del self._waiting[key]
+        else:
+            self._busy.discard(key)
+
+    def flush(self) -> None:
+        """Make every open batch ready regardless of linger: shutdown and revocation drain."""
+        while self._open:
+            _, batch = self._open.popitem(last=False)
+            self._enqueue(batch)
+
+    def drop(self, keep: Callable[[T], bool]) -> list[T]:
+        """Remove the items the caller no longer owns (a revoked partition's); returns them."""
+        dropped: list[T] = []
+
+        def prune(batch: Batch[K, T]) -> bool:
+            kept = [item for item in batch.items if keep(item)]
+            if len(kept) != len(batch.items):
+                dropped.extend(item for item in batch.items if not keep(item))
+                batch.items = kept
+            return bool(kept)
+
+        for key in [k for k, batch in self._open.items() if not prune(batch)]:
+            del self._open[key]
+        for key in list(self._waiting):
+            self._waiting[key] = deque(b for b in self._waiting[key] if prune(b))
+            if not self._waiting[key]:
+                del self._waiting[key]
+        ready: deque[Batch[K, T]] = deque()
+        emptied: list[K] = []
+        for batch in self._ready:
+            if prune(batch):
+                ready.append(batch)
+            else:
+                emptied.append(batch.key)
+        self._ready = ready
+        # An emptied ready batch never runs: hand its session slot on as if it had finished.
+        for key in emptied:
+            self.done(key)
+        self.buffered -= len(dropped)
+        return dropped
+
+    def __len__(self) -> int:
+        return len(self._open) + len(self._ready) + sum(len(w) for w in self._waiting.values())

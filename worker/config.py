@@ -1,0 +1,249 @@
+"""One frozen settings object, from a TOML file overridden by `PW_<SECTION>__<KEY>` environment variables.
+
+This is the only module that reads the environment for settings. Unknown keys are errors, not
+warnings: a typo in a key must stop start-up instead of silently running with a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from worker import limits
+from worker.errors import ConfigError
+
+ENV_PREFIX = "PW_"
+ENV_NESTING = "__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "localhost:9092"
+    topics: tuple[str, ...] = ("clickstream",)
+    group_id: str = "personalize-worker"
+    client_id: str = "personalize-worker"
+    # Static membership: a stable id per replica (the pod name) keeps rolling restarts from rebalancing.
+    group_instance_id: str | None = None
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    max_poll_records: int = Field(default=2000, ge=1)
+    session_timeout_ms: int = Field(default=45000, ge=1000)
+
+    @field_validator("topics")
+    @classmethod
+    def _topics_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or any(not t.strip() for t in value):
+            raise ValueError("must list at least one non-empty topic name")
+        return value
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        uses_sasl = self.security_protocol.startswith("SASL")
+        if uses_sasl and self.sasl_mechanism is None:
+            raise ValueError(f"sasl_mechanism is required with security_protocol={self.security_protocol}")
+        needs_password = self.sasl_mechanism in {"PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"}
+        if uses_sasl and needs_password and (not self.sasl_username or self.sasl_password is None):
+            raise ValueError(f"sasl_username and sasl_password are required with {self.sasl_mechanism}")
+        return self
+
+
+class PersonalizeSettings(_Section):
+    tracking_id: str = Field(min_length=limits.TRACKING_ID.min, max_length=limits.TRACKING_ID.max)
+    region: str = "us-east-1"
+    endpoint_url: str = ""  # empty: the real AWS endpoint of the region
+    max_in_flight: int = Field(default=64, ge=1, le=1024)
+    max_requests_per_second: float = Field(default=1000.0, gt=0)
+    request_timeout_seconds: float = Field(default=10.0, gt=0)
+
+
+SentAtFormat = Literal["auto", "iso8601", "epoch_s", "epoch_ms"]
+
+
+class MappingSettings(_Section):
+    """Where each Event member comes from: dotted paths into the message's JSON object; "" = not mapped."""
+
+    user_id: str = "user_id"
+    session_id: str = "session_id"
+    event_id: str = "event_id"
+    event_type: str = "event_type"
+    event_value: str = "event_value"
+    item_id: str = "item_id"
+    sent_at: str = "timestamp"
+    sent_at_format: SentAtFormat = "auto"
+    impression: str = "impression"
+    recommendation_id: str = "recommendation_id"
+    metric_attribution_source: str = ""
+    metric_attribution_source_value: str = ""
+    properties: tuple[str, ...] = ()
+    event_types: dict[str, str] = Field(default_factory=dict)
+    event_types_only: bool = False
+
+    @field_validator("session_id", "event_type", "sent_at")
+    @classmethod
+    def _required_path(cls, value: str) -> str:
+        if not value:
+            raise ValueError("is required by PutEvents and cannot be empty")
+        return value
+
+    @field_validator("event_types")
+    @classmethod
+    def _renames_valid(cls, value: dict[str, str]) -> dict[str, str]:
+        for source, target in value.items():
+            if not limits.EVENT_TYPE.min <= len(target) <= limits.EVENT_TYPE.max:
+                raise ValueError(f"{source!r} renames to {target!r}, which breaks eventType's length limit")
+        return value
+
+    @model_validator(mode="after")
+    def _attribution_one_way(self) -> MappingSettings:
+        if self.metric_attribution_source and self.metric_attribution_source_value:
+            raise ValueError("set metric_attribution_source (a path) or metric_attribution_source_value, not both")
+        value = self.metric_attribution_source_value
+        pattern = limits.ATTRIBUTION_SOURCE.pattern
+        if value and (len(value) > limits.ATTRIBUTION_SOURCE.max or (pattern and not pattern.match(value))):
+            raise ValueError("metric_attribution_source_value must be 1-1024 printable ASCII characters")
+        if self.event_types_only and not self.event_types:
+            raise ValueError("event_types_only = true needs an event_types table")
+        return self
+
+
+class BatchingSettings(_Section):
+    max_events: int = Field(default=limits.EVENTS_PER_CALL[1], ge=1, le=limits.EVENTS_PER_CALL[1])
+    linger_ms: int = Field(default=500, ge=0, le=60_000)
+    max_buffered_events: int = Field(default=100_000, ge=10)
+
+
+class DedupSettings(_Section):
+    window_seconds: float = Field(default=3600.0, ge=0)
+    max_ids: int = Field(default=1_000_000, ge=0)
+
+
+class DeadLetterSettings(_Section):
+    topic: str = Field(default="clickstream.dlq", min_length=1)
+
+
+class MetricsSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
+class WorkerSettings(_Section):
+    """How the process behaves around the pipeline: shutdown, rebalance, stall detection, logs."""
+
+    drain_timeout_seconds: float = Field(default=30.0, gt=0)
+    rebalance_timeout_seconds: float = Field(default=10.0, gt=0)
+    commit_interval_seconds: float = Field(default=1.0, gt=0)
+    stall_timeout_seconds: float = Field(default=300.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+
+class Settings(_Section):
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    personalize: PersonalizeSettings
+    mapping: MappingSettings = Field(default_factory=MappingSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    dedup: DedupSettings = Field(default_factory=DedupSettings)
+    dead_letter: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @model_validator(mode="after")
+    def _dead_letter_not_a_source(self) -> Settings:
+        if self.dead_letter.topic in self.kafka.topics:
+            raise ValueError("dead_letter.topic must not be one of kafka.topics (records would loop)")
+        return self
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`PW_KAFKA__TOPICS=a,b` → {"kafka": {"topics": "a,b"}}; values are coerced later by the model."""
+    overrides: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split(ENV_NESTING)
+        if len(path) != 2 or not all(path):
+            raise ConfigError(f"{name}: environment overrides are named PW_<SECTION>__<KEY>")
+        section, key = path
+        overrides.setdefault(section, {})[key] = _env_value(section, key, raw, name)
+    return overrides
+
+
+def _env_value(section: str, key: str, raw: str, name: str) -> Any:
+    """Lists and tables come as JSON (or, for lists, comma-separated text); scalars as text."""
+    section_model = Settings.model_fields.get(section)
+    annotation = None
+    if section_model is not None and isinstance(section_model.annotation, type):
+        field = section_model.annotation.model_fields.get(key)  # type: ignore[attr-defined]
+        annotation = field.annotation if field else None
+    origin = getattr(annotation, "__origin__", None)
+    if origin in (tuple, list):
+        if raw.lstrip().startswith("["):
+            return _json(raw, name)
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if origin is dict:
+        return _json(raw, name)
+    return raw
+
+
+def _json(raw: str, name: str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{name}: not valid JSON ({exc})") from None
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for section, values in overrides.items():
+        current = merged.get(section)
+        merged[section] = {**current, **values} if isinstance(current, dict) else values
+    return merged
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"  {where}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(path: Path | str | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge and validate; every problem is reported at once, each naming its key."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data for logs and `check`: secrets stay masked."""
+    dumped: dict[str, Any] = settings.model_dump(mode="json")
+    return dumped

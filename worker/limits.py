@@ -1,0 +1,67 @@
+"""PutEvents limits read from botocore's shipped service model, so they follow AWS, not our memory.
+
+Read once at import: the model file is part of the installed botocore, not run-time I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import botocore.loaders
+
+
+@dataclass(frozen=True, slots=True)
+class StringLimit:
+    """Length bounds (and pattern, if the model has one) of one string member."""
+
+    min: int
+    max: int
+    pattern: re.Pattern[str] | None = None
+
+
+def _load() -> dict[str, Any]:
+    model: dict[str, Any] = botocore.loaders.Loader().load_service_model("personalize-events", "service-2")
+    shapes: dict[str, Any] = model["shapes"]
+    return shapes
+
+
+_SHAPES = _load()
+
+
+def _string(shape_name: str) -> StringLimit:
+    shape = _SHAPES[shape_name]
+    pattern = shape.get("pattern")
+    return StringLimit(
+        min=int(shape.get("min", 0)),
+        max=int(shape["max"]),
+        pattern=re.compile(pattern) if pattern else None,
+    )
+
+
+def _member(structure: str, member: str) -> StringLimit:
+    return _string(_SHAPES[structure]["members"][member]["shape"])
+
+
+def _list_bounds(structure: str, member: str) -> tuple[int, int]:
+    shape = _SHAPES[_SHAPES[structure]["members"][member]["shape"]]
+    return int(shape["min"]), int(shape["max"])
+
+
+TRACKING_ID = _member("PutEventsRequest", "trackingId")
+SESSION_ID = _member("PutEventsRequest", "sessionId")
+USER_ID = _member("PutEventsRequest", "userId")
+EVENT_ID = _member("Event", "eventId")
+EVENT_TYPE = _member("Event", "eventType")
+ITEM_ID = _member("Event", "itemId")
+PROPERTIES = _member("Event", "properties")
+RECOMMENDATION_ID = _member("Event", "recommendationId")
+ATTRIBUTION_SOURCE = _member("MetricAttribution", "eventAttributionSource")
+EVENTS_PER_CALL = _list_bounds("PutEventsRequest", "eventList")
+IMPRESSION_ITEMS = _list_bounds("Event", "impression")
+IMPRESSION_ITEM = _string(_SHAPES[_SHAPES["Event"]["members"]["impression"]["shape"]]["member"]["shape"])
+REQUIRED_EVENT_MEMBERS: tuple[str, ...] = tuple(_SHAPES["Event"]["required"])
+
+# Not in the model: the documented service quota of 10 KB per event.
+MAX_EVENT_BYTES = 10 * 1024

@@ -1,0 +1,116 @@
+"""Per-partition ordered finalizer: which offset may be committed, given records finishing out of order.
+
+The committable offset of a partition is its lowest record not yet in a final state (or one past the
+last tracked record when all are final). It only ever moves forward. Revoking a partition retires its
+state object, so results that arrive later for it change nothing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Iterable, Iterator
+from typing import Generic, TypeVar
+
+P = TypeVar("P", bound=Hashable)
+
+
+class OffsetOrderError(AssertionError):
+    """An offset went backwards: a bug that could commit past an unfinished record."""
+
+
+class PartitionOffsets:
+    """Outstanding offsets of one partition, in fetch order."""
+
+    __slots__ = ("_done", "_next", "_pending", "committed", "retired")
+
+    def __init__(self, start: int | None = None) -> None:
+        self._pending: deque[int] = deque()
+        self._done: set[int] = set()
+        self._next: int | None = start
+        self.committed: int | None = None
+        """The last offset handed to Kafka for this partition, set by the committer."""
+        self.retired = False
+
+    def track(self, offsets: Iterable[int]) -> None:
+        pending = self._pending
+        last = pending[-1] if pending else (self._next - 1 if self._next is not None else -1)
+        for offset in offsets:
+            if offset <= last:
+                raise OffsetOrderError(f"offset {offset} tracked after {last}")
+            pending.append(offset)
+            last = offset
+        self._next = last + 1
+
+    def advance(self, position: int) -> None:
+        """Kafka's position can pass offsets that hold no record (control batches, compaction gaps)."""
+        if self._next is None or position > self._next:
+            self._next = position
+
+    def finish(self, offset: int) -> None:
+        """Mark one record final; a no-op for a retired partition (its results no longer count)."""
+        if self.retired:
+            return
+        pending = self._pending
+        if pending and offset == pending[0]:
+            pending.popleft()
+            done = self._done
+            while pending and pending[0] in done:
+                done.remove(pending.popleft())
+        else:
+            self._done.add(offset)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending) - len(self._done)
+
+    def committable(self) -> int | None:
+        """The offset to commit (Kafka's "next record to read"), or None if nothing was ever tracked."""
+        if self._pending:
+            return self._pending[0]
+        return self._next
+
+
+class OffsetTracker(Generic[P]):
+    """All owned partitions; the committer asks it what may be committed and what changed."""
+
+    def __init__(self) -> None:
+        self._partitions: dict[P, PartitionOffsets] = {}
+
+    def assign(self, partition: P) -> PartitionOffsets:
+        state = self._partitions.get(partition)
+        if state is None:
+            state = self._partitions[partition] = PartitionOffsets()
+        return state
+
+    def get(self, partition: P) -> PartitionOffsets | None:
+        return self._partitions.get(partition)
+
+    def revoke(self, partition: P) -> None:
+        state = self._partitions.pop(partition, None)
+        if state is not None:
+            state.retired = True
+
+    def __iter__(self) -> Iterator[tuple[P, PartitionOffsets]]:
+        return iter(list(self._partitions.items()))
+
+    def to_commit(self) -> dict[P, int]:
+        """Partitions whose committable offset moved past the last commit."""
+        result: dict[P, int] = {}
+        for partition, state in self._partitions.items():
+            offset = state.committable()
+            if offset is None or offset == state.committed:
+                continue
+            if state.committed is not None and offset < state.committed:
+                raise OffsetOrderError(f"{partition}: committable {offset} is behind committed {state.committed}")
+            result[partition] = offset
+        return result
+
+    def mark_committed(self, offsets: dict[P, int]) -> None:
+        for partition, offset in offsets.items():
+            state = self._partitions.get(partition)
+            if state is not None:
+                state.committed = offset
+
+    @property
+    def outstanding(self) -> int:
+        return sum(state.outstanding for state in self._partitions.values())

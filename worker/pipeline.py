@@ -1,0 +1,300 @@
+"""The record lifecycle: fetched → mapped → deduplicated → batched → delivered → final.
+
+Every record ends in exactly one final state — sent, duplicate, filtered or dead-lettered — and only
+then is its offset finished. This module knows neither Kafka clients nor aioboto3: it is handed the
+fetched records, a sink and a dead-letter writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol
+
+from worker.batching import Batch, Batcher
+from worker.config import Settings
+from worker.deadletter import DeadLetter
+from worker.dedup import NEW, SEEN, Dedup
+from worker.mapping import InvalidRecord, Mapper, SessionKey
+from worker.metrics import Metrics
+from worker.offsets import OffsetTracker, PartitionOffsets
+from worker.sink import Rejection
+
+log = logging.getLogger(__name__)
+
+
+class Record(Protocol):
+    """What the pipeline needs of a Kafka record (aiokafka's ConsumerRecord has it)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+class Delivery(Protocol):
+    async def deliver(
+        self, session_id: str, user_id: str | None, events: list[dict[str, Any]]
+    ) -> list[Rejection]: ...
+
+
+class LetterWriter(Protocol):
+    async def write(self, letters: Sequence[DeadLetter]) -> None: ...
+
+
+class Item:
+    """One mapped record on its way to Personalize; `state` is the partition it must finish in."""
+
+    __slots__ = ("event", "key", "record", "state")
+
+    def __init__(self, state: PartitionOffsets, record: Record, key: SessionKey, event: dict[str, Any]) -> None:
+        self.state = state
+        self.record = record
+        self.key = key
+        self.event = event
+
+
+def adaptive_linger(linger: float, utilization: float) -> float:
+    """No waiting while far below the quota (latency wins); the full linger as calls near it (fill wins)."""
+    return linger * min(1.0, max(0.0, (utilization - 0.5) / 0.4))
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        sink: Delivery,
+        dead_letters: LetterWriter,
+        metrics: Metrics,
+        rate: Callable[[], float],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._mapper = Mapper(settings.mapping)
+        self._sink = sink
+        self._letters = dead_letters
+        self._metrics = metrics
+        self._rate = rate
+        self._clock = clock
+        self.tracker: OffsetTracker[Hashable] = OffsetTracker()
+        self.dedup: Dedup[Item] = Dedup(settings.dedup.window_seconds, settings.dedup.max_ids, clock)
+        self.batcher: Batcher[SessionKey, Item] = Batcher(settings.batching.max_events)
+        self._linger = settings.batching.linger_ms / 1000.0
+        self._max_in_flight = settings.personalize.max_in_flight
+        self._active: set[asyncio.Task[None]] = set()
+        self._dead: list[tuple[PartitionOffsets, DeadLetter]] = []
+        self._dead_ready = asyncio.Event()
+        self.wakeup = asyncio.Event()
+        self.draining = False
+        self._window_start = clock()
+        self._window_calls = 0
+        self.utilization = 0.0
+        self.progress = asyncio.Event()
+        """Set whenever records become final: waiters for a drain re-check then."""
+
+    # --- intake -------------------------------------------------------------------------------
+
+    def ingest(self, partition: Hashable, records: Sequence[Record]) -> None:
+        """Map one partition's fetched records; counts are per batch, never per event."""
+        if not records:
+            return
+        state = self.tracker.assign(partition)
+        state.track(r.offset for r in records)
+        mapper_map = self._mapper.map
+        now = self._clock()
+        filtered = duplicates = 0
+        invalid: Counter[str] | None = None
+        for record in records:
+            try:
+                mapped = mapper_map(record.value)
+            except InvalidRecord as error:
+                if invalid is None:
+                    invalid = Counter()
+                invalid[error.reason] += 1
+                self._dead_letter(state, record, error.stage, error.reason, error.message)
+                continue
+            if mapped is None:
+                filtered += 1
+                state.finish(record.offset)
+                continue
+            key, event = mapped
+            if self._admit(Item(state, record, key, event), now):
+                duplicates += 1
+        m = self._metrics
+        m.records_consumed.inc(len(records))
+        if filtered:
+            m.filtered.inc(filtered)
+        if duplicates:
+            m.duplicates.inc(duplicates)
+        if invalid:
+            for reason, count in invalid.items():
+                m.invalid.labels(reason).inc(count)
+        m.buffered.set(self.batcher.buffered)
+        self.wakeup.set()
+
+    def _admit(self, item: Item, now: float) -> bool:
+        """True when the item is a duplicate (finished here)."""
+        verdict = self.dedup.admit(item.event["eventId"], item)
+        if verdict == NEW:
+            self.batcher.add(item.key, item, now)
+        elif verdict == SEEN:
+            item.state.finish(item.record.offset)
+            return True
+        return False  # parked behind the copy in flight
+
+    def _dead_letter(self, state: PartitionOffsets, record: Record, stage: str, reason: str, message: str) -> None:
+        letter = DeadLetter(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            value=record.value,
+            headers=list(record.headers or ()),
+            stage=stage,
+            reason=reason,
+            message=message,
+        )
+        self._dead.append((state, letter))
+        self._dead_ready.set()
+
+    @property
+    def outstanding(self) -> int:
+        """Records fetched but not yet final: the bounded-memory measure that pauses fetching."""
+        return self.tracker.outstanding
+
+    # --- dispatch -----------------------------------------------------------------------------
+
+    async def run_dispatcher(self) -> None:
+        """Start calls for ready batches while slots are free; sleep until a batch can be due."""
+        while True:
+            now = self._clock()
+            self._measure(now)
+            free = self._max_in_flight - len(self._active)
+            linger = 0.0 if self.draining else adaptive_linger(self._linger, self.utilization)
+            if free > 0:
+                for batch in self.batcher.take(now, linger, free):
+                    task = asyncio.create_task(self._deliver(batch))
+                    self._active.add(task)
+                    task.add_done_callback(self._delivery_done)
+                    self._window_calls += 1
+            self._metrics.buffered.set(self.batcher.buffered)
+            oldest = self.batcher.oldest_open()
+            timeout = 0.5 if oldest is None else max(0.001, oldest + linger - now)
+            self.wakeup.clear()
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def _delivery_done(self, task: asyncio.Task[None]) -> None:
+        self._active.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug, not a delivery failure (those never raise): the records stay unfinished, so the
+            # partition stops committing and the stall watchdog reports it instead of losing them.
+            log.error("delivery task failed", exc_info=task.exception())
+
+    def _measure(self, now: float) -> None:
+        elapsed = now - self._window_start
+        if elapsed >= 0.5:
+            self.utilization = self._window_calls / (elapsed * max(self._rate(), 1e-9))
+            self._window_start = now
+            self._window_calls = 0
+
+    async def _deliver(self, batch: Batch[SessionKey, Item]) -> None:
+        items = batch.items
+        session_id, user_id = batch.key
+        try:
+            rejected = await self._sink.deliver(session_id, user_id, [item.event for item in items])
+        finally:
+            self.batcher.done(batch.key)
+            self.wakeup.set()
+        self._settle(items, rejected)
+
+    def _settle(self, items: list[Item], rejected: list[Rejection]) -> None:
+        now = self._clock()
+        bad = dict(rejected)
+        delivered_ids = []
+        for index, item in enumerate(items):
+            if index in bad:
+                continue
+            item.state.finish(item.record.offset)
+            delivered_ids.append(item.event["eventId"])
+        duplicates = self.dedup.delivered(delivered_ids)
+        for copy in duplicates:
+            copy.state.finish(copy.record.offset)
+        if duplicates:
+            self._metrics.duplicates.inc(len(duplicates))
+        for index, message in bad.items():
+            item = items[index]
+            self._dead_letter(item.state, item.record, "personalize", "rejected", message)
+            self._metrics.invalid.labels("rejected").inc()
+            for parked in self.dedup.failed(item.event["eventId"]):
+                self._admit(parked, now)
+        self.progress.set()
+
+    # --- dead letters -------------------------------------------------------------------------
+
+    async def run_dead_letters(self) -> None:
+        """Write dead letters in order; a record is final only once the broker has acknowledged it."""
+        while True:
+            await self._dead_ready.wait()
+            self._dead_ready.clear()
+            pending, self._dead = self._dead, []
+            if not pending:
+                continue
+            await self._letters.write([letter for _, letter in pending])
+            for state, letter in pending:
+                state.finish(letter.offset)
+            self.progress.set()
+
+    # --- rebalance and drain ------------------------------------------------------------------
+
+    async def settle_partitions(self, partitions: Sequence[Hashable], timeout: float) -> bool:
+        """Flush and wait until the partitions have nothing outstanding; False if the budget ran out."""
+        states = [s for s in (self.tracker.get(p) for p in partitions) if s is not None]
+        self.batcher.flush()
+        self.wakeup.set()
+        deadline = self._clock() + timeout
+        while any(s.outstanding for s in states):
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return False
+            self.progress.clear()
+            try:
+                await asyncio.wait_for(self.progress.wait(), min(remaining, 0.05))
+            except TimeoutError:
+                pass
+        return True
+
+    def forget(self, partitions: Sequence[Hashable]) -> None:
+        """Drop all state of revoked partitions; their late results will change nothing."""
+        for partition in partitions:
+            self.tracker.revoke(partition)
+        now = self._clock()
+
+        def owned(item: Item) -> bool:
+            return not item.state.retired
+
+        self.dedup.forget_in_flight(owned)
+        for item in self.batcher.drop(owned):
+            # It will never be sent here: copies parked on it must go out themselves.
+            for parked in self.dedup.failed(item.event["eventId"]):
+                self._admit(parked, now)
+        self._dead = [(state, letter) for state, letter in self._dead if not state.retired]
+        self._metrics.buffered.set(self.batcher.buffered)
+
+    async def cancel_in_flight(self) -> None:
+        for task in list(self._active):
+            task.cancel()
+        await asyncio.gather(*self._active, return_exceptions=True)

@@ -1,0 +1,192 @@
+"""The Kafka side: the consumer, pause/resume, rebalances, and the one place that commits offsets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
+from aiokafka.structs import OffsetAndMetadata
+
+from worker.config import KafkaSettings, Settings
+from worker.metrics import Metrics
+from worker.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def kafka_security(settings: KafkaSettings) -> dict[str, Any]:
+    """Connection options shared by the consumer, the dead-letter producer and `check`."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "client_id": settings.client_id,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
+    if settings.sasl_mechanism is not None:
+        options["sasl_mechanism"] = settings.sasl_mechanism
+        if settings.sasl_mechanism == "OAUTHBEARER":
+            from worker.msk import MskIamTokenProvider  # only for users of MSK IAM auth
+
+            options["sasl_oauth_token_provider"] = MskIamTokenProvider()
+        else:
+            options["sasl_plain_username"] = settings.sasl_username
+            password = settings.sasl_password
+            options["sasl_plain_password"] = password.get_secret_value() if password else None
+    return options
+
+
+class Source(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Fetches into the pipeline and commits what it says is final; nobody else commits."""
+
+    def __init__(
+        self, settings: Settings, pipeline: Pipeline, metrics: Metrics, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        k = settings.kafka
+        self._settings = settings
+        self._pipeline = pipeline
+        self._metrics = metrics
+        self._clock = clock
+        self.consumer = AIOKafkaConsumer(
+            group_id=k.group_id,
+            group_instance_id=k.group_instance_id,
+            enable_auto_commit=False,
+            auto_offset_reset=k.auto_offset_reset,
+            max_poll_records=k.max_poll_records,
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=min(3000, k.session_timeout_ms // 3),
+            isolation_level="read_committed",
+            **kafka_security(k),
+        )
+        self._commit_lock = asyncio.Lock()
+        self._paused = False
+        self.last_progress = clock()
+        """When records were last fetched or offsets last moved forward: the stall watchdog's clock."""
+        self.assigned_once = asyncio.Event()
+
+    async def start(self) -> None:
+        self.consumer.subscribe(topics=list(self._settings.kafka.topics), listener=self)
+        await self.consumer.start()
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+
+    # --- rebalance listener (aiokafka awaits these during a rebalance) -------------------------
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        """Flush the partitions' work within a budget, commit, then forget them."""
+        if not revoked:
+            return
+        budget = self._settings.worker.rebalance_timeout_seconds
+        settled = await self._pipeline.settle_partitions(list(revoked), budget)
+        if not settled:
+            log.warning("revoked partitions still had records in flight; they will be re-read by the new owner",
+                        extra={"partitions": len(revoked)})
+        await self.commit()
+        self._pipeline.forget(list(revoked))
+        for tp in revoked:
+            self._metrics.forget_partition(tp.topic, tp.partition)
+        self._metrics.assigned.set(len(self.consumer.assignment()) - len(revoked))
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        for tp in assigned:
+            self._pipeline.tracker.assign(tp)
+        self._metrics.assigned.set(len(assigned))
+        self.assigned_once.set()
+        log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in assigned)})
+
+    # --- fetching -------------------------------------------------------------------------------
+
+    async def fetch_once(self, timeout_ms: int = 200) -> int:
+        """One getmany into the pipeline, honouring backpressure; returns the records fetched."""
+        self._apply_backpressure()
+        batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=self._settings.kafka.max_poll_records)
+        count = 0
+        for tp, records in batches.items():
+            state = self._pipeline.tracker.get(tp)
+            if state is None:  # revoked while the fetch was in the air
+                continue
+            self._pipeline.ingest(tp, records)
+            count += len(records)
+        if count:
+            self.last_progress = self._clock()
+            self._metrics.last_fetch.set(time.time())
+        return count
+
+    def _apply_backpressure(self) -> None:
+        full = self._pipeline.outstanding >= self._settings.batching.max_buffered_events
+        if full != self._paused:
+            assignment = self.consumer.assignment()
+            if full:
+                self.consumer.pause(*assignment)
+            else:
+                self.consumer.resume(*assignment)
+            self._paused = full
+            self._metrics.paused.set(int(full))
+        elif full:
+            # Newly assigned partitions start unpaused.
+            self.consumer.pause(*self.consumer.assignment())
+
+    # --- committing -----------------------------------------------------------------------------
+
+    async def commit(self) -> None:
+        """Commit each owned partition's contiguous prefix of final records.
+
+        The pipeline finishes a record only after its event was delivered, dropped as a duplicate or
+        filtered, or after the dead-letter topic acknowledged it; so committing the tracker's offsets
+        here never skips an unfinished record, and late results of revoked partitions are not in it.
+        """
+        async with self._commit_lock:
+            tracker = self._pipeline.tracker
+            offsets = tracker.to_commit()
+            if not offsets:
+                return
+            try:
+                await self.consumer.commit({tp: OffsetAndMetadata(offset, "") for tp, offset in offsets.items()})
+            except KafkaError as error:
+                log.warning("offset commit failed; retrying at the next interval", extra={"error": repr(error)})
+                return
+            tracker.mark_committed(offsets)
+            self.last_progress = self._clock()
+            self._metrics.last_commit.set(time.time())
+            for tp, offset in offsets.items():
+                self._metrics.committed.labels(tp.topic, str(tp.partition)).set(offset)
+
+    def lag(self) -> int:
+        """Records behind the high watermark, from what the consumer knows; updates the lag gauges."""
+        total = 0
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            state = self._pipeline.tracker.get(tp)
+            if highwater is None or state is None:
+                continue
+            position = state.committed if state.committed is not None else state.committable()
+            if position is None:
+                continue
+            behind = max(0, highwater - position)
+            total += behind
+            self._metrics.lag.labels(tp.topic, str(tp.partition)).set(behind)
+        return total
+
+    async def drained(self) -> bool:
+        """Every assigned partition read to its end and committed: the exit condition of `--until-drained`."""
+        assignment = self.consumer.assignment()
+        if not assignment or self._pipeline.outstanding:
+            return False
+        ends = await self.consumer.end_offsets(list(assignment))
+        for tp in assignment:
+            state = self._pipeline.tracker.get(tp)
+            if state is None:
+                return False
+            position = await self.consumer.position(tp)
+            if position < ends[tp]:
+                return False
+            state.advance(position)
+        await self.commit()
+        return not self._pipeline.tracker.to_commit()
