@@ -186,7 +186,7 @@ def _env_value(section: str, key: str, raw: str, name: str) -> Any:
     section_model = Settings.model_fields.get(section)
     annotation = None
     if section_model is not None and isinstance(section_model.annotation, type):
-        field = section_model.annotation.model_fields.get(key)  # type: ignore[attr-defined]
+        field = section_model.annotation.model_fields.get(key)
         annotation = field.annotation if field else None
     origin = getattr(annotation, "__origin__", None)
     if origin in (tuple, list):

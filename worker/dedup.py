@@ -38,8 +38,12 @@ class Dedup(Generic[T]):
 
     def admit(self, event_id: str, item: T) -> int:
         """NEW (caller must send it), SEEN (a duplicate: finalize it), or PARKED (wait for the first)."""
-        if event_id in self._delivered:
-            return SEEN
+        delivered_at = self._delivered.get(event_id)
+        if delivered_at is not None:
+            if delivered_at > self._clock() - self._window:
+                return SEEN
+            # Eviction runs only on delivery: in a quiet spell an expired ID would otherwise stay seen.
+            del self._delivered[event_id]
         waiting = self._in_flight.get(event_id)
         if waiting is not None:
             waiting.append(item)

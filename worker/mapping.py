@@ -133,7 +133,9 @@ def parse_sent_at(value: Any, fmt: str, member: str = "sentAt") -> float:
         if seconds > _AUTO_MS_THRESHOLD:
             seconds /= 1000.0
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_EPOCH_SECONDS):
-        raise InvalidRecord("validation", "bad_timestamp", f"{member}: {value!r} is outside 1970..9999")
+        # Cut short: the message becomes a dead-letter header, and the value can be any size.
+        shown = repr(value)[:64]
+        raise InvalidRecord("validation", "bad_timestamp", f"{member}: {shown} is outside 1970..9999")
     return seconds
 
 

@@ -33,7 +33,9 @@ class PartitionOffsets:
 
     def track(self, offsets: Iterable[int]) -> None:
         pending = self._pending
-        last = pending[-1] if pending else (self._next - 1 if self._next is not None else -1)
+        # `_next` is past the last tracked offset and any advanced position: with records pending,
+        # judging by the last pending offset alone would let an empty track move `_next` backwards.
+        last = self._next - 1 if self._next is not None else -1
         for offset in offsets:
             if offset <= last:
                 raise OffsetOrderError(f"offset {offset} tracked after {last}")

@@ -1,0 +1,247 @@
+"""Ordered finalizer: commit the contiguous prefix of final records, never backwards, never after revoke."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.offsets import OffsetOrderError, OffsetTracker, PartitionOffsets
+
+
+def test_nothing_tracked_means_nothing_to_commit() -> None:
+    state = PartitionOffsets()
+    assert state.committable() is None
+    tracker: OffsetTracker[str] = OffsetTracker()
+    tracker.assign("p0")
+    assert tracker.to_commit() == {}
+
+
+def test_committable_is_the_lowest_unfinished_offset() -> None:
+    state = PartitionOffsets()
+    state.track([10, 11, 12, 15])
+    assert state.committable() == 10
+    state.finish(11)
+    state.finish(15)
+    assert state.committable() == 10
+    assert state.outstanding == 2
+    state.finish(10)
+    assert state.committable() == 12
+    state.finish(12)
+    assert state.committable() == 16
+    assert state.outstanding == 0
+
+
+def test_advance_moves_past_offsets_without_records() -> None:
+    state = PartitionOffsets()
+    state.track([3, 4])
+    state.advance(9)  # a control batch at 5..8
+    assert state.committable() == 3
+    state.finish(3)
+    state.finish(4)
+    assert state.committable() == 9
+    state.advance(7)  # never backwards
+    assert state.committable() == 9
+
+
+def test_advance_before_any_record_sets_the_start() -> None:
+    state = PartitionOffsets()
+    state.advance(42)
+    assert state.committable() == 42
+    state.track([42])
+    assert state.committable() == 42
+
+
+def test_start_position_rejects_older_offsets() -> None:
+    state = PartitionOffsets(start=100)
+    with pytest.raises(OffsetOrderError):
+        state.track([99])
+
+
+@pytest.mark.parametrize("second", [[5], [4], [7, 6], [6, 6]])
+def test_non_increasing_offset_raises(second: list[int]) -> None:
+    state = PartitionOffsets()
+    state.track([1, 5])
+    with pytest.raises(OffsetOrderError):
+        state.track(second)
+
+
+def test_offset_behind_an_advanced_position_raises_even_with_records_pending() -> None:
+    state = PartitionOffsets()
+    state.track([5])
+    state.advance(10)
+    with pytest.raises(OffsetOrderError):
+        state.track([7])
+
+
+def test_empty_track_does_not_undo_an_advance() -> None:
+    state = PartitionOffsets()
+    state.track([5])
+    state.advance(10)
+    state.track([])
+    state.finish(5)
+    assert state.committable() == 10
+
+
+def test_tracker_commits_only_what_moved() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    p0, p1 = tracker.assign("p0"), tracker.assign("p1")
+    assert tracker.assign("p0") is p0
+    p0.track([0, 1, 2])
+    p1.track([7])
+    assert tracker.to_commit() == {"p0": 0, "p1": 7}
+    tracker.mark_committed({"p0": 0, "p1": 7})
+    assert tracker.to_commit() == {}
+    p0.finish(0)
+    p0.finish(2)
+    assert tracker.to_commit() == {"p0": 1}
+    assert tracker.outstanding == 2
+    tracker.mark_committed({"p0": 1})
+    p0.finish(1)
+    p1.finish(7)
+    assert tracker.to_commit() == {"p0": 3, "p1": 8}
+    assert tracker.outstanding == 0
+
+
+def test_revoked_partition_is_forgotten_and_ignores_late_results() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    state = tracker.assign("p0")
+    state.track([0, 1])
+    tracker.revoke("p0")
+    assert state.retired
+    state.finish(0)
+    state.finish(1)
+    assert state.committable() == 0
+    assert tracker.get("p0") is None
+    assert tracker.to_commit() == {}
+    tracker.mark_committed({"p0": 2})  # a commit racing the revoke changes nothing
+    assert state.committed is None
+    assert list(tracker) == []
+    tracker.revoke("p0")  # twice is harmless
+    fresh = tracker.assign("p0")
+    assert fresh is not state
+    assert not fresh.retired
+
+
+def test_to_commit_refuses_to_go_backwards() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    state = tracker.assign("p0")
+    state.track([0, 1])
+    tracker.mark_committed({"p0": 5})  # a bug elsewhere: committed past an unfinished record
+    with pytest.raises(OffsetOrderError):
+        tracker.to_commit()
+
+
+# --- properties ----------------------------------------------------------------------------------
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[list[list[int]], list[int], list[int]]:
+    """Fetched chunks of strictly increasing offsets with gaps, and a finish order for some of them."""
+    start = draw(st.integers(0, 1000))
+    gaps = draw(st.lists(st.integers(1, 4), min_size=1, max_size=60))
+    offsets = []
+    current = start
+    for gap in gaps:
+        offsets.append(current)
+        current += gap
+    cuts = sorted(draw(st.sets(st.integers(1, len(offsets)), max_size=5)) | {len(offsets)})
+    chunks, previous = [], 0
+    for cut in cuts:
+        chunks.append(offsets[previous:cut])
+        previous = cut
+    finished = draw(st.permutations(offsets)).copy()[: draw(st.integers(0, len(offsets)))]
+    commit_points = draw(st.lists(st.integers(0, len(finished)), max_size=8))
+    return chunks, finished, commit_points
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenario=scenarios())
+def test_committable_is_the_smallest_unfinished_and_commits_never_go_back(
+    scenario: tuple[list[list[int]], list[int], list[int]],
+) -> None:
+    chunks, finished, commit_points = scenario
+    tracker: OffsetTracker[int] = OffsetTracker()
+    state = tracker.assign(0)
+    tracked: list[int] = []
+    done: set[int] = set()
+    committed: list[int] = []
+
+    def check() -> None:
+        value = state.committable()
+        unfinished = [o for o in tracked if o not in done]
+        assert value is not None
+        if unfinished:
+            assert value == min(unfinished)
+        else:
+            assert value == tracked[-1] + 1
+        assert state.outstanding == len(unfinished)
+
+    def commit() -> None:
+        offsets = tracker.to_commit()
+        if 0 in offsets:
+            assert not committed or offsets[0] > committed[-1]
+            committed.append(offsets[0])
+            tracker.mark_committed(offsets)
+
+    # Track chunk by chunk; finishes for a chunk happen only after it was tracked.
+    available: set[int] = set()
+    queue = list(finished)
+    for chunk in chunks:
+        state.track(chunk)
+        tracked.extend(chunk)
+        available.update(chunk)
+        check()
+        commit()
+        while queue and queue[0] in available:
+            offset = queue.pop(0)
+            state.finish(offset)
+            done.add(offset)
+            check()
+            if len(done) in commit_points:
+                commit()
+    for offset in queue:
+        state.finish(offset)
+        done.add(offset)
+        check()
+        commit()
+    commit()
+    assert committed == sorted(set(committed))
+    if committed:
+        assert committed[-1] == state.committable()
+
+
+@settings(max_examples=100, deadline=None)
+@given(scenario=scenarios(), late=st.data())
+def test_retired_partition_ignores_every_finish(
+    scenario: tuple[list[list[int]], list[int], list[int]], late: st.DataObject
+) -> None:
+    chunks, _, _ = scenario
+    tracker: OffsetTracker[str] = OffsetTracker()
+    state = tracker.assign("p")
+    for chunk in chunks:
+        state.track(chunk)
+    before = state.committable()
+    outstanding = state.outstanding
+    tracker.revoke("p")
+    for offset in late.draw(st.permutations([o for chunk in chunks for o in chunk])):
+        state.finish(offset)
+    assert state.committable() == before
+    assert state.outstanding == outstanding
+    assert tracker.to_commit() == {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    first=st.lists(st.integers(0, 100), min_size=1, max_size=10, unique=True).map(sorted),
+    bad=st.integers(0, 100),
+)
+def test_tracking_a_non_increasing_offset_raises(first: list[int], bad: int) -> None:
+    state = PartitionOffsets()
+    state.track(first)
+    if bad <= first[-1]:
+        with pytest.raises(OffsetOrderError):
+            state.track([bad])
+    else:
+        state.track([bad])
+        assert state.committable() == first[0]
