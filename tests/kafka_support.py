@@ -185,7 +185,7 @@ async def create_topic(
     partitions: int = 1,
     *,
     config: Mapping[str, str] | None = None,
-    timeout: float = 30.0,  # noqa: ASYNC109 - a readiness deadline, not cancellation
+    timeout: float = 30.0,
 ) -> str:
     """Create a topic and return only once every partition has a leader that serves requests.
 
@@ -277,7 +277,7 @@ async def end_offsets(
     bootstrap: str,
     topic: str,
     *,
-    timeout: float = 10.0,  # noqa: ASYNC109 - bounds metadata/leader retries
+    timeout: float = 10.0,
 ) -> dict[int, int]:
     """Log end offset (next offset to be written) of every partition of ``topic``."""
     deadline = time.monotonic() + timeout
@@ -298,7 +298,7 @@ async def end_offsets(
 async def consume_all(
     bootstrap: str,
     topic: str,
-    timeout: float = 10.0,  # noqa: ASYNC109 - with min_records, returns partial results on expiry
+    timeout: float = 10.0,
     *,
     min_records: int | None = None,
     isolation_level: str = "read_uncommitted",
@@ -359,11 +359,7 @@ async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int,
         offsets = await admin.list_consumer_group_offsets(group)
     finally:
         await admin.close()
-    return {
-        tp.partition: int(meta.offset)
-        for tp, meta in offsets.items()
-        if tp.topic == topic and meta.offset >= 0
-    }
+    return {tp.partition: int(meta.offset) for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}
 
 
 # --- fixtures ------------------------------------------------------------------------------
@@ -377,7 +373,7 @@ class TopicFactory(Protocol):
     ) -> str: ...
 
 
-async def _warm_up(bootstrap: str, timeout: float = 60.0) -> None:  # noqa: ASYNC109
+async def _warm_up(bootstrap: str, timeout: float = 60.0) -> None:
     """Make the group coordinator ready (creates __consumer_offsets) so the first test that uses
     a consumer group doesn't pay for it or log GroupCoordinatorNotAvailable retries."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
@@ -420,9 +416,7 @@ async def topic_factory(kafka_broker: KafkaBroker, request: pytest.FixtureReques
     """
     prefix = _NAME_UNSAFE.sub("-", request.node.name)[:120]
 
-    async def make(
-        partitions: int = 6, *, name: str | None = None, config: Mapping[str, str] | None = None
-    ) -> str:
+    async def make(partitions: int = 6, *, name: str | None = None, config: Mapping[str, str] | None = None) -> str:
         topic = name or f"t-{prefix}-{uuid.uuid4().hex[:8]}"
         return await create_topic(kafka_broker.bootstrap, topic, partitions, config=config)
 

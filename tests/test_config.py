@@ -85,9 +85,7 @@ def test_environment_overrides_toml_and_is_coerced(tmp_path: Path) -> None:
 
 
 def test_json_list_override_for_topics() -> None:
-    settings = load_settings(
-        None, environ={"PW_PERSONALIZE__TRACKING_ID": "t", "PW_KAFKA__TOPICS": '["a,b", "c"]'}
-    )
+    settings = load_settings(None, environ={"PW_PERSONALIZE__TRACKING_ID": "t", "PW_KAFKA__TOPICS": '["a,b", "c"]'})
     assert settings.kafka.topics == ("a,b", "c")
 
 
@@ -129,9 +127,7 @@ def test_json_list_override_for_topics() -> None:
         ),
     ],
 )
-def test_invalid_configuration_names_the_key(
-    tmp_path: Path, toml: str, environ: dict[str, str], named: str
-) -> None:
+def test_invalid_configuration_names_the_key(tmp_path: Path, toml: str, environ: dict[str, str], named: str) -> None:
     message = error_of(write(tmp_path, toml), environ)
     assert message.startswith("invalid configuration:")
     assert named in message

@@ -152,9 +152,7 @@ def test_forget_in_flight_drops_only_unowned_parked_copies() -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(
-    ops=st.lists(
-        st.tuples(st.sampled_from(["admit", "deliver", "fail", "tick"]), st.integers(0, 30)), max_size=200
-    ),
+    ops=st.lists(st.tuples(st.sampled_from(["admit", "deliver", "fail", "tick"]), st.integers(0, 30)), max_size=200),
     max_ids=st.integers(1, 8),
 )
 def test_remembered_ids_never_exceed_max_ids(ops: list[tuple[str, int]], max_ids: int) -> None:

@@ -135,9 +135,7 @@ async def ndjson(url: str) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in body.splitlines()]
 
 
-async def signed_post(
-    url: str, body: bytes, service: str = "personalize", secret_key: str = "test"
-) -> tuple[int, str]:
+async def signed_post(url: str, body: bytes, service: str = "personalize", secret_key: str = "test") -> tuple[int, str]:
     """A hand-made SigV4 request, for what aioboto3 cannot put on the wire."""
     request = AWSRequest(method="POST", url=url, data=body, headers={"Content-Type": "application/json"})
     SigV4Auth(Credentials("test", secret_key), service, REGION).add_auth(request)
@@ -219,12 +217,8 @@ async def test_valid_request_accepted(
 
 INVALID = [
     # PutEvents, request level
-    pytest.param(
-        "put_events", put_events(trackingId=MISSING), "trackingId", "must not be null", id="tid-missing"
-    ),
-    pytest.param(
-        "put_events", put_events(trackingId=""), "trackingId", "greater than or equal to 1", id="tid-empty"
-    ),
+    pytest.param("put_events", put_events(trackingId=MISSING), "trackingId", "must not be null", id="tid-missing"),
+    pytest.param("put_events", put_events(trackingId=""), "trackingId", "greater than or equal to 1", id="tid-empty"),
     pytest.param(
         "put_events",
         put_events(trackingId="t" * 257),
@@ -232,26 +226,14 @@ INVALID = [
         "less than or equal to 256",
         id="tid-257",
     ),
-    pytest.param(
-        "put_events", put_events(sessionId=MISSING), "sessionId", "must not be null", id="sid-missing"
-    ),
-    pytest.param(
-        "put_events", put_events(sessionId=""), "sessionId", "greater than or equal to 1", id="sid-empty"
-    ),
-    pytest.param(
-        "put_events", put_events(sessionId="s" * 257), "sessionId", "less than or equal to 256", id="sid-257"
-    ),
+    pytest.param("put_events", put_events(sessionId=MISSING), "sessionId", "must not be null", id="sid-missing"),
+    pytest.param("put_events", put_events(sessionId=""), "sessionId", "greater than or equal to 1", id="sid-empty"),
+    pytest.param("put_events", put_events(sessionId="s" * 257), "sessionId", "less than or equal to 256", id="sid-257"),
     pytest.param("put_events", put_events(userId=""), "userId", "greater than or equal to 1", id="uid-empty"),
-    pytest.param(
-        "put_events", put_events(userId="u" * 257), "userId", "less than or equal to 256", id="uid-257"
-    ),
+    pytest.param("put_events", put_events(userId="u" * 257), "userId", "less than or equal to 256", id="uid-257"),
     pytest.param("put_events", put_events(userId=42), "userId", "of type string", id="uid-number"),
-    pytest.param(
-        "put_events", put_events(eventList=MISSING), "eventList", "must not be null", id="list-missing"
-    ),
-    pytest.param(
-        "put_events", put_events(eventList=[]), "eventList", "greater than or equal to 1", id="list-empty"
-    ),
+    pytest.param("put_events", put_events(eventList=MISSING), "eventList", "must not be null", id="list-missing"),
+    pytest.param("put_events", put_events(eventList=[]), "eventList", "greater than or equal to 1", id="list-empty"),
     pytest.param(
         "put_events",
         put_events(eventList=[event()] * 11),
@@ -401,9 +383,7 @@ INVALID = [
         id="attribution-source-1025",
     ),
     # PutItems
-    pytest.param(
-        "put_items", put_items(datasetArn=MISSING), "datasetArn", "must not be null", id="items-arn-missing"
-    ),
+    pytest.param("put_items", put_items(datasetArn=MISSING), "datasetArn", "must not be null", id="items-arn-missing"),
     pytest.param(
         "put_items",
         put_items(datasetArn="dataset/shop"),
@@ -514,9 +494,7 @@ def wire_events(**event_members: Any) -> dict[str, Any]:
         pytest.param(wire_events(sentAt="yesterday"), False, id="bad-timestamp"),
         pytest.param(wire_events(sentAt=True), False, id="boolean-timestamp"),
         pytest.param(wire_events(sentAt=1, eventValue="high"), False, id="string-float"),
-        pytest.param(
-            {"trackingId": "t", "sessionId": "s", "eventList": {"eventType": "x"}}, False, id="not-list"
-        ),
+        pytest.param({"trackingId": "t", "sessionId": "s", "eventList": {"eventType": "x"}}, False, id="not-list"),
     ],
 )
 async def test_wire_level_types(emu: RunningEmulator, body: dict[str, Any], accepted: bool) -> None:
@@ -538,9 +516,7 @@ async def test_malformed_json_is_a_serialization_error(emu: RunningEmulator) -> 
 async def test_throttling_over_max_tps(emu: RunningEmulator, client: Any) -> None:
     emu.emulator.configure(max_tps=5)
 
-    results = await asyncio.gather(
-        *(client.put_events(**put_events()) for _ in range(50)), return_exceptions=True
-    )
+    results = await asyncio.gather(*(client.put_events(**put_events()) for _ in range(50)), return_exceptions=True)
 
     throttled = [r for r in results if isinstance(r, ClientError) and error_code(r) == "ThrottlingException"]
     accepted = [r for r in results if isinstance(r, dict)]
@@ -654,9 +630,7 @@ async def test_stats_and_events_report_what_was_accepted(emu: RunningEmulator, c
         **put_events(eventList=[event(eventId="a"), event(eventId="b", properties='{"x": "1"}')])
     )
     await client.put_events(
-        **put_events(
-            userId=MISSING, sessionId="session-2", eventList=[event(eventId="b"), event(eventId="c")]
-        )
+        **put_events(userId=MISSING, sessionId="session-2", eventList=[event(eventId="b"), event(eventId="c")])
     )
     await client.put_events(**put_events(eventList=[event(eventId=MISSING)]))
     await client.put_items(**put_items())

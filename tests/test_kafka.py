@@ -57,9 +57,7 @@ async def test_produce_consume_round_trip(kafka_broker: KafkaBroker, topic_facto
     assert await end_offsets(kafka_broker.bootstrap, topic) == {0: 4}
 
 
-async def test_topic_factory_partitions_and_spread(
-    kafka_broker: KafkaBroker, topic_factory: TopicFactory
-) -> None:
+async def test_topic_factory_partitions_and_spread(kafka_broker: KafkaBroker, topic_factory: TopicFactory) -> None:
     topic = await topic_factory(partitions=6)
     assert await end_offsets(kafka_broker.bootstrap, topic) == dict.fromkeys(range(6), 0)
 
@@ -78,9 +76,7 @@ async def test_topic_factory_partitions_and_spread(
     assert sum(1 for r in records if r.value == b"pinned" and r.partition == 3) == 5
 
 
-async def test_consumer_group_commits_are_visible(
-    kafka_broker: KafkaBroker, topic_factory: TopicFactory
-) -> None:
+async def test_consumer_group_commits_are_visible(kafka_broker: KafkaBroker, topic_factory: TopicFactory) -> None:
     topic = await topic_factory(partitions=2)
     await produce(kafka_broker.bootstrap, topic, [(str(i), str(i)) for i in range(20)])
     group = f"g-{uuid.uuid4().hex[:8]}"

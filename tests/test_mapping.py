@@ -106,9 +106,7 @@ AT_LIMIT: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("member", "fields"), AT_LIMIT, ids=[f"{m}-{i}" for i, (m, _) in enumerate(AT_LIMIT)]
-)
+@pytest.mark.parametrize(("member", "fields"), AT_LIMIT, ids=[f"{m}-{i}" for i, (m, _) in enumerate(AT_LIMIT)])
 def test_member_at_its_limit_is_accepted(member: str, fields: dict[str, Any]) -> None:
     (session_id, user_id), event = mapped(FULL, message(**fields))
     if member == "sessionId":
@@ -324,9 +322,7 @@ def test_nul_inside_a_string_is_valid_json_and_kept_verbatim() -> None:
     assert orjson.loads(event["properties"]) == {"pageCategory": "\x00"}
     _, plain = mapped(FULL, message(session_id="ab", item_id="x", ctx={"page_category": ""}))
     assert event["eventId"] != plain["eventId"]
-    assert (
-        mapped(FULL, message(session_id="a\x00b", item_id="x\x00", ctx={"page_category": "\x00"}))[1] == event
-    )
+    assert mapped(FULL, message(session_id="a\x00b", item_id="x\x00", ctx={"page_category": "\x00"}))[1] == event
 
 
 def test_deep_nesting_elsewhere_in_the_object_is_rejected_quickly() -> None:
@@ -370,9 +366,7 @@ def test_trailing_nul_in_a_timestamp_is_rejected_or_read_as_the_same_instant() -
         assert seconds == datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 
 
-@pytest.mark.parametrize(
-    ("raw", "expected"), [(1, 1.0), (2.5, 2.5), ("2.5", 2.5), (" 3 ", 3.0), (-1.0, -1.0)]
-)
+@pytest.mark.parametrize(("raw", "expected"), [(1, 1.0), (2.5, 2.5), ("2.5", 2.5), (" 3 ", 3.0), (-1.0, -1.0)])
 def test_event_value_numbers_and_numeric_text(raw: Any, expected: float) -> None:
     _, event = mapped(FULL, message(event_value=raw))
     assert event["eventValue"] == expected
@@ -392,9 +386,7 @@ def test_attribution_constant_applies_to_every_event() -> None:
 
 def test_unmapped_members_are_never_read() -> None:
     mapper = Mapper(MappingSettings(user_id="", item_id="", event_id="", impression="", event_value=""))
-    key, event = mapped(
-        mapper, message(user_id="u", item_id="i", event_id="e", impression=["x"], event_value=1)
-    )
+    key, event = mapped(mapper, message(user_id="u", item_id="i", event_id="e", impression=["x"], event_value=1))
     assert key == ("s-1", None)
     assert set(event) == {"eventType", "sentAt", "eventId"}
     assert event["eventId"] != "e"
@@ -414,9 +406,7 @@ def test_dotted_paths_reach_into_nested_objects_and_stop_at_non_objects() -> Non
 
 def test_properties_are_camel_case_compact_json_in_configured_order() -> None:
     mapper = Mapper(MappingSettings(properties=("ctx.device_type", "num_items", "flag", "page-category")))
-    _, event = mapped(
-        mapper, message(ctx={"device_type": "tv"}, num_items=3, flag=False, **{"page-category": "é"})
-    )
+    _, event = mapped(mapper, message(ctx={"device_type": "tv"}, num_items=3, flag=False, **{"page-category": "é"}))
     assert event["properties"] == '{"deviceType":"tv","numItems":3,"flag":false,"pageCategory":"é"}'
 
 
@@ -651,10 +641,7 @@ def test_parse_sent_at_returns_a_valid_instant_or_invalid_record(value: Any, fmt
 # --- any object: an event that botocore would accept, or InvalidRecord ------------------------------
 
 _PUT_EVENTS = (
-    botocore.session.get_session()
-    .get_service_model("personalize-events")
-    .operation_model("PutEvents")
-    .input_shape
+    botocore.session.get_session().get_service_model("personalize-events").operation_model("PutEvents").input_shape
 )
 ids = st.one_of(st.text(max_size=300), st.integers(min_value=-(2**63), max_value=2**63), json_scalars)
 good_ids = st.one_of(st.text(min_size=1, max_size=20), st.integers(min_value=0, max_value=2**63))

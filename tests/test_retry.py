@@ -48,9 +48,7 @@ def client_error(code: str, status: int, message: str = "boom") -> ClientError:
     ],
 )
 @pytest.mark.parametrize("batch_size", [1, 10])
-def test_transient_and_unknown_errors_are_retried(
-    error: BaseException, outcome: str, batch_size: int
-) -> None:
+def test_transient_and_unknown_errors_are_retried(error: BaseException, outcome: str, batch_size: int) -> None:
     verdict = classify(error, batch_size)
     assert verdict.action is Action.RETRY
     assert verdict.outcome == outcome

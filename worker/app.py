@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -28,9 +27,13 @@ class Worker:
         self.until_drained = until_drained
         self.metrics = Metrics()
         self.sink = Sink(settings.personalize, self.metrics)
-        self.producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, **kafka_security(settings.kafka))
+        self.producer = AIOKafkaProducer(
+            acks="all", enable_idempotence=True, linger_ms=5, **kafka_security(settings.kafka)
+        )
         self.dead_letters = DeadLetterWriter(self.producer, settings.dead_letter.topic, self.metrics)
-        self.pipeline = Pipeline(settings, self.sink, self.dead_letters, self.metrics, rate=lambda: self.sink.limiter.rate)
+        self.pipeline = Pipeline(
+            settings, self.sink, self.dead_letters, self.metrics, rate=lambda: self.sink.limiter.rate
+        )
         self.source = Source(settings, self.pipeline, self.metrics)
         self.server = MetricsServer(self.metrics, self.readiness)
         self.stop_requested = asyncio.Event()
@@ -80,15 +83,16 @@ class Worker:
         # 1. Stop fetching: nothing new enters the pipeline from here on.
         self._fetching = False
         fetch, dispatch, dead_letters, committer = tasks
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
-            await asyncio.wait_for(fetch, 2.0)
+        await asyncio.wait([fetch], timeout=2.0)
         # 2. Send every buffered batch now, ignoring linger, and wait (bounded) for the results.
         self.pipeline.draining = True
         partitions = list(self.source.consumer.assignment())
         clean = await self.pipeline.settle_partitions(partitions, budget)
         if not clean:
-            log.warning("drain budget exhausted; unfinished records will be re-read after restart",
-                        extra={"outstanding": self.pipeline.outstanding})
+            log.warning(
+                "drain budget exhausted; unfinished records will be re-read after restart",
+                extra={"outstanding": self.pipeline.outstanding},
+            )
         # 3. Calls still running past the budget are abandoned; their offsets stay uncommitted.
         await self.pipeline.cancel_in_flight()
         # 4. Commit what is final. aiokafka's stop() does not call on_partitions_revoked: this is it.
@@ -102,7 +106,7 @@ class Worker:
         await self.producer.stop()
         await self.sink.close()
         await self.server.stop()
-        log.info("stopped", extra={"clean": clean})
+        log.info("stopped", extra={"clean": clean, "totals": self.metrics.totals()})
         return clean
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -124,7 +128,10 @@ class Worker:
             stalled = lag > 0 and idle > stall_after
             if stalled and self._stalled_reason is None:
                 self._stalled_reason = f"stalled: {lag} records behind and no progress for {idle:.0f}s"
-                log.error("stall detected", extra={"lag": lag, "idle_seconds": round(idle), "why": self._why_stalled()})
+                log.error(
+                    "stall detected",
+                    extra={"lag": lag, "idle_seconds": round(idle), "why": self._why_stalled()},
+                )
             elif not stalled and self._stalled_reason is not None:
                 log.info("progress resumed")
                 self._stalled_reason = None

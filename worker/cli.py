@@ -134,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="consume Kafka and send events to Personalize")
     run.add_argument("--config", required=True, help="TOML settings file (PW_<SECTION>__<KEY> overrides)")
-    run.add_argument("--until-drained", action="store_true",
-                     help="exit once every assigned partition is read to its end and committed")
+    run.add_argument(
+        "--until-drained",
+        action="store_true",
+        help="exit once every assigned partition is read to its end and committed",
+    )
     run.set_defaults(handler=cmd_run)
 
     dry = commands.add_parser("map", help="dry-run the mapping over JSON lines: no Kafka, no AWS")

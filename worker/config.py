@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from worker import limits
 from worker.errors import ConfigError
@@ -39,6 +47,7 @@ class KafkaSettings(_Section):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ssl_cafile: Path | None = None
+    aws_region: str = "us-east-1"  # MSK IAM (sasl_mechanism = "OAUTHBEARER"): the cluster's region
     max_poll_records: int = Field(default=2000, ge=1)
     session_timeout_ms: int = Field(default=45000, ge=1000)
 

@@ -82,8 +82,10 @@ class DeadLetterWriter:
             self._metrics.dead_letter_errors.inc(len(failed))
             self._metrics.dead_letter_blocked.set(1)
             self.blocked_reason = f"dead-letter topic {self._topic!r} is not writable: {type(error).__name__}: {error}"
-            log.error("cannot write to the dead-letter topic; offsets will not advance past these records",
-                      extra={"error": self.blocked_reason, "records": len(failed)})
+            log.error(
+                "cannot write to the dead-letter topic; offsets will not advance past these records",
+                extra={"error": self.blocked_reason, "records": len(failed)},
+            )
             remaining = failed
             await asyncio.sleep(self._backoff.delay(attempt))
         if self.blocked_reason is not None and not remaining:

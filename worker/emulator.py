@@ -91,11 +91,7 @@ def _string_validator(spec: dict[str, Any]) -> Validator:
     def validate(value: Any) -> Problems | None:
         if type(value) is not str:
             return _problem("Member must be of type string")
-        if (
-            low <= len(value) <= high
-            and (regex is None or regex.search(value))
-            and (enum is None or value in enum)
-        ):
+        if low <= len(value) <= high and (regex is None or regex.search(value)) and (enum is None or value in enum):
             return None
         return slow(value)
 
@@ -348,9 +344,7 @@ def format_problems(problems: Problems) -> str:
     """Render problems the way AWS (Coral) words validation errors."""
     count = len(problems)
     noun = "error" if count == 1 else "errors"
-    details = "; ".join(
-        f"Value at '{path}' failed to satisfy constraint: {message}" for path, message in problems
-    )
+    details = "; ".join(f"Value at '{path}' failed to satisfy constraint: {message}" for path, message in problems)
     return f"{count} validation {noun} detected: {details}"
 
 
@@ -376,9 +370,7 @@ def _canonical_query(query: str) -> str:
 
 
 def _canonical_headers(request: web.BaseRequest, names: Sequence[str]) -> str:
-    lines = [
-        f"{name}:{','.join(' '.join(v.split()) for v in request.headers.getall(name, []))}" for name in names
-    ]
+    lines = [f"{name}:{','.join(' '.join(v.split()) for v in request.headers.getall(name, []))}" for name in names]
     return "\n".join(lines) + "\n"
 
 
@@ -724,9 +716,7 @@ class Emulator:
             assert self.record_path is not None
             self._record = self.record_path.open("ab")
         option = orjson.OPT_APPEND_NEWLINE
-        self._record.write(
-            b"".join(orjson.dumps(r, option=option) for r in log.expand(doc, request_id, received_at))
-        )
+        self._record.write(b"".join(orjson.dumps(r, option=option) for r in log.expand(doc, request_id, received_at)))
         self._record.flush()
 
     def _reject(self, request_id: str, rejection: Rejection) -> web.Response:
@@ -835,9 +825,7 @@ class RunningEmulator:
 
 
 @contextlib.asynccontextmanager
-async def run_emulator(
-    host: str = "127.0.0.1", port: int = 0, **options: Any
-) -> AsyncIterator[RunningEmulator]:
+async def run_emulator(host: str = "127.0.0.1", port: int = 0, **options: Any) -> AsyncIterator[RunningEmulator]:
     """Serve an emulator in the current event loop (port 0 picks a free port) until the block exits."""
     emulator = Emulator(**options)
     runner = web.AppRunner(emulator.make_app(), access_log=None, handle_signals=False)
@@ -856,12 +844,8 @@ async def run_emulator(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``personalize-worker emulator`` and ``python -m worker.emulator``."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
-    parser.add_argument(
-        "--port", type=int, default=8787, help="port; 0 picks a free one (default %(default)s)"
-    )
-    parser.add_argument(
-        "--tracking-ids", default=None, help="comma-separated trackingIds to accept (default any)"
-    )
+    parser.add_argument("--port", type=int, default=8787, help="port; 0 picks a free one (default %(default)s)")
+    parser.add_argument("--tracking-ids", default=None, help="comma-separated trackingIds to accept (default any)")
     parser.add_argument("--access-key", default=None, help="only accept this access key id")
     parser.add_argument("--secret-key", default=None, help="verify SigV4 signatures with this secret")
     parser.add_argument("--max-tps", type=float, default=None, help="requests/s before ThrottlingException")
@@ -910,9 +894,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m worker.emulator", description=(__doc__ or "").split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m worker.emulator", description=(__doc__ or "").split("\n")[0])
     add_arguments(parser)
     return serve(parser.parse_args(argv))
 

@@ -124,9 +124,9 @@ def parse_sent_at(value: Any, fmt: str, member: str = "sentAt") -> float:
         seconds = _epoch_number(value, member)
     elif fmt == "epoch_ms":
         seconds = _epoch_number(value, member) / 1000.0
-    elif fmt == "iso8601":
-        seconds = _iso(value, member)
-    elif type(value) is str and value and not value.strip().lstrip("-").replace(".", "", 1).isdigit():
+    elif fmt == "iso8601" or (
+        type(value) is str and value and not value.strip().lstrip("-").replace(".", "", 1).isdigit()
+    ):
         seconds = _iso(value, member)
     else:
         seconds = _epoch_number(value, member)
@@ -236,9 +236,7 @@ class Mapper:
         return value
 
     @staticmethod
-    def _optional_id(
-        obj: dict[str, Any], getter: Getter | None, member: str, limit: limits.StringLimit
-    ) -> str | None:
+    def _optional_id(obj: dict[str, Any], getter: Getter | None, member: str, limit: limits.StringLimit) -> str | None:
         if getter is None:
             return None
         value = getter(obj)
@@ -285,8 +283,9 @@ def _impression(value: Any) -> list[str]:
     low, high = limits.IMPRESSION_ITEMS
     if not low <= len(items) <= high:
         raise InvalidRecord("validation", "too_long" if items else "too_short", f"impression: {len(items)} items")
-    return [_identifier(item.strip() if type(item) is str else item, "impression", limits.IMPRESSION_ITEM)
-            for item in items]
+    return [
+        _identifier(item.strip() if type(item) is str else item, "impression", limits.IMPRESSION_ITEM) for item in items
+    ]
 
 
 def _attribution_source(value: Any) -> str:
@@ -295,9 +294,7 @@ def _attribution_source(value: Any) -> str:
     limit = limits.ATTRIBUTION_SOURCE
     _check_length(value, "metricAttribution.eventAttributionSource", limit)
     if limit.pattern is not None and not limit.pattern.match(value):
-        raise InvalidRecord(
-            "validation", "bad_value", "metricAttribution.eventAttributionSource: not printable ASCII"
-        )
+        raise InvalidRecord("validation", "bad_value", "metricAttribution.eventAttributionSource: not printable ASCII")
     return value
 
 

@@ -6,6 +6,7 @@ revoke, and no user, item or session identifier is ever a label.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from aiohttp import web
@@ -28,21 +29,33 @@ class Metrics:
         self.events_sent = Counter(f"{p}_events_sent", "Events accepted by PutEvents.", registry=r)
         self.duplicates = Counter(f"{p}_records_duplicate", "Records whose eventId was already delivered.", registry=r)
         self.filtered = Counter(f"{p}_records_filtered", "Records dropped by the event_types filter.", registry=r)
-        self.invalid = Counter(f"{p}_records_invalid", "Records that cannot become a valid event.", ["reason"], registry=r)
-        self.dead_lettered = Counter(f"{p}_records_dead_lettered", "Records written to the dead-letter topic.", registry=r)
+        self.invalid = Counter(
+            f"{p}_records_invalid", "Records that cannot become a valid event.", ["reason"], registry=r
+        )
+        self.dead_lettered = Counter(
+            f"{p}_records_dead_lettered", "Records written to the dead-letter topic.", registry=r
+        )
         self.dead_letter_errors = Counter(f"{p}_dead_letter_errors", "Failed dead-letter writes.", registry=r)
         self.calls = Counter(f"{p}_put_events_calls", "PutEvents calls by outcome.", ["outcome"], registry=r)
-        self.retries = Counter(f"{p}_put_events_retries", "PutEvents calls retried after a transient error.", registry=r)
+        self.retries = Counter(
+            f"{p}_put_events_retries", "PutEvents calls retried after a transient error.", registry=r
+        )
         self.call_latency = Histogram(
-            f"{p}_put_events_latency_seconds", "PutEvents call latency.", registry=r,
+            f"{p}_put_events_latency_seconds",
+            "PutEvents call latency.",
+            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )
         self.events_per_call = Histogram(
-            f"{p}_events_per_call", "Events carried by each successful PutEvents call.", registry=r,
+            f"{p}_events_per_call",
+            "Events carried by each successful PutEvents call.",
+            registry=r,
             buckets=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
         )
         self.event_age = Histogram(
-            f"{p}_event_age_seconds", "Delivery time minus the event's sentAt.", registry=r,
+            f"{p}_event_age_seconds",
+            "Delivery time minus the event's sentAt.",
+            registry=r,
             buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0),
         )
         self.in_flight = Gauge(f"{p}_calls_in_flight", "PutEvents calls in flight.", registry=r)
@@ -56,7 +69,9 @@ class Metrics:
         )
         self.stalled = Gauge(f"{p}_stalled", "1 while lag is above zero and nothing progresses.", registry=r)
         self.assigned = Gauge(f"{p}_assigned_partitions", "Partitions assigned to this worker.", registry=r)
-        self.lag = Gauge(f"{p}_consumer_lag", "High watermark minus committed offset.", ["topic", "partition"], registry=r)
+        self.lag = Gauge(
+            f"{p}_consumer_lag", "High watermark minus committed offset.", ["topic", "partition"], registry=r
+        )
         self.committed = Gauge(f"{p}_committed_offset", "Last committed offset.", ["topic", "partition"], registry=r)
         self.last_commit = Gauge(f"{p}_last_commit_timestamp_seconds", "When offsets last moved forward.", registry=r)
         self.last_fetch = Gauge(f"{p}_last_fetch_timestamp_seconds", "When records were last fetched.", registry=r)
@@ -69,10 +84,21 @@ class Metrics:
     def forget_partition(self, topic: str, partition: int) -> None:
         """A revoked partition's series go away with it."""
         for gauge in (self.lag, self.committed):
-            try:
+            with contextlib.suppress(KeyError):
                 gauge.remove(topic, str(partition))
-            except KeyError:
-                pass
+
+    def totals(self) -> dict[str, float]:
+        """The run's main counters, for the final log line and the demo's summary."""
+        value = self.registry.get_sample_value
+        return {
+            "consumed": value(f"{PREFIX}_records_consumed_total") or 0.0,
+            "sent": value(f"{PREFIX}_events_sent_total") or 0.0,
+            "duplicates": value(f"{PREFIX}_records_duplicate_total") or 0.0,
+            "filtered": value(f"{PREFIX}_records_filtered_total") or 0.0,
+            "dead_lettered": value(f"{PREFIX}_records_dead_lettered_total") or 0.0,
+            "calls": value(f"{PREFIX}_put_events_calls_total", {"outcome": "ok"}) or 0.0,
+            "retries": value(f"{PREFIX}_put_events_retries_total") or 0.0,
+        }
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -96,8 +122,8 @@ class MetricsServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        sockets = site._server.sockets if site._server is not None else ()  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        addresses = self._runner.addresses
+        self.port = int(addresses[0][1]) if addresses else port
 
     async def stop(self) -> None:
         if self._runner is not None:

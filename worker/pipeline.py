@@ -11,8 +11,10 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
+
+from aiokafka.structs import TopicPartition
 
 from worker.batching import Batch, Batcher
 from worker.config import Settings
@@ -44,9 +46,7 @@ class Record(Protocol):
 
 
 class Delivery(Protocol):
-    async def deliver(
-        self, session_id: str, user_id: str | None, events: list[dict[str, Any]]
-    ) -> list[Rejection]: ...
+    async def deliver(self, session_id: str, user_id: str | None, events: list[dict[str, Any]]) -> list[Rejection]: ...
 
 
 class LetterWriter(Protocol):
@@ -63,6 +63,15 @@ class Item:
         self.record = record
         self.key = key
         self.event = event
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait for the event or the timeout. Not `wait_for`: on 3.11 it can swallow a cancellation."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        pass
 
 
 def adaptive_linger(linger: float, utilization: float) -> float:
@@ -87,7 +96,7 @@ class Pipeline:
         self._metrics = metrics
         self._rate = rate
         self._clock = clock
-        self.tracker: OffsetTracker[Hashable] = OffsetTracker()
+        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self.dedup: Dedup[Item] = Dedup(settings.dedup.window_seconds, settings.dedup.max_ids, clock)
         self.batcher: Batcher[SessionKey, Item] = Batcher(settings.batching.max_events)
         self._linger = settings.batching.linger_ms / 1000.0
@@ -105,7 +114,7 @@ class Pipeline:
 
     # --- intake -------------------------------------------------------------------------------
 
-    def ingest(self, partition: Hashable, records: Sequence[Record]) -> None:
+    def ingest(self, partition: TopicPartition, records: Sequence[Record]) -> None:
         """Map one partition's fetched records; counts are per batch, never per event."""
         if not records:
             return
@@ -192,10 +201,7 @@ class Pipeline:
             oldest = self.batcher.oldest_open()
             timeout = 0.5 if oldest is None else max(0.001, oldest + linger - now)
             self.wakeup.clear()
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), timeout)
-            except TimeoutError:
-                pass
+            await wait_event(self.wakeup, timeout)
 
     def _delivery_done(self, task: asyncio.Task[None]) -> None:
         self._active.discard(task)
@@ -260,7 +266,7 @@ class Pipeline:
 
     # --- rebalance and drain ------------------------------------------------------------------
 
-    async def settle_partitions(self, partitions: Sequence[Hashable], timeout: float) -> bool:
+    async def settle_partitions(self, partitions: Sequence[TopicPartition], timeout: float) -> bool:
         """Flush and wait until the partitions have nothing outstanding; False if the budget ran out."""
         states = [s for s in (self.tracker.get(p) for p in partitions) if s is not None]
         self.batcher.flush()
@@ -271,13 +277,10 @@ class Pipeline:
             if remaining <= 0:
                 return False
             self.progress.clear()
-            try:
-                await asyncio.wait_for(self.progress.wait(), min(remaining, 0.05))
-            except TimeoutError:
-                pass
+            await wait_event(self.progress, min(remaining, 0.05))
         return True
 
-    def forget(self, partitions: Sequence[Hashable]) -> None:
+    def forget(self, partitions: Sequence[TopicPartition]) -> None:
         """Drop all state of revoked partitions; their late results will change nothing."""
         for partition in partitions:
             self.tracker.revoke(partition)

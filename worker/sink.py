@@ -15,7 +15,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import aioboto3
-from botocore.config import Config
+from aiobotocore.config import AioConfig
 
 from worker.config import PersonalizeSettings
 from worker.metrics import Metrics
@@ -78,9 +78,7 @@ Rejection = tuple[int, str]
 
 
 class Sink:
-    def __init__(
-        self, settings: PersonalizeSettings, metrics: Metrics, backoff: Backoff | None = None
-    ) -> None:
+    def __init__(self, settings: PersonalizeSettings, metrics: Metrics, backoff: Backoff | None = None) -> None:
         self._settings = settings
         self._metrics = metrics
         self._backoff = backoff or Backoff()
@@ -92,7 +90,7 @@ class Sink:
 
     async def start(self) -> None:
         s = self._settings
-        config = Config(
+        config = AioConfig(
             retries={"total_max_attempts": 1},
             # The worker validates every event against the same model before sending.
             parameter_validation=False,
@@ -131,9 +129,7 @@ class Sink:
             pending[:0] = [(offset, chunk[:half]), (offset + half, chunk[half:])]
         return rejected
 
-    async def _send_until_final(
-        self, session_id: str, user_id: str | None, events: list[dict[str, Any]]
-    ) -> str | None:
+    async def _send_until_final(self, session_id: str, user_id: str | None, events: list[dict[str, Any]]) -> str | None:
         """None once accepted; the service's message when it rejects the content."""
         request: dict[str, Any] = {
             "trackingId": self._settings.tracking_id,
@@ -152,7 +148,7 @@ class Sink:
                 await self._client.put_events(**request)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # noqa: BLE001 - every failure is classified, none escapes
+            except Exception as error:
                 verdict = classify(error, len(events))
                 metrics.calls.labels(verdict.outcome).inc()
                 if verdict.action is not Action.RETRY:

@@ -34,7 +34,7 @@ def kafka_security(settings: KafkaSettings) -> dict[str, Any]:
         if settings.sasl_mechanism == "OAUTHBEARER":
             from worker.msk import MskIamTokenProvider  # only for users of MSK IAM auth
 
-            options["sasl_oauth_token_provider"] = MskIamTokenProvider()
+            options["sasl_oauth_token_provider"] = MskIamTokenProvider(settings.aws_region)
         else:
             options["sasl_plain_username"] = settings.sasl_username
             password = settings.sasl_password
@@ -46,7 +46,11 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
     """Fetches into the pipeline and commits what it says is final; nobody else commits."""
 
     def __init__(
-        self, settings: Settings, pipeline: Pipeline, metrics: Metrics, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         k = settings.kafka
         self._settings = settings
@@ -86,8 +90,10 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         budget = self._settings.worker.rebalance_timeout_seconds
         settled = await self._pipeline.settle_partitions(list(revoked), budget)
         if not settled:
-            log.warning("revoked partitions still had records in flight; they will be re-read by the new owner",
-                        extra={"partitions": len(revoked)})
+            log.warning(
+                "revoked partitions still had records in flight; they will be re-read by the new owner",
+                extra={"partitions": len(revoked)},
+            )
         await self.commit()
         self._pipeline.forget(list(revoked))
         for tp in revoked:
@@ -99,7 +105,10 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             self._pipeline.tracker.assign(tp)
         self._metrics.assigned.set(len(assigned))
         self.assigned_once.set()
-        log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in assigned)})
+        log.info(
+            "partitions assigned",
+            extra={"partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in assigned)},
+        )
 
     # --- fetching -------------------------------------------------------------------------------
 

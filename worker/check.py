@@ -1,0 +1,87 @@
+"""`personalize-worker check`: is this config able to run? Each check says plainly what is wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import aioboto3
+from aiobotocore.config import AioConfig
+from aiokafka import AIOKafkaConsumer
+from botocore.exceptions import ClientError
+
+from worker.config import Settings
+from worker.retry import INVALID_CODES
+from worker.source import kafka_security
+
+
+def _say(ok: bool, what: str, detail: str = "") -> bool:
+    mark = "ok  " if ok else "FAIL"
+    print(f"[{mark}] {what}" + (f": {detail}" if detail else ""), flush=True)
+    return ok
+
+
+async def check_kafka(settings: Settings, timeout: float = 15.0) -> bool:
+    consumer = AIOKafkaConsumer(request_timeout_ms=int(timeout * 1000), **kafka_security(settings.kafka))
+    try:
+        await asyncio.wait_for(consumer.start(), timeout)
+        topics = await consumer.topics()
+    except Exception as error:
+        return _say(False, f"Kafka at {settings.kafka.bootstrap_servers}", f"{type(error).__name__}: {error}")
+    finally:
+        await consumer.stop()
+    ok = _say(True, f"Kafka at {settings.kafka.bootstrap_servers}", f"{len(topics)} topics visible")
+    for topic in settings.kafka.topics:
+        partitions = consumer.partitions_for_topic(topic) if topic in topics else None
+        ok &= _say(
+            bool(partitions),
+            f"source topic {topic!r}",
+            f"{len(partitions)} partitions" if partitions else "does not exist",
+        )
+    dlq = settings.dead_letter.topic
+    _say(
+        True,
+        f"dead-letter topic {dlq!r}",
+        "exists" if dlq in topics else "does not exist yet (fine only if the broker auto-creates topics)",
+    )
+    return ok
+
+
+async def check_personalize(settings: Settings) -> bool:
+    """An empty eventList is refused by validation after authentication: reachability without sending data."""
+    p = settings.personalize
+    where = p.endpoint_url or f"AWS {p.region}"
+    config = AioConfig(
+        retries={"total_max_attempts": 1},
+        parameter_validation=False,
+        connect_timeout=p.request_timeout_seconds,
+        read_timeout=p.request_timeout_seconds,
+    )
+    try:
+        async with aioboto3.Session().client(
+            "personalize-events", region_name=p.region, endpoint_url=p.endpoint_url or None, config=config
+        ) as client:
+            request: dict[str, Any] = {
+                "trackingId": p.tracking_id,
+                "sessionId": "personalize-worker-check",
+                "eventList": [],
+            }
+            await client.put_events(**request)
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in INVALID_CODES:
+            return _say(True, f"Personalize Events at {where}", "reachable, credentials accepted")
+        return _say(False, f"Personalize Events at {where}", f"{code}: {error.response['Error'].get('Message', '')}")
+    except Exception as error:
+        return _say(False, f"Personalize Events at {where}", f"{type(error).__name__}: {error}")
+    return _say(True, f"Personalize Events at {where}", "reachable")
+
+
+async def run_checks(settings: Settings) -> int:
+    _say(True, "configuration", "valid")
+    kafka_ok = await check_kafka(settings)
+    personalize_ok = await check_personalize(settings)
+    ok = kafka_ok and personalize_ok
+    print("all checks passed" if ok else "some checks failed", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
