@@ -1,3 +1,4 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures: the real broker (kafka_support) and real processes (stack)."""
 
 from tests.kafka_support import *  # noqa: F403  (re-exports the Kafka broker fixtures)
+from tests.stack import *  # noqa: F403  (re-exports the emulator and worker fixtures)

@@ -8,7 +8,7 @@ from typing import Any
 
 import aioboto3
 from aiobotocore.config import AioConfig
-from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
 from botocore.exceptions import ClientError
 
 from worker.config import Settings
@@ -23,28 +23,25 @@ def _say(ok: bool, what: str, detail: str = "") -> bool:
 
 
 async def check_kafka(settings: Settings, timeout: float = 15.0) -> bool:
-    consumer = AIOKafkaConsumer(request_timeout_ms=int(timeout * 1000), **kafka_security(settings.kafka))
+    admin = AIOKafkaAdminClient(request_timeout_ms=int(timeout * 1000), **kafka_security(settings.kafka))
+    where = f"Kafka at {settings.kafka.bootstrap_servers}"
     try:
-        await asyncio.wait_for(consumer.start(), timeout)
-        topics = await consumer.topics()
+        await asyncio.wait_for(admin.start(), timeout)
+        topics = set(await admin.list_topics())
+        wanted = [t for t in (*settings.kafka.topics, settings.dead_letter.topic) if t in topics]
+        described = await admin.describe_topics(wanted) if wanted else []
     except Exception as error:
-        return _say(False, f"Kafka at {settings.kafka.bootstrap_servers}", f"{type(error).__name__}: {error}")
+        return _say(False, where, f"{type(error).__name__}: {error}")
     finally:
-        await consumer.stop()
-    ok = _say(True, f"Kafka at {settings.kafka.bootstrap_servers}", f"{len(topics)} topics visible")
+        await admin.close()
+    partitions = {d["topic"]: len(d["partitions"]) for d in described}
+    ok = _say(True, where, f"{len(topics)} topics visible")
     for topic in settings.kafka.topics:
-        partitions = consumer.partitions_for_topic(topic) if topic in topics else None
-        ok &= _say(
-            bool(partitions),
-            f"source topic {topic!r}",
-            f"{len(partitions)} partitions" if partitions else "does not exist",
-        )
+        count = partitions.get(topic)
+        ok &= _say(bool(count), f"source topic {topic!r}", f"{count} partitions" if count else "does not exist")
     dlq = settings.dead_letter.topic
-    _say(
-        True,
-        f"dead-letter topic {dlq!r}",
-        "exists" if dlq in topics else "does not exist yet (fine only if the broker auto-creates topics)",
-    )
+    detail = "exists" if dlq in topics else "does not exist yet (fine only if the broker auto-creates topics)"
+    _say(True, f"dead-letter topic {dlq!r}", detail)
     return ok
 
 

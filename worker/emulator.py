@@ -469,6 +469,9 @@ class FaultConfig:
     error_rate: float = 0.0
     outage: bool = False
     tracking_ids: list[str] | None = None
+    reject_item_ids: list[str] | None = None
+    """Events with these itemIds are refused as invalid: stands in for the service-side rejections
+    (schema mismatches, say) that no client-side check can predict, so batch splitting can be tested."""
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a partial update, refusing unknown keys and wrong types (ValueError)."""
@@ -483,9 +486,9 @@ def _coerce_setting(key: str, value: Any) -> Any:
         if type(value) is not bool:
             raise ValueError("outage must be a boolean")
         return value
-    if key == "tracking_ids":
+    if key in ("tracking_ids", "reject_item_ids"):
         if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise ValueError("tracking_ids must be a list of strings or null")
+            raise ValueError(f"{key} must be a list of strings or null")
         return value
     if key == "max_tps" and (value is None or value == 0):
         return None
@@ -684,6 +687,18 @@ class Emulator:
         tracking_id = doc.get("trackingId")
         if allowed is not None and tracking_id is not None and tracking_id not in allowed:
             return 404, "ResourceNotFoundException", f"Event tracker {tracking_id} does not exist."
+        rejected_items = self.config.reject_item_ids
+        if rejected_items and operation.records_member == "eventList":
+            for index, event in enumerate(doc["eventList"], start=1):
+                if event.get("itemId") in rejected_items:
+                    return (
+                        400,
+                        "InvalidInputException",
+                        (
+                            f"1 validation error detected: Value at 'eventList.{index}.member.itemId' "
+                            "failed to satisfy constraint: item is not accepted by this event tracker"
+                        ),
+                    )
         return doc
 
     def _accept(self, operation: Operation, body: bytes, doc: dict[str, Any], request_id: str) -> None:
