@@ -64,7 +64,8 @@ def check_fields(event: dict[str, Any], source: dict[str, Any]) -> None:
 
 
 def header(record: Any, name: str) -> str:
-    return dict(record.headers)[name].decode()
+    value: bytes = dict(record.headers)[name]
+    return value.decode()
 
 
 async def test_clickstream_delivered_exactly_once_with_dead_letters_and_commits(
