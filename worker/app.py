@@ -16,7 +16,7 @@ from worker.deadletter import DeadLetterWriter
 from worker.metrics import Metrics, MetricsServer
 from worker.pipeline import Pipeline
 from worker.sink import Sink
-from worker.source import Source, kafka_security
+from worker.source import Source, explain_connection_errors, kafka_security
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,9 @@ class Worker:
         log.info("starting", extra={"settings": redacted(self.settings)})
         await self.server.start(self.settings.metrics.host, self.settings.metrics.port)
         await self.sink.start()
-        await self.producer.start()
-        await self.source.start()
+        with explain_connection_errors(self.settings.kafka):
+            await self.producer.start()
+            await self.source.start()
         self.metrics.rate_limit.set(self.sink.limiter.rate)
         log.info("running", extra={"metrics_port": self.server.port, "until_drained": self.until_drained})
         tasks = [

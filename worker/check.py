@@ -13,7 +13,7 @@ from botocore.exceptions import ClientError
 
 from worker.config import Settings
 from worker.retry import INVALID_CODES
-from worker.source import kafka_security
+from worker.source import explain_connection_errors, kafka_security
 
 
 def _say(ok: bool, what: str, detail: str = "") -> bool:
@@ -26,7 +26,8 @@ async def check_kafka(settings: Settings, timeout: float = 15.0) -> bool:
     admin = AIOKafkaAdminClient(request_timeout_ms=int(timeout * 1000), **kafka_security(settings.kafka))
     where = f"Kafka at {settings.kafka.bootstrap_servers}"
     try:
-        await asyncio.wait_for(admin.start(), timeout)
+        with explain_connection_errors(settings.kafka):
+            await asyncio.wait_for(admin.start(), timeout)
         topics = set(await admin.list_topics())
         wanted = [t for t in (*settings.kafka.topics, settings.dead_letter.topic) if t in topics]
         described = await admin.describe_topics(wanted) if wanted else []

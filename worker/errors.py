@@ -7,3 +7,7 @@ class WorkerError(Exception):
 
 class ConfigError(WorkerError):
     """The configuration cannot start a worker; the message names the key."""
+
+
+class KafkaConnectError(WorkerError):
+    """Kafka cannot be reached or refuses the connection at start-up; the message says why and which key to check."""

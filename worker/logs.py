@@ -47,3 +47,6 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level)
     # aiokafka is chatty at INFO about every coordinator step; its warnings still come through.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # botocore logs whole request bodies (userIds) at DEBUG: user identifiers must never reach the logs.
+    for name in ("botocore", "aiobotocore", "boto3", "aioboto3", "urllib3"):
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import OffsetAndMetadata
 
 from worker.config import KafkaSettings, Settings
+from worker.errors import KafkaConnectError
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline
 
@@ -40,6 +42,40 @@ def kafka_security(settings: KafkaSettings) -> dict[str, Any]:
             password = settings.sasl_password
             options["sasl_plain_password"] = password.get_secret_value() if password else None
     return options
+
+
+class _BootstrapFailures(logging.Handler):
+    """aiokafka logs why each bootstrap server failed, then raises a bare "Unable to bootstrap": keep the why."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg, args = record.msg, record.args
+        if isinstance(msg, str) and msg.startswith("Unable connect to") and isinstance(args, tuple) and len(args) == 3:
+            self.reasons.append(str(args[2]))
+
+
+@contextlib.contextmanager
+def explain_connection_errors(settings: KafkaSettings) -> Iterator[None]:
+    """Turn a failed bootstrap into one start-up error naming the cause and the settings to check."""
+    failures = _BootstrapFailures()
+    client_log = logging.getLogger("aiokafka")
+    client_log.addHandler(failures)
+    try:
+        yield
+    except KafkaConnectionError as error:
+        reasons = "; ".join(dict.fromkeys(failures.reasons)) or str(error)
+        hint = ""
+        if "SaslAuthenticationFailed" in reasons or "authentication" in reasons.lower():
+            hint = " (authentication failed: check kafka.sasl_username, kafka.sasl_password, kafka.sasl_mechanism)"
+        elif "CERTIFICATE_VERIFY_FAILED" in reasons:
+            hint = " (the broker's certificate is not trusted: check kafka.ssl_cafile)"
+        where = f"{settings.bootstrap_servers} over {settings.security_protocol}"
+        raise KafkaConnectError(f"cannot connect to Kafka at {where}{hint}: {reasons}") from None
+    finally:
+        client_log.removeHandler(failures)
 
 
 class Source(ConsumerRebalanceListener):  # type: ignore[misc]
