@@ -55,7 +55,7 @@ def check_fields(event: dict[str, Any], source: dict[str, Any]) -> None:
     assert event.get("userId") == source.get("user_id")
     assert event["eventType"] == source["event_type"]
     assert event["itemId"] == source["item_id"]
-    assert event["sentAt"] == int(source["timestamp"])  # botocore sends whole seconds
+    assert event["sentAt"] == round(source["timestamp"], 3)  # milliseconds kept on the wire
     assert event.get("eventValue") == source.get("event_value")
     assert orjson.loads(event["properties"]) == {
         "pageCategory": source["ctx"]["page_category"],

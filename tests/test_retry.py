@@ -43,7 +43,7 @@ def client_error(code: str, status: int, message: str = "boom") -> ClientError:
         (NoCredentialsError(), "connection"),
         (TimeoutError(), "connection"),  # asyncio.TimeoutError is this builtin since 3.11
         (ConnectionResetError("reset by peer"), "connection"),
-        (aiohttp.ServerDisconnectedError(), "error"),
+        (aiohttp.ServerDisconnectedError(), "connection"),
         (RuntimeError("surprise"), "error"),
     ],
 )

@@ -132,6 +132,8 @@ def parse_sent_at(value: Any, fmt: str, member: str = "sentAt") -> float:
         seconds = _epoch_number(value, member)
         if seconds > _AUTO_MS_THRESHOLD:
             seconds /= 1000.0
+    # Milliseconds are what clickstreams carry and what the wire format keeps (see sink.request_body).
+    seconds = round(seconds, 3) if math.isfinite(seconds) else seconds
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_EPOCH_SECONDS):
         # Cut short: the message becomes a dead-letter header, and the value can be any size.
         shown = repr(value)[:64]

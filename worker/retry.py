@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
 
 
@@ -57,7 +58,7 @@ def classify(error: BaseException, batch_size: int) -> Verdict:
         if status >= 500:
             return Verdict(Action.RETRY, "server_error", message)
         return Verdict(Action.RETRY, "client_error", message)
-    if isinstance(error, (asyncio.TimeoutError, OSError, BotoCoreError)):
+    if isinstance(error, (asyncio.TimeoutError, OSError, BotoCoreError, aiohttp.ClientError)):
         return Verdict(Action.RETRY, "connection", f"{type(error).__name__}: {error}")
     return Verdict(Action.RETRY, "error", f"{type(error).__name__}: {error}")
 
