@@ -258,3 +258,19 @@ def test_random_operations_keep_count_order_and_one_call_per_session(
     for key in KEYS:
         expected = [n for n in added[key] if (key, n) not in dropped]
         assert sent[key] == expected, f"order or loss in session {key}"
+
+
+def test_busy_session_keeps_filling_instead_of_sending_small_calls() -> None:
+    batcher: Batcher[str, str] = Batcher(max_events=10)
+    batcher.add("s", "a", now=0.0)
+    assert items(batcher.take(now=1.0, linger=0.5, limit=5)) == [["a"]]
+    for n, item in enumerate("bcd"):
+        batcher.add("s", item, now=1.0 + n)
+    batcher.add("t", "x", now=2.0)
+    # s's lingered batch waits for its call in flight, and does not hold back t's.
+    assert items(batcher.take(now=10.0, linger=0.5, limit=5)) == [["x"]]
+    assert batcher.oldest_open() is None
+    batcher.add("s", "e", now=10.0)
+    batcher.done("s")
+    assert batcher.oldest_open() == 1.0
+    assert items(batcher.take(now=10.0, linger=0.5, limit=5)) == [["b", "c", "d", "e"]]

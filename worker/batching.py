@@ -54,20 +54,26 @@ class Batcher(Generic[K, T]):
             self._ready.append(batch)
 
     def oldest_open(self) -> float | None:
-        """Creation time of the oldest open batch: when the next linger deadline falls."""
-        for batch in self._open.values():
-            return batch.created_at
+        """Creation time of the oldest open batch that may be sent: when the next linger deadline falls."""
+        for key, batch in self._open.items():
+            if key not in self._busy:
+                return batch.created_at
         return None
 
     def take(self, now: float, linger: float, limit: int) -> list[Batch[K, T]]:
         """Up to `limit` batches to send now: full ones first, then those open for `linger` seconds."""
         deadline = now - linger
-        while self._open and len(self._ready) < limit:
-            key, batch = next(iter(self._open.items()))
-            if batch.created_at > deadline:
-                break
-            del self._open[key]
-            self._enqueue(batch)
+        room = limit - len(self._ready)
+        if room > 0:
+            lingered: list[K] = []
+            for key, batch in self._open.items():
+                if batch.created_at > deadline or len(lingered) >= room:
+                    break
+                # A session with a call in flight keeps filling its open batch until the call returns.
+                if key not in self._busy:
+                    lingered.append(key)
+            for key in lingered:
+                self._enqueue(self._open.pop(key))
         taken: list[Batch[K, T]] = []
         while self._ready and len(taken) < limit:
             batch = self._ready.popleft()
