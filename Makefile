@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 KAFKA := deploy/local/kafka
 
-.PHONY: venv kafka-jars test lint fmt demo bench chaos clean
+.PHONY: venv kafka-jars prometheus-tools test lint fmt demo bench chaos clean
 
 venv: $(STAMP)
 
@@ -19,8 +19,18 @@ $(STAMP): pyproject.toml
 kafka-jars:
 	$(KAFKA) fetch
 
+# promtool and prometheus (Debian's `prometheus` package) for the alert-rule and scrape tests.
+# Installed only when missing and only as root; the tests start the binary themselves, so the
+# packaged service is stopped and disabled if the package's install script started it.
+prometheus-tools:
+	@if command -v promtool >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
+	  && { systemctl disable --now prometheus >/dev/null 2>&1 || true; }; \
+	else echo "promtool not found and not root: the Prometheus tests will skip (apt-get install prometheus)" >&2; fi
+
 # pytest exits 5 when it collected nothing: that must fail, never pass quietly.
-test: venv kafka-jars
+test: venv kafka-jars prometheus-tools
 	$(BIN)/pytest -m "not slow_chaos" $(PYTEST_ARGS)
 
 chaos: venv kafka-jars
