@@ -200,6 +200,8 @@ def test_keda_scales_on_lag_of_the_workers_group_within_the_partition_count(tmp_
         == (objects["Deployment"]["spec"]["selector"]["matchLabels"])
     )
     assert objects["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    job_label = objects["PodMonitor"]["spec"]["jobLabel"]
+    assert objects["Deployment"]["spec"]["template"]["metadata"]["labels"][job_label] == "personalize-worker"
 
 
 def dockerfile_stages() -> list[tuple[str, list[str]]]:
