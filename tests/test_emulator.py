@@ -37,8 +37,10 @@ NO_FAULTS: dict[str, Any] = {
     "latency_ms": 0,
     "jitter_ms": 0,
     "error_rate": 0,
+    "throttle_rate": 0,
     "outage": False,
     "tracking_ids": None,
+    "reject_item_ids": None,
 }
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MISSING: Any = object()  # marks a member to leave out of a request
@@ -558,6 +560,19 @@ async def test_faults_come_before_validation_in_order(emu: RunningEmulator, clie
 
     assert (error_code(outage.value), status_of(outage.value)) == ("ServiceUnavailable", 503)
     assert error_code(failure.value) == "InternalFailure"
+
+
+async def test_random_throttling(emu: RunningEmulator, client: Any) -> None:
+    emu.emulator.configure(throttle_rate=1.0)
+    with pytest.raises(ClientError) as throttled:
+        await client.put_events(**put_events())
+    emu.emulator.configure(throttle_rate=0.0)
+    await client.put_events(**put_events())
+
+    assert (error_code(throttled.value), status_of(throttled.value)) == ("ThrottlingException", 400)
+    assert emu.emulator.snapshot()["throttled"] == 1
+    with pytest.raises(ValueError, match="throttle_rate"):
+        emu.emulator.configure(throttle_rate=1.5)
 
 
 async def test_runtime_config_over_http(emu: RunningEmulator, client: Any) -> None:

@@ -88,7 +88,7 @@ class DeadLetterWriter:
             )
             remaining = failed
             await asyncio.sleep(self._backoff.delay(attempt))
-        if self.blocked_reason is not None and not remaining:
+        if self.blocked_reason is not None:  # the loop only ends once every letter is written
             self.blocked_reason = None
             self._metrics.dead_letter_blocked.set(0)
             log.info("dead-letter topic writable again")

@@ -467,6 +467,8 @@ class FaultConfig:
     latency_ms: float = 0.0
     jitter_ms: float = 0.0
     error_rate: float = 0.0
+    throttle_rate: float = 0.0
+    """Fraction of requests throttled at random, whatever the rate: stands in for a quota shared with others."""
     outage: bool = False
     tracking_ids: list[str] | None = None
     reject_item_ids: list[str] | None = None
@@ -494,8 +496,8 @@ def _coerce_setting(key: str, value: Any) -> Any:
         return None
     if type(value) not in (int, float) or value < 0:
         raise ValueError(f"{key} must be a non-negative number")
-    if key == "error_rate" and value > 1:
-        raise ValueError("error_rate must be between 0 and 1")
+    if key in ("error_rate", "throttle_rate") and value > 1:
+        raise ValueError(f"{key} must be between 0 and 1")
     return float(value)
 
 
@@ -658,6 +660,9 @@ class Emulator:
         if config.outage:
             return 503, "ServiceUnavailable", "Service Unavailable"
         if self._bucket is not None and not self._bucket.take():
+            self.stats.throttled += 1
+            return 400, "ThrottlingException", "Rate exceeded"
+        if config.throttle_rate > 0 and self._rng.random() < config.throttle_rate:
             self.stats.throttled += 1
             return 400, "ThrottlingException", "Rate exceeded"
         if config.error_rate > 0 and self._rng.random() < config.error_rate:

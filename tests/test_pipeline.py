@@ -1,0 +1,133 @@
+"""The pipeline and the committer with a fake sink, fake dead letters and a fake consumer.
+
+The case that needs this level: a partition revoked while its batch is in flight, whose call completes
+after the hand-off. Its late result must never be committed (the tracker's `retired` state), because
+the new owner may already have committed further.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+from worker.config import Settings
+from worker.deadletter import DeadLetter
+from worker.metrics import Metrics
+from worker.pipeline import Pipeline
+from worker.sink import Rejection
+from worker.source import Source
+
+
+@dataclass(frozen=True)
+class FakeRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+class GatedSink:
+    """Holds every call until released, as a slow PutEvents would."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.sessions: list[str] = []
+
+    async def deliver(self, session_id: str, user_id: str | None, events: list[dict[str, Any]]) -> list[Rejection]:
+        self.sessions.append(session_id)
+        await self.release.wait()
+        return []
+
+
+@dataclass
+class Letters:
+    written: list[DeadLetter] = field(default_factory=list)
+
+    async def write(self, letters: Sequence[DeadLetter]) -> None:
+        self.written.extend(letters)
+
+
+@dataclass
+class FakeConsumer:
+    owned: set[TopicPartition]
+    commits: list[dict[TopicPartition, int]] = field(default_factory=list)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.owned)
+
+    async def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        self.commits.append({tp: meta.offset for tp, meta in offsets.items()})
+
+
+def records(partition: int, count: int) -> list[FakeRecord]:
+    return [
+        FakeRecord(
+            "t",
+            partition,
+            offset,
+            b"k",
+            orjson.dumps(
+                {
+                    "session_id": f"s{partition}",
+                    "event_type": "click",
+                    "timestamp": 1_790_000_000 + offset,
+                    "event_id": f"e-{partition}-{offset}",
+                }
+            ),
+        )
+        for offset in range(count)
+    ]
+
+
+async def wait_for(condition: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_late_result_of_a_revoked_partition_is_never_committed() -> None:
+    settings = Settings.model_validate(
+        {
+            "personalize": {"tracking_id": "t"},
+            "batching": {"linger_ms": 0},
+            "worker": {"rebalance_timeout_seconds": 0.2},
+        }
+    )
+    sink = GatedSink()
+    metrics = Metrics()
+    pipeline = Pipeline(settings, sink, Letters(), metrics, rate=lambda: 1000.0)
+    source = Source(settings, pipeline, metrics)
+    tp0, tp1 = TopicPartition("t", 0), TopicPartition("t", 1)
+    consumer = FakeConsumer({tp0, tp1})
+    await source.consumer.stop()  # never started: closed only so it warns of nothing
+    source.consumer = consumer
+    await source.on_partitions_assigned([tp0, tp1])
+    pipeline.ingest(tp0, records(0, 3))
+    pipeline.ingest(tp1, records(1, 3))
+    dispatcher = asyncio.create_task(pipeline.run_dispatcher())
+    try:
+        await wait_for(lambda: len(sink.sessions) == 2)  # both partitions' batches are in flight
+
+        await source.on_partitions_revoked([tp0])  # the budget runs out while tp0's call is in flight
+        consumer.owned.discard(tp0)
+        assert pipeline.tracker.get(tp0) is None
+        assert all(commit.get(tp0, 0) == 0 for commit in consumer.commits), "nothing of tp0 was final yet"
+
+        sink.release.set()  # the late result arrives after the hand-off
+        await wait_for(lambda: pipeline.outstanding == 0)
+        await source.commit()
+    finally:
+        dispatcher.cancel()
+        await asyncio.gather(dispatcher, return_exceptions=True)
+
+    assert consumer.commits[-1] == {tp1: 3}, "the owned partition commits its delivered records"
+    assert all(commit.get(tp0, 0) == 0 for commit in consumer.commits), "the revoked partition's late result"
+    assert pipeline.tracker.to_commit() == {}
+    assert len(pipeline.dedup) == 6, "the late delivery still counts for dedup"
