@@ -128,11 +128,9 @@ class Worker:
             idle = time.monotonic() - self.source.last_progress
             stalled = lag > 0 and idle > stall_after
             if stalled and self._stalled_reason is None:
-                self._stalled_reason = f"stalled: {lag} records behind and no progress for {idle:.0f}s"
-                log.error(
-                    "stall detected",
-                    extra={"lag": lag, "idle_seconds": round(idle), "why": self._why_stalled()},
-                )
+                why = self._why_stalled()
+                self._stalled_reason = f"stalled: {lag} records behind and no progress for {idle:.0f}s: {why}"
+                log.error("stall detected", extra={"lag": lag, "idle_seconds": round(idle), "why": why})
             elif not stalled and self._stalled_reason is not None:
                 log.info("progress resumed")
                 self._stalled_reason = None

@@ -151,7 +151,10 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
     async def fetch_once(self, timeout_ms: int = 200) -> int:
         """One getmany into the pipeline, honouring backpressure; returns the records fetched."""
         self._apply_backpressure()
-        batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=self._settings.kafka.max_poll_records)
+        # Never fetch past the cap: a full poll on top of a nearly full buffer would overshoot it by a poll.
+        room = self._settings.batching.max_buffered_events - self._pipeline.outstanding
+        limit = max(1, min(self._settings.kafka.max_poll_records, room))
+        batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=limit)
         count = 0
         for tp, records in batches.items():
             state = self._pipeline.tracker.get(tp)
