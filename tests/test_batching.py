@@ -29,14 +29,15 @@ def test_full_batch_is_ready_immediately() -> None:
     assert batcher.oldest_open() is None
 
 
-def test_partial_batch_waits_for_linger() -> None:
+def test_partial_batch_goes_at_once_when_calls_are_available() -> None:
+    """Work-conserving: a call the quota allows is never left unused while events wait."""
     batcher: Batcher[str, str] = Batcher(max_events=10)
     batcher.add("a", "a0", now=10.0)
     batcher.add("a", "a1", now=10.3)
     assert batcher.oldest_open() == 10.0
-    assert batcher.take(now=10.49, linger=LINGER, limit=MANY) == []
+    assert batcher.take(now=10.3, linger=LINGER, limit=0) == [], "no call allowed: it stays open to fill"
     assert batcher.buffered == 2
-    assert items(batcher.take(now=10.5, linger=LINGER, limit=MANY)) == [["a0", "a1"]]
+    assert items(batcher.take(now=10.3, linger=LINGER, limit=1)) == [["a0", "a1"]]
     assert batcher.buffered == 0
 
 
@@ -46,25 +47,28 @@ def test_linger_zero_sends_at_once() -> None:
     assert items(batcher.take(now=1.0, linger=0.0, limit=MANY)) == [["a0"]]
 
 
-def test_lingered_batches_leave_in_creation_order_up_to_the_limit() -> None:
+def test_partial_batches_leave_in_creation_order_up_to_the_limit() -> None:
     batcher: Batcher[str, str] = Batcher(max_events=10)
     batcher.add("b", "b0", now=0.0)
     batcher.add("a", "a0", now=0.1)
     batcher.add("c", "c0", now=0.2)
     batcher.add("d", "d0", now=0.9)
     assert items(batcher.take(now=1.0, linger=LINGER, limit=2)) == [["b0"], ["a0"]]
-    assert items(batcher.take(now=1.0, linger=LINGER, limit=2)) == [["c0"]]
+    assert items(batcher.take(now=1.0, linger=LINGER, limit=1)) == [["c0"]]
     assert batcher.oldest_open() == 0.9
     assert batcher.take(now=1.0, linger=LINGER, limit=0) == []
+    assert items(batcher.take(now=1.0, linger=LINGER, limit=5)) == [["d0"]]
 
 
-def test_full_batches_go_before_lingered_ones() -> None:
+def test_when_calls_are_scarce_lingered_then_full_then_young_partial() -> None:
     batcher: Batcher[str, str] = Batcher(max_events=2)
     batcher.add("old", "o0", now=0.0)
+    batcher.add("young", "y0", now=4.9)
     batcher.add("full", "f0", now=5.0)
     batcher.add("full", "f1", now=5.0)
-    assert items(batcher.take(now=5.0, linger=LINGER, limit=1)) == [["f0", "f1"]]
     assert items(batcher.take(now=5.0, linger=LINGER, limit=1)) == [["o0"]]
+    assert items(batcher.take(now=5.0, linger=LINGER, limit=1)) == [["f0", "f1"]]
+    assert items(batcher.take(now=5.0, linger=LINGER, limit=1)) == [["y0"]]
 
 
 def test_one_batch_per_session_in_flight_and_order_kept() -> None:
@@ -106,7 +110,7 @@ def test_flush_makes_every_open_batch_ready() -> None:
     batcher.add("a", "a0", now=0.0)
     batcher.add("b", "b0", now=0.0)
     batcher.add("b", "b1", now=0.0)
-    assert batcher.take(now=0.0, linger=LINGER, limit=MANY) == []
+    assert batcher.take(now=0.0, linger=LINGER, limit=0) == []
     batcher.flush()
     assert batcher.oldest_open() is None
     assert items(batcher.take(now=0.0, linger=LINGER, limit=MANY)) == [["a0"], ["b0", "b1"]]

@@ -26,12 +26,23 @@ def test_reservations_are_spaced_one_interval_apart() -> None:
     assert waits == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
 
 
-def test_idle_time_does_not_bank_a_burst() -> None:
+def test_idle_time_banks_no_more_than_the_burst_allowance() -> None:
     limiter, clock = make(10.0)
     limiter.reserve()
     clock.now = 100.0
     assert limiter.reserve() == 0.0
-    assert limiter.reserve() == pytest.approx(0.1)
+    assert limiter.reserve() == pytest.approx(0.1 - RateLimiter.BURST_SECONDS)
+
+
+def test_available_counts_the_calls_that_need_no_wait() -> None:
+    limiter, clock = make(100.0, now=10.0)
+    calls, wait = limiter.available()
+    assert (calls, wait) == (int(100.0 * RateLimiter.BURST_SECONDS) + 1, 0.0)
+    for _ in range(calls):
+        assert limiter.reserve() == 0.0
+    calls, wait = limiter.available()
+    assert calls == 0 and wait == pytest.approx(0.01)
+    assert limiter.reserve() == pytest.approx(wait)
 
 
 def test_waits_shrink_as_the_clock_reaches_reserved_slots() -> None:
@@ -39,7 +50,7 @@ def test_waits_shrink_as_the_clock_reaches_reserved_slots() -> None:
     for _ in range(10):
         limiter.reserve()
     clock.now = 50.55
-    assert limiter.reserve() == pytest.approx(0.45)
+    assert limiter.reserve() == pytest.approx(0.45 - RateLimiter.BURST_SECONDS)
 
 
 def test_throttle_cuts_the_rate_multiplicatively() -> None:

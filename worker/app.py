@@ -28,11 +28,15 @@ class Worker:
         self.metrics = Metrics()
         self.sink = Sink(settings.personalize, self.metrics)
         self.producer = AIOKafkaProducer(
-            acks="all", enable_idempotence=True, linger_ms=5, **kafka_security(settings.kafka)
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            max_request_size=settings.dead_letter.max_message_bytes,
+            **kafka_security(settings.kafka),
         )
         self.dead_letters = DeadLetterWriter(self.producer, settings.dead_letter.topic, self.metrics)
         self.pipeline = Pipeline(
-            settings, self.sink, self.dead_letters, self.metrics, rate=lambda: self.sink.limiter.rate
+            settings, self.sink, self.dead_letters, self.metrics, allowance=self.sink.limiter.available
         )
         self.source = Source(settings, self.pipeline, self.metrics)
         self.server = MetricsServer(self.metrics, self.readiness)
@@ -86,7 +90,6 @@ class Worker:
         fetch, dispatch, dead_letters, committer = tasks
         await asyncio.wait([fetch], timeout=2.0)
         # 2. Send every buffered batch now, ignoring linger, and wait (bounded) for the results.
-        self.pipeline.draining = True
         partitions = list(self.source.consumer.assignment())
         clean = await self.pipeline.settle_partitions(partitions, budget)
         if not clean:

@@ -53,6 +53,10 @@ class Batcher(Generic[K, T]):
             self._busy.add(batch.key)
             self._ready.append(batch)
 
+    def sendable(self) -> bool:
+        """Anything `take` could return given room: a ready batch or an open one of an idle session."""
+        return bool(self._ready) or self.oldest_open() is not None
+
     def oldest_open(self) -> float | None:
         """Creation time of the oldest open batch that may be sent: when the next linger deadline falls."""
         for key, batch in self._open.items():
@@ -61,25 +65,40 @@ class Batcher(Generic[K, T]):
         return None
 
     def take(self, now: float, linger: float, limit: int) -> list[Batch[K, T]]:
-        """Up to `limit` batches to send now: full ones first, then those open for `linger` seconds."""
-        deadline = now - linger
-        room = limit - len(self._ready)
-        if room > 0:
-            lingered: list[K] = []
-            for key, batch in self._open.items():
-                if batch.created_at > deadline or len(lingered) >= room:
-                    break
-                # A session with a call in flight keeps filling its open batch until the call returns.
-                if key not in self._busy:
-                    lingered.append(key)
-            for key in lingered:
-                self._enqueue(self._open.pop(key))
+        """Up to `limit` batches to send now, in this order:
+
+        1. partial batches open for `linger` seconds or more (the latency promised to the user),
+        2. full batches,
+        3. younger partial batches, oldest first.
+
+        The caller's `limit` is what the quota and the in-flight cap allow right now, so a call the
+        quota would permit is never left unused while events wait; only when calls are scarce do
+        partial batches stay open to fill up.
+        """
         taken: list[Batch[K, T]] = []
+        self._take_open(taken, limit, now - linger)
         while self._ready and len(taken) < limit:
             batch = self._ready.popleft()
             self.buffered -= len(batch.items)
             taken.append(batch)
+        self._take_open(taken, limit, now)
         return taken
+
+    def _take_open(self, taken: list[Batch[K, T]], limit: int, created_by: float) -> None:
+        if len(taken) >= limit:
+            return
+        chosen: list[K] = []
+        for key, batch in self._open.items():
+            if batch.created_at > created_by or len(taken) + len(chosen) >= limit:
+                break
+            # A session with a call in flight keeps filling its open batch until the call returns.
+            if key not in self._busy:
+                chosen.append(key)
+        for key in chosen:
+            batch = self._open.pop(key)
+            self._busy.add(key)
+            self.buffered -= len(batch.items)
+            taken.append(batch)
 
     def done(self, key: K) -> None:
         """The session's call finished (whatever its outcome): release its next waiting batch."""

@@ -74,11 +74,6 @@ async def wait_event(event: asyncio.Event, timeout: float) -> None:
         pass
 
 
-def adaptive_linger(linger: float, utilization: float) -> float:
-    """No waiting while far below the quota (latency wins); the full linger as calls near it (fill wins)."""
-    return linger * min(1.0, max(0.0, (utilization - 0.5) / 0.4))
-
-
 class Pipeline:
     def __init__(
         self,
@@ -86,7 +81,7 @@ class Pipeline:
         sink: Delivery,
         dead_letters: LetterWriter,
         metrics: Metrics,
-        rate: Callable[[], float],
+        allowance: Callable[[], tuple[int, float]],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
@@ -94,7 +89,8 @@ class Pipeline:
         self._sink = sink
         self._letters = dead_letters
         self._metrics = metrics
-        self._rate = rate
+        self._allowance = allowance
+        """(calls the quota allows now, seconds until the next): the sink's rate limiter."""
         self._clock = clock
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self.dedup: Dedup[Item] = Dedup(settings.dedup.window_seconds, settings.dedup.max_ids, clock)
@@ -105,10 +101,6 @@ class Pipeline:
         self._dead: list[tuple[PartitionOffsets, DeadLetter]] = []
         self._dead_ready = asyncio.Event()
         self.wakeup = asyncio.Event()
-        self.draining = False
-        self._window_start = clock()
-        self._window_calls = 0
-        self.utilization = 0.0
         self.progress = asyncio.Event()
         """Set whenever records become final: waiters for a drain re-check then."""
 
@@ -185,21 +177,22 @@ class Pipeline:
     # --- dispatch -----------------------------------------------------------------------------
 
     async def run_dispatcher(self) -> None:
-        """Start calls for ready batches while slots are free; sleep until a batch can be due."""
+        """Start as many calls as the quota and the in-flight cap allow; sleep until that changes."""
         while True:
-            now = self._clock()
-            self._measure(now)
-            free = self._max_in_flight - len(self._active)
-            linger = 0.0 if self.draining else adaptive_linger(self._linger, self.utilization)
-            if free > 0:
-                for batch in self.batcher.take(now, linger, free):
+            slots = self._max_in_flight - len(self._active)
+            calls, _ = self._allowance()
+            limit = min(slots, calls)
+            if limit > 0:
+                for batch in self.batcher.take(self._clock(), self._linger, limit):
                     task = asyncio.create_task(self._deliver(batch))
                     self._active.add(task)
                     task.add_done_callback(self._delivery_done)
-                    self._window_calls += 1
             self._metrics.buffered.set(self.batcher.buffered)
-            oldest = self.batcher.oldest_open()
-            timeout = 0.5 if oldest is None else max(0.001, oldest + linger - now)
+            timeout = 0.5  # new records or a finished call wake us sooner
+            if self.batcher.sendable() and len(self._active) < self._max_in_flight:
+                calls, wait = self._allowance()
+                if calls == 0:
+                    timeout = max(0.001, wait)
             self.wakeup.clear()
             await wait_event(self.wakeup, timeout)
 
@@ -209,13 +202,6 @@ class Pipeline:
             # A bug, not a delivery failure (those never raise): the records stay unfinished, so the
             # partition stops committing and the stall watchdog reports it instead of losing them.
             log.error("delivery task failed", exc_info=task.exception())
-
-    def _measure(self, now: float) -> None:
-        elapsed = now - self._window_start
-        if elapsed >= 0.5:
-            self.utilization = self._window_calls / (elapsed * max(self._rate(), 1e-9))
-            self._window_start = now
-            self._window_calls = 0
 
     async def _deliver(self, batch: Batch[SessionKey, Item]) -> None:
         items = batch.items
