@@ -87,9 +87,11 @@ def records(partition: int, count: int) -> list[FakeRecord]:
 
 
 async def wait_for(condition: Any, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
 
 
 async def test_late_result_of_a_revoked_partition_is_never_committed() -> None:
@@ -102,7 +104,7 @@ async def test_late_result_of_a_revoked_partition_is_never_committed() -> None:
     )
     sink = GatedSink()
     metrics = Metrics()
-    pipeline = Pipeline(settings, sink, Letters(), metrics, rate=lambda: 1000.0)
+    pipeline = Pipeline(settings, sink, Letters(), metrics, allowance=lambda: (1000, 0.0))
     source = Source(settings, pipeline, metrics)
     tp0, tp1 = TopicPartition("t", 0), TopicPartition("t", 1)
     consumer = FakeConsumer({tp0, tp1})

@@ -141,6 +141,9 @@ class DedupSettings(_Section):
 
 class DeadLetterSettings(_Section):
     topic: str = Field(default="clickstream.dlq", min_length=1)
+    # A dead letter is a whole source record plus headers, as large as the source topic allows: the
+    # producer's 1 MB default would refuse it forever. The topic's max.message.bytes must allow it too.
+    max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024 * 1024)
 
 
 class MetricsSettings(_Section):

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
@@ -57,22 +58,35 @@ class DeadLetterWriter:
         self.blocked_reason: str | None = None
         """Set while writes fail: the worker is not ready and does not commit past these records."""
 
-    async def _send(self, letter: DeadLetter) -> Exception | None:
-        try:
-            delivery = await self._producer.send(
-                self._topic, value=letter.value, key=letter.key, headers=dlq_headers(letter)
-            )
-            await delivery
-        except Exception as error:  # every broker failure means "not yet written": retried
-            return error
-        return None
+    async def _send_all(self, letters: Sequence[DeadLetter]) -> list[Exception | None]:
+        """Queue the letters one at a time (the producer batches them), then wait for every ack.
+
+        Not one `send` per letter at once: thousands of sends waiting on a full batch all wake on each
+        drained one (quadratic), and the last ones time out. A refused `send` fails the rest of the round:
+        the topic is not writable now, and each further send would wait out the metadata timeout again.
+        """
+        deliveries: list[asyncio.Future[Any]] = []
+        refused: Exception | None = None
+        for letter in letters:
+            try:
+                deliveries.append(
+                    await self._producer.send(
+                        self._topic, value=letter.value, key=letter.key, headers=dlq_headers(letter)
+                    )
+                )
+            except Exception as error:  # every broker failure means "not yet written": retried
+                refused = error
+                break
+        acks = await asyncio.gather(*deliveries, return_exceptions=True)
+        results: list[Exception | None] = [ack if isinstance(ack, Exception) else None for ack in acks]
+        return results + [refused] * (len(letters) - len(results))
 
     async def write(self, letters: Sequence[DeadLetter]) -> None:
         """Returns once the broker has acknowledged every letter; retries forever meanwhile."""
         attempt = 0
         remaining = list(letters)
         while remaining:
-            results = await asyncio.gather(*(self._send(letter) for letter in remaining))
+            results = await self._send_all(remaining)
             failed = [letter for letter, error in zip(remaining, results, strict=True) if error is not None]
             self._metrics.dead_lettered.inc(len(remaining) - len(failed))
             if not failed:
