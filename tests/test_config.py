@@ -188,3 +188,9 @@ def test_attribution_path_and_constant_are_exclusive() -> None:
         "PW_MAPPING__METRIC_ATTRIBUTION_SOURCE_VALUE": "email",
     }
     assert "not both" in error_of(None, environ)
+
+
+@pytest.mark.parametrize("path", ["ctx.user_id", "session_id", "a.b.event_type", "TIMESTAMP", "impression"])
+def test_properties_may_not_use_names_personalize_reserves(path: str) -> None:
+    with pytest.raises(ConfigError, match=r"mapping\.properties: .*reserves"):
+        load_settings(None, {"PW_PERSONALIZE__TRACKING_ID": "t", "PW_MAPPING__PROPERTIES": path})

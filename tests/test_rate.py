@@ -35,7 +35,7 @@ def test_idle_time_banks_no_more_than_the_burst_allowance() -> None:
 
 
 def test_available_counts_the_calls_that_need_no_wait() -> None:
-    limiter, clock = make(100.0, now=10.0)
+    limiter, _ = make(100.0, now=10.0)
     calls, wait = limiter.available()
     assert (calls, wait) == (int(100.0 * RateLimiter.BURST_SECONDS) + 1, 0.0)
     for _ in range(calls):

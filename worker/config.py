@@ -107,6 +107,17 @@ class MappingSettings(_Section):
             raise ValueError("is required by PutEvents and cannot be empty")
         return value
 
+    @field_validator("properties")
+    @classmethod
+    def _properties_not_reserved(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from worker.mapping import camel_case  # mapping imports this module
+
+        for path in value:
+            key = camel_case(path.rsplit(".", 1)[-1])
+            if key.lower() in limits.RESERVED_PROPERTY_KEYS:
+                raise ValueError(f"{path!r} would become property {key!r}, a name Personalize reserves")
+        return value
+
     @field_validator("event_types")
     @classmethod
     def _renames_valid(cls, value: dict[str, str]) -> dict[str, str]:

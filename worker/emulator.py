@@ -38,6 +38,8 @@ from aiohttp import web
 from botocore.loaders import Loader
 from botocore.utils import normalize_url_path
 
+from worker.limits import reserved_property_keys
+
 SERVICE_NAME = "personalize-events"
 
 # A validation problem: (member path relative to the value checked, constraint message).
@@ -48,8 +50,6 @@ Validator = Callable[[Any], Problems | None]
 Rejection = tuple[int, str, str]
 
 _FLOAT_WORDS = frozenset({"NaN", "Infinity", "-Infinity"})  # how botocore sends non-finite floats
-_RESERVED_DOC = re.compile(r"can't be included as a keyword", re.IGNORECASE)
-_LIST_ITEM_DOC = re.compile(r"<li>\s*<p>\s*([^<]+?)\s*</p>\s*</li>")
 
 
 # --------------------------------------------------------------------------- model compilation
@@ -153,14 +153,6 @@ def _type_validator(kind: type, name: str) -> Validator:
     return validate
 
 
-def _reserved_keys(documentation: str) -> frozenset[str]:
-    """The model documents the keys ``properties`` must not use; read them instead of copying them."""
-    found = _RESERVED_DOC.search(documentation)
-    if found is None:
-        return frozenset()
-    return frozenset(key.lower() for key in _LIST_ITEM_DOC.findall(documentation, found.end()))
-
-
 def _json_object_validator(inner: Validator, reserved: frozenset[str]) -> Validator:
     """``jsonvalue`` members travel as a string that must itself hold a JSON object."""
 
@@ -208,7 +200,7 @@ class _ModelCompiler:
     def member(self, ref: dict[str, Any]) -> Validator:
         check = self.shape(ref["shape"])
         if ref.get("jsonvalue"):
-            check = _json_object_validator(check, _reserved_keys(ref.get("documentation", "")))
+            check = _json_object_validator(check, reserved_property_keys(ref.get("documentation", "")))
         return check
 
     def _build(self, spec: dict[str, Any]) -> Validator:

@@ -63,5 +63,19 @@ IMPRESSION_ITEMS = _list_bounds("Event", "impression")
 IMPRESSION_ITEM = _string(_SHAPES[_SHAPES["Event"]["members"]["impression"]["shape"]]["member"]["shape"])
 REQUIRED_EVENT_MEMBERS: tuple[str, ...] = tuple(_SHAPES["Event"]["required"])
 
+_RESERVED_DOC = re.compile(r"can't be included as a keyword", re.IGNORECASE)
+_LIST_ITEM_DOC = re.compile(r"<li>\s*<p>\s*([^<]+?)\s*</p>\s*</li>")
+
+
+def reserved_property_keys(documentation: str) -> frozenset[str]:
+    """The keys `properties` must not use, as the model's documentation lists them (lower case)."""
+    found = _RESERVED_DOC.search(documentation)
+    if found is None:
+        return frozenset()
+    return frozenset(key.lower() for key in _LIST_ITEM_DOC.findall(documentation, found.end()))
+
+
+RESERVED_PROPERTY_KEYS = reserved_property_keys(_SHAPES["Event"]["members"]["properties"].get("documentation", ""))
+
 # Not in the model: the documented service quota of 10 KB per event.
 MAX_EVENT_BYTES = 10 * 1024
