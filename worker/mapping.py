@@ -80,8 +80,9 @@ def _identifier(value: Any, member: str, limit: limits.StringLimit) -> str:
     """IDs are strings; integer IDs are common in clickstreams and map to their decimal text."""
     kind = type(value)
     if kind is str:
+        if limit.min <= len(value) <= limit.max:  # the common case, without a call
+            return value  # type: ignore[no-any-return]
         _check_length(value, member, limit)
-        return value  # type: ignore[no-any-return]
     if kind is int:
         text = str(value)
         _check_length(text, member, limit)
@@ -226,7 +227,7 @@ class Mapper:
 
         event_id = self._optional_id(obj, self._event_id, "eventId", limits.EVENT_ID)
         event["eventId"] = event_id if event_id is not None else derive_event_id(session_id, user_id, event)
-        if _event_bytes(event) > limits.MAX_EVENT_BYTES:
+        if _may_exceed_quota(event) and _event_bytes(event) > limits.MAX_EVENT_BYTES:
             raise InvalidRecord("validation", "too_large", f"event exceeds {limits.MAX_EVENT_BYTES} bytes")
         return (session_id, user_id), event
 
@@ -298,6 +299,17 @@ def _attribution_source(value: Any) -> str:
     if limit.pattern is not None and not limit.pattern.match(value):
         raise InvalidRecord("validation", "bad_value", "metricAttribution.eventAttributionSource: not printable ASCII")
     return value
+
+
+def _may_exceed_quota(event: dict[str, Any]) -> bool:
+    """A cheap upper bound first: JSON escaping grows a character to at most 6 bytes."""
+    if "impression" in event:
+        return True
+    text = sum(len(v) for v in event.values() if type(v) is str)
+    attribution = event.get("metricAttribution")
+    if attribution is not None:
+        text += len(attribution["eventAttributionSource"])
+    return 6 * text + 256 > limits.MAX_EVENT_BYTES
 
 
 def _event_bytes(event: dict[str, Any]) -> int:
