@@ -77,10 +77,11 @@ class Worker:
         crashed = [t for t in done if t is not stop and (t.cancelled() or t.exception() is not None)]
         for task in crashed:
             log.error("a worker loop stopped unexpectedly", exc_info=task.exception())
-        clean = await self.shutdown(tasks, stop)
+        await self.shutdown(tasks, stop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        return 1 if crashed or not clean else 0
+        # Records left unfinished by the drain budget are not lost, only re-read after a restart.
+        return 1 if crashed else 0
 
     async def shutdown(self, tasks: list[asyncio.Task[None]], stop: asyncio.Future[Any]) -> bool:
         """Stop taking work, finish what is in hand within the drain budget, commit, close clients."""
@@ -89,15 +90,21 @@ class Worker:
         self._fetching = False
         fetch, dispatch, dead_letters, committer = tasks
         await asyncio.wait([fetch], timeout=2.0)
-        # 2. Send every buffered batch now, ignoring linger, and wait (bounded) for the results.
+        # 2. Send every buffered batch now, ignoring linger, and wait (bounded) for the results. Part of
+        #    the budget is kept for step 3.
+        grace = min(budget / 2, self.settings.personalize.request_timeout_seconds)
         partitions = list(self.source.consumer.assignment())
-        clean = await self.pipeline.settle_partitions(partitions, budget)
+        clean = await self.pipeline.settle_partitions(partitions, budget - grace)
+        # 3. Start no new call, and let those in flight finish: a call cancelled mid-flight may still have
+        #    reached Personalize, and its records, uncommitted, would be sent again after the restart.
+        dispatch.cancel()
+        await asyncio.gather(dispatch, return_exceptions=True)
+        finished = await self.pipeline.finish_in_flight(grace)
         if not clean:
             log.warning(
                 "drain budget exhausted; unfinished records will be re-read after restart",
-                extra={"outstanding": self.pipeline.outstanding},
+                extra={"outstanding": self.pipeline.outstanding, "calls_finished": finished},
             )
-        # 3. Calls still running past the budget are abandoned; their offsets stay uncommitted.
         await self.pipeline.cancel_in_flight()
         # 4. Commit what is final. aiokafka's stop() does not call on_partitions_revoked: this is it.
         await self.source.commit()

@@ -266,6 +266,20 @@ class Pipeline:
             await wait_event(self.progress, min(remaining, 0.05))
         return True
 
+    def drop_unsent(self, partitions: Sequence[TopicPartition]) -> None:
+        """Take the partitions' records that are in no call yet out of the batches. They stay unfinished,
+        so the commit stops before them and their next owner sends them: once, as nothing here did."""
+        revoked = [s for s in (self.tracker.get(p) for p in partitions) if s is not None]
+
+        def kept(item: Item) -> bool:
+            return all(item.state is not state for state in revoked)
+
+        now = self._clock()
+        for item in self.batcher.drop(kept):
+            for parked in self.dedup.failed(item.event["eventId"]):
+                self._admit(parked, now)
+        self._metrics.buffered.set(self.batcher.buffered)
+
     def forget(self, partitions: Sequence[TopicPartition]) -> None:
         """Drop all state of revoked partitions; their late results will change nothing."""
         for partition in partitions:
@@ -282,6 +296,12 @@ class Pipeline:
                 self._admit(parked, now)
         self._dead = [(state, letter) for state, letter in self._dead if not state.retired]
         self._metrics.buffered.set(self.batcher.buffered)
+
+    async def finish_in_flight(self, timeout: float) -> bool:
+        """Wait (bounded) for the calls already started; False if some are still running."""
+        if self._active:
+            await asyncio.wait(list(self._active), timeout=timeout)
+        return not self._active
 
     async def cancel_in_flight(self) -> None:
         for task in list(self._active):

@@ -124,11 +124,16 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         if not revoked:
             return
         budget = self._settings.worker.rebalance_timeout_seconds
-        settled = await self._pipeline.settle_partitions(list(revoked), budget)
+        grace = min(budget / 2, self._settings.personalize.request_timeout_seconds)
+        settled = await self._pipeline.settle_partitions(list(revoked), budget - grace)
         if not settled:
+            # Out of time to send it all: keep the unsent for the new owner, but let the calls in flight
+            # finish and count, or the new owner would send their events a second time.
+            self._pipeline.drop_unsent(list(revoked))
+            finished = await self._pipeline.finish_in_flight(grace)
             log.warning(
-                "revoked partitions still had records in flight; they will be re-read by the new owner",
-                extra={"partitions": len(revoked)},
+                "revoked partitions still had unsent records; they will be re-read by the new owner",
+                extra={"partitions": len(revoked), "calls_finished": finished},
             )
         await self.commit()
         self._pipeline.forget(list(revoked))
