@@ -109,15 +109,19 @@ class Chunk:
     optimal_calls: int
 
 
-def _make_chunk(records: int, seed: int, sessions: int, start: float) -> Chunk:
-    stream = generate(records, seed=seed, concurrent_sessions=sessions, start=start)
+def _make_chunk(records: int, seed: int, sessions: int, start: float, min_session_events: int) -> Chunk:
+    stream = generate(
+        records, seed=seed, concurrent_sessions=sessions, start=start, min_session_events=min_session_events
+    )
     counts = Counter(m.kind for m in stream.messages)
     return Chunk([(m.key, m.value) for m in stream.messages], dict(counts), optimal_calls(stream))
 
 
-def generate_chunks(total: int, chunk: int, sessions: int, seed: int, jobs: int) -> Iterator[Chunk]:
+def generate_chunks(
+    total: int, chunk: int, sessions: int, seed: int, jobs: int, min_session_events: int
+) -> Iterator[Chunk]:
     """`generate()` in independent chunks (distinct seeds, so distinct session and event ids) on
-    `jobs` processes: it costs ~230 µs per record, and one 1M-record stream would hold ~1 GB."""
+    `jobs` processes: one 1M-record stream would hold ~1 GB."""
     sizes = [min(chunk, total - start) for start in range(0, total, chunk)]
     span = chunk / 200.0  # generate()'s default 200 events/s of simulated time per chunk
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -125,7 +129,14 @@ def generate_chunks(total: int, chunk: int, sessions: int, seed: int, jobs: int)
         futures = []
         for index, size in enumerate(sizes):
             futures.append(
-                pool.submit(_make_chunk, size, seed * 1000 + index, sessions, 1_790_000_000.0 + index * span)
+                pool.submit(
+                    _make_chunk,
+                    size,
+                    seed * 1000 + index,
+                    sessions,
+                    1_790_000_000.0 + index * span,
+                    min_session_events,
+                )
             )
             while len(futures) > window:
                 yield futures.pop(0).result()
@@ -154,7 +165,7 @@ async def load_topic(bootstrap: str, topic: str, args: argparse.Namespace, total
     )
     await producer.start()
     try:
-        for chunk in generate_chunks(total, args.chunk, args.sessions, args.seed, args.jobs):
+        for chunk in generate_chunks(total, args.chunk, args.sessions, args.seed, args.jobs, args.min_session_events):
             futures = [await producer.send(topic, value, key=key) for key, value in chunk.records]
             await asyncio.gather(*futures)
             loaded.records += len(chunk.records)
@@ -924,6 +935,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--sessions", type=int, default=500, help="concurrent sessions in the generated backlog")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--min-session-events",
+        type=int,
+        default=40,
+        help="shortest session in the backlog (Pareto tail above it); 40 lets calls be full, 1 is browsing traffic",
+    )
     parser.add_argument("--chunk", type=int, default=50_000, help="records per generate() call")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="processes generating data")
     parser.add_argument("--linger-ms", type=int, default=500, help="worker batching.linger_ms (worker default 500)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import orjson
@@ -75,10 +76,17 @@ def generate(
     start: float = 1_790_000_000.0,
     events_per_second: float = 200.0,
     with_event_ids: bool = True,
+    min_session_events: int = 1,
 ) -> Clickstream:
-    """`records` messages in total, duplicates and malformed ones included."""
+    """`records` messages in total, duplicates and malformed ones included.
+
+    Session lengths are Pareto-distributed (heavy tail) from `min_session_events` up to 20 times
+    that (at least 200): 1 gives the short sessions of browsing traffic, where most calls carry few
+    events; 40 gives sessions long enough that nearly every call can be full.
+    """
     rng = random.Random(seed)
-    weights = [1.0 / (rank**1.1) for rank in range(1, items + 1)]
+    cumulative = list(accumulate(1.0 / (rank**1.1) for rank in range(1, items + 1)))
+    longest = max(200, 20 * min_session_events)
     item_ids = [f"item-{n}" for n in range(items)]
     sessions: list[list[Any]] = []  # [session_id, user_id, remaining events]
     serial = 0
@@ -86,7 +94,7 @@ def generate(
     def new_session() -> list[Any]:
         nonlocal serial
         serial += 1
-        length = min(200, max(1, int(rng.paretovariate(1.2))))
+        length = min(longest, max(1, int(min_session_events * rng.paretovariate(1.2))))
         user = f"user-{rng.randrange(concurrent_sessions * 20)}" if rng.random() < 0.8 else None
         return [f"sess-{seed}-{serial}", user, length]
 
@@ -108,7 +116,7 @@ def generate(
         obj: dict[str, Any] = {
             "session_id": session[0],
             "event_type": rng.choices(EVENT_TYPES, EVENT_TYPE_WEIGHTS)[0],
-            "item_id": rng.choices(item_ids, weights)[0],
+            "item_id": rng.choices(item_ids, cum_weights=cumulative)[0],
             "timestamp": round(now, 3),
             "ctx": {
                 "page_category": rng.choice(CATEGORIES),

@@ -36,7 +36,7 @@ class RateLimiter:
     Replicas sharing one dataset group's quota converge on fair shares without talking to each other.
     """
 
-    DECREASE = 0.7
+    DECREASE = 0.85
     INCREASE_PER_SECOND = 0.02  # of the configured maximum
     MIN_FRACTION = 0.01
     BURST_SECONDS = 0.05
