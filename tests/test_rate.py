@@ -64,10 +64,11 @@ def test_a_burst_of_throttles_counts_once_per_window() -> None:
     limiter.throttled()
     for _ in range(20):
         limiter.throttled()
-    assert limiter.rate == pytest.approx(7.0)
-    clock.now += 1.0 / 7.0 + 0.001  # the window at 7/s is one interval, longer than 0.1 s
+    cut = 10.0 * CUT
+    assert limiter.rate == pytest.approx(cut)
+    clock.now += 1.0 / cut + 0.001  # the window is one interval at the new rate, longer than 0.1 s
     limiter.throttled()
-    assert limiter.rate < 7.0 * 0.71
+    assert limiter.rate < cut  # a second cut
 
 
 def test_throttle_window_is_at_least_a_tenth_of_a_second() -> None:
@@ -75,18 +76,21 @@ def test_throttle_window_is_at_least_a_tenth_of_a_second() -> None:
     limiter.throttled()
     clock.now += 0.05
     limiter.throttled()
-    assert limiter.rate == pytest.approx(700.0)
+    assert limiter.rate == pytest.approx(1000.0 * CUT)
     clock.now += 0.06
     limiter.throttled()
-    assert limiter.rate < 700.0 * 0.71
+    assert limiter.rate < 1000.0 * CUT  # a second cut
 
 
 def test_throttle_respaces_the_next_slot_at_the_new_rate() -> None:
     limiter, _ = make(10.0, now=5.0)
     assert limiter.reserve() == 0.0
     limiter.throttled()
-    assert limiter.reserve() == pytest.approx(1.0 / 7.0)
-    assert limiter.reserve() == pytest.approx(2.0 / 7.0, rel=1e-3)
+    assert limiter.reserve() == pytest.approx(1.0 / (10.0 * CUT))
+    assert limiter.reserve() == pytest.approx(2.0 / (10.0 * CUT), rel=1e-3)
+
+
+CUT = RateLimiter.DECREASE
 
 
 class NoRecovery(RateLimiter):
@@ -108,13 +112,13 @@ def test_rate_never_falls_below_the_floor() -> None:
 def test_recovery_is_additive_over_time_and_capped() -> None:
     limiter, clock = make(100.0)
     limiter.throttled()
-    assert limiter.rate == pytest.approx(70.0)
+    assert limiter.rate == pytest.approx(100.0 * CUT)
     clock.now += 1.0
     limiter.reserve()
-    assert limiter.rate == pytest.approx(70.0 + 100.0 * RateLimiter.INCREASE_PER_SECOND)
+    assert limiter.rate == pytest.approx(100.0 * CUT + 100.0 * RateLimiter.INCREASE_PER_SECOND)
     clock.now += 5.0
     limiter.reserve()
-    assert limiter.rate == pytest.approx(70.0 + 6 * 2.0)
+    assert limiter.rate == pytest.approx(min(100.0, 100.0 * CUT + 6 * 2.0))
     clock.now += 1000.0
     limiter.reserve()
     assert limiter.rate == 100.0
@@ -123,9 +127,9 @@ def test_recovery_is_additive_over_time_and_capped() -> None:
 def test_recovery_before_a_cut_is_counted_first() -> None:
     limiter, clock = make(100.0)
     limiter.throttled()
-    clock.now += 10.0  # +20/s of recovery, then the cut applies to 90
+    clock.now += 2.0  # +2/s of recovery first, then the cut applies to the recovered rate
     limiter.throttled()
-    assert limiter.rate == pytest.approx(90.0 * 0.7)
+    assert limiter.rate == pytest.approx((100.0 * CUT + 4.0) * CUT)
 
 
 def test_aimd_converges_between_two_limiters_sharing_a_quota() -> None:
