@@ -1,7 +1,8 @@
 """Per-session micro-batches: one PutEvents call carries one session, up to `max_events` events.
 
-Pure state: the caller passes `now`, takes ready batches and reports when a batch is done. A session
-has at most one call in flight, so its events reach Personalize in order even across retries.
+Pure state: the caller passes `now`, takes batches to send and reports when a session's call is done.
+A session has at most one call in flight, so its events reach Personalize in order even across
+retries; while its call is out, its next batch keeps filling and goes out as soon as the call returns.
 """
 
 from __future__ import annotations
@@ -24,44 +25,44 @@ class Batch(Generic[K, T]):
 
 
 class Batcher(Generic[K, T]):
-    """Open batches fill up; full or lingered batches become ready; a busy session's batches wait."""
+    """Idle sessions' batches are open; busy sessions' batches fill and wait; ready batches go first."""
 
     def __init__(self, max_events: int) -> None:
         self.max_events = max_events
-        # Ordered by creation time, so lingered batches are always at the front.
+        # Sessions with no call in flight, ordered by creation time: lingered batches lead.
         self._open: OrderedDict[K, Batch[K, T]] = OrderedDict()
-        self._ready: deque[Batch[K, T]] = deque()
+        # Sessions with a call in flight: the batch they fill meanwhile, and any full ones queued.
+        self._filling: dict[K, Batch[K, T]] = {}
         self._waiting: dict[K, deque[Batch[K, T]]] = {}
         self._busy: set[K] = set()
+        self._ready: deque[Batch[K, T]] = deque()
         self.buffered = 0
-        """Events held here (open, ready or waiting), not counting batches in flight."""
+        """Events held here (open, filling, waiting or ready), not counting batches in flight."""
 
     def add(self, key: K, item: T, now: float) -> None:
-        batch = self._open.get(key)
+        busy = key in self._busy
+        batches = self._filling if busy else self._open
+        batch = batches.get(key)
         if batch is None:
-            batch = self._open[key] = Batch(key, now)
+            batch = batches[key] = Batch(key, now)
         batch.items.append(item)
         self.buffered += 1
         if len(batch.items) >= self.max_events:
-            del self._open[key]
-            self._enqueue(batch)
-
-    def _enqueue(self, batch: Batch[K, T]) -> None:
-        if batch.key in self._busy:
-            self._waiting.setdefault(batch.key, deque()).append(batch)
-        else:
-            self._busy.add(batch.key)
-            self._ready.append(batch)
+            del batches[key]
+            if busy:
+                self._waiting.setdefault(key, deque()).append(batch)
+            else:
+                self._busy.add(key)
+                self._ready.append(batch)
 
     def sendable(self) -> bool:
-        """Anything `take` could return given room: a ready batch or an open one of an idle session."""
-        return bool(self._ready) or self.oldest_open() is not None
+        """Whether `take` would return something, given room."""
+        return bool(self._ready or self._open)
 
     def oldest_open(self) -> float | None:
-        """Creation time of the oldest open batch that may be sent: when the next linger deadline falls."""
-        for key, batch in self._open.items():
-            if key not in self._busy:
-                return batch.created_at
+        """Creation time of the oldest batch that may be sent: when the next linger deadline falls."""
+        for batch in self._open.values():
+            return batch.created_at
         return None
 
     def take(self, now: float, linger: float, limit: int) -> list[Batch[K, T]]:
@@ -85,36 +86,35 @@ class Batcher(Generic[K, T]):
         return taken
 
     def _take_open(self, taken: list[Batch[K, T]], limit: int, created_by: float) -> None:
-        if len(taken) >= limit:
-            return
-        chosen: list[K] = []
-        for key, batch in self._open.items():
-            if batch.created_at > created_by or len(taken) + len(chosen) >= limit:
-                break
-            # A session with a call in flight keeps filling its open batch until the call returns.
-            if key not in self._busy:
-                chosen.append(key)
-        for key in chosen:
-            batch = self._open.pop(key)
+        while self._open and len(taken) < limit:
+            key, batch = next(iter(self._open.items()))
+            if batch.created_at > created_by:
+                return
+            del self._open[key]
             self._busy.add(key)
             self.buffered -= len(batch.items)
             taken.append(batch)
 
     def done(self, key: K) -> None:
-        """The session's call finished (whatever its outcome): release its next waiting batch."""
+        """The session's call finished (whatever its outcome): its next batch, if any, is ready now."""
         waiting = self._waiting.get(key)
         if waiting:
             self._ready.append(waiting.popleft())
             if not waiting:
                 del self._waiting[key]
+            return
+        filling = self._filling.pop(key, None)
+        if filling is not None:
+            self._ready.append(filling)
         else:
             self._busy.discard(key)
 
     def flush(self) -> None:
         """Make every open batch ready regardless of linger: shutdown and revocation drain."""
         while self._open:
-            _, batch = self._open.popitem(last=False)
-            self._enqueue(batch)
+            key, batch = self._open.popitem(last=False)
+            self._busy.add(key)
+            self._ready.append(batch)
 
     def drop(self, keep: Callable[[T], bool]) -> list[T]:
         """Remove the items the caller no longer owns (a revoked partition's); returns them."""
@@ -127,8 +127,9 @@ class Batcher(Generic[K, T]):
                 batch.items = kept
             return bool(kept)
 
-        for key in [k for k, batch in self._open.items() if not prune(batch)]:
-            del self._open[key]
+        for batches in (self._open, self._filling):
+            for key in [k for k, batch in batches.items() if not prune(batch)]:
+                del batches[key]
         for key in list(self._waiting):
             self._waiting[key] = deque(b for b in self._waiting[key] if prune(b))
             if not self._waiting[key]:
@@ -148,4 +149,5 @@ class Batcher(Generic[K, T]):
         return dropped
 
     def __len__(self) -> int:
-        return len(self._open) + len(self._ready) + sum(len(w) for w in self._waiting.values())
+        waiting = sum(len(w) for w in self._waiting.values())
+        return len(self._open) + len(self._filling) + len(self._ready) + waiting

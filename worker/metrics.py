@@ -54,7 +54,7 @@ class Metrics:
         )
         self.event_age = Histogram(
             f"{p}_event_age_seconds",
-            "Delivery time minus the event's sentAt.",
+            "Delivery time minus sentAt, for the first (oldest) event of each call.",
             registry=r,
             buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0),
         )
