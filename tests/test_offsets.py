@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.offsets import OffsetOrderError, OffsetTracker, PartitionOffsets
+from worker.offsets import (
+    MAX_AHEAD_CHARS,
+    OffsetOrderError,
+    OffsetTracker,
+    PartitionOffsets,
+    decode_ahead,
+    encode_ahead,
+)
 
 
 def test_nothing_tracked_means_nothing_to_commit() -> None:
@@ -180,7 +187,7 @@ def test_committable_is_the_smallest_unfinished_and_commits_never_go_back(
     def commit() -> None:
         offsets = tracker.to_commit()
         if 0 in offsets:
-            assert not committed or offsets[0] > committed[-1]
+            assert not committed or offsets[0] >= committed[-1], "commits never go back (a repeat carries new metadata)"
             committed.append(offsets[0])
             tracker.mark_committed(offsets)
 
@@ -206,7 +213,7 @@ def test_committable_is_the_smallest_unfinished_and_commits_never_go_back(
         check()
         commit()
     commit()
-    assert committed == sorted(set(committed))
+    assert committed == sorted(committed)
     if committed:
         assert committed[-1] == state.committable()
 
@@ -245,3 +252,44 @@ def test_tracking_a_non_increasing_offset_raises(first: list[int], bad: int) -> 
     else:
         state.track([bad])
         assert state.committable() == first[0]
+
+
+# --- finished records above the commit point travel in the commit metadata --------------------
+
+
+def test_ahead_metadata_round_trips_the_finished_records_above_the_commit_point() -> None:
+    state = PartitionOffsets()
+    state.track(range(100, 120))
+    for offset in (103, 104, 105, 110, 119):
+        state.finish(offset)
+    assert state.committable() == 100
+    text = state.ahead_metadata()
+    assert decode_ahead(100, text) == {103, 104, 105, 110, 119}
+    state.finish(100)
+    assert decode_ahead(state.committable() or 0, state.ahead_metadata()) == {103, 104, 105, 110, 119}
+
+
+def test_finishing_ahead_of_the_commit_point_is_worth_a_commit() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    state = tracker.assign("p")
+    state.track([0, 1, 2])
+    state.finish(2)
+    assert tracker.to_commit() == {"p": 0}
+    tracker.mark_committed({"p": 0})
+    assert tracker.to_commit() == {}
+    state.finish(1)
+    assert tracker.to_commit() == {"p": 0}, "the metadata changed though the offset did not"
+
+
+def test_ahead_metadata_stays_within_kafkas_metadata_limit_and_lists_only_finished_offsets() -> None:
+    finished = set(range(1, 200_000, 3))
+    text = encode_ahead(0, finished)
+    assert len(text) <= MAX_AHEAD_CHARS
+    decoded = decode_ahead(0, text)
+    assert decoded and decoded <= finished
+    assert min(decoded) == 1, "the lowest runs are kept first"
+
+
+@pytest.mark.parametrize("text", [None, "", "garbage", "pw1:zz+1", "pw1:1+", "other:1+2"])
+def test_unreadable_metadata_means_nothing_to_skip(text: str | None) -> None:
+    assert decode_ahead(10, text) == set()

@@ -133,3 +133,91 @@ async def test_late_result_of_a_revoked_partition_is_never_committed() -> None:
     assert all(commit.get(tp0, 0) == 0 for commit in consumer.commits), "the revoked partition's late result"
     assert pipeline.tracker.to_commit() == {}
     assert len(pipeline.dedup) == 6, "the late delivery still counts for dedup"
+
+
+class SelectiveSink:
+    """Delivers at once, except the sessions it holds (a call that never returns before the crash)."""
+
+    def __init__(self, held: set[str]) -> None:
+        self.held = held
+        self.delivered: list[str] = []
+
+    async def deliver(self, session_id: str, user_id: str | None, events: list[dict[str, Any]]) -> list[Rejection]:
+        if session_id in self.held:
+            await asyncio.Event().wait()
+        self.delivered.extend(event["eventId"] for event in events)
+        return []
+
+
+@dataclass
+class Coordinator:
+    committed: dict[TopicPartition, OffsetAndMetadata]
+
+    async def fetch_committed_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, Any]:
+        return {tp: self.committed.get(tp) for tp in partitions}
+
+
+@dataclass
+class RememberingConsumer(FakeConsumer):
+    metadata: dict[TopicPartition, OffsetAndMetadata] = field(default_factory=dict)
+
+    async def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        await super().commit(offsets)
+        self.metadata.update(offsets)
+
+
+def session_records(sessions: list[str]) -> list[FakeRecord]:
+    return [
+        FakeRecord(
+            "t",
+            0,
+            offset,
+            b"k",
+            orjson.dumps(
+                {"session_id": s, "event_type": "click", "timestamp": 1_790_000_000, "event_id": f"e{offset}"}
+            ),
+        )
+        for offset, s in enumerate(sessions)
+    ]
+
+
+async def start(sink: Any, consumer: Any) -> tuple[Pipeline, Source, asyncio.Task[None]]:
+    settings = Settings.model_validate({"personalize": {"tracking_id": "t"}, "batching": {"linger_ms": 0}})
+    metrics = Metrics()
+    pipeline = Pipeline(settings, sink, Letters(), metrics, allowance=lambda: (1000, 0.0))
+    source = Source(settings, pipeline, metrics)
+    await source.consumer.stop()  # never started: closed only so it warns of nothing
+    source.consumer = consumer
+    return pipeline, source, asyncio.create_task(pipeline.run_dispatcher())
+
+
+async def test_the_next_owner_skips_what_the_previous_one_delivered_beyond_its_commit() -> None:
+    tp = TopicPartition("t", 0)
+    stream = session_records(["slow", "fast", "fast", "other", "slow", "other"])
+    first = RememberingConsumer({tp})
+    pipeline, source, dispatcher = await start(SelectiveSink(held={"slow"}), first)
+    try:
+        await source.on_partitions_assigned([tp])
+        pipeline.ingest(tp, stream)
+        await wait_for(lambda: pipeline.outstanding == 2)  # offsets 0 and 4 are held
+        await source.commit()
+    finally:
+        dispatcher.cancel()
+        await asyncio.gather(dispatcher, return_exceptions=True)
+    assert first.commits[-1] == {tp: 0}, "offset 0 is unfinished: the commit point cannot pass it"
+
+    # The worker dies. The next owner reads the commit, and its metadata.
+    second = FakeConsumer({tp})
+    second._coordinator = Coordinator(first.metadata)  # type: ignore[attr-defined]
+    sink = SelectiveSink(held=set())
+    pipeline, source, dispatcher = await start(sink, second)
+    try:
+        await source.on_partitions_assigned([tp])
+        pipeline.ingest(tp, stream)
+        await wait_for(lambda: pipeline.outstanding == 0)
+        await source.commit()
+    finally:
+        dispatcher.cancel()
+        await asyncio.gather(dispatcher, return_exceptions=True)
+    assert sorted(sink.delivered) == ["e0", "e4"], "only what the first owner never delivered"
+    assert second.commits[-1] == {tp: 6}

@@ -3,6 +3,11 @@
 The committable offset of a partition is its lowest record not yet in a final state (or one past the
 last tracked record when all are final). It only ever moves forward. Revoking a partition retires its
 state object, so results that arrive later for it change nothing.
+
+Records finish out of offset order (sessions, not offsets, decide what is sent when), so at any
+moment some records above the committable offset are already final. The commit carries them in its
+metadata, and the next owner of the partition — after a rebalance or a crash — finishes those
+records at once instead of sending them a second time.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ class OffsetOrderError(AssertionError):
 class PartitionOffsets:
     """Outstanding offsets of one partition, in fetch order."""
 
-    __slots__ = ("_done", "_next", "_pending", "committed", "retired")
+    __slots__ = ("_done", "_next", "_pending", "committed", "committed_ahead", "retired", "skip")
 
     def __init__(self, start: int | None = None) -> None:
         self._pending: deque[int] = deque()
@@ -29,7 +34,11 @@ class PartitionOffsets:
         self._next: int | None = start
         self.committed: int | None = None
         """The last offset handed to Kafka for this partition, set by the committer."""
+        self.committed_ahead = 0
+        """How many final records above `committed` that commit's metadata listed."""
         self.retired = False
+        self.skip: set[int] = set()
+        """Offsets a previous owner already finished (from the committed metadata): final on arrival."""
 
     def track(self, offsets: Iterable[int]) -> None:
         pending = self._pending
@@ -64,6 +73,18 @@ class PartitionOffsets:
     @property
     def outstanding(self) -> int:
         return len(self._pending) - len(self._done)
+
+    @property
+    def finished_ahead(self) -> int:
+        return len(self._done)
+
+    def ahead_metadata(self) -> str:
+        """The final records above the committable offset, for the commit's metadata."""
+        base = self.committable()
+        if base is None or not (self._done or self.skip):
+            return ""
+        # Offsets inherited from the previous owner and not read yet are passed on too.
+        return encode_ahead(base, self._done | {offset for offset in self.skip if offset > base})
 
     def committable(self) -> int | None:
         """The offset to commit (Kafka's "next record to read"), or None if nothing was ever tracked."""
@@ -100,19 +121,65 @@ class OffsetTracker(Generic[P]):
         result: dict[P, int] = {}
         for partition, state in self._partitions.items():
             offset = state.committable()
-            if offset is None or offset == state.committed:
+            if offset is None or (offset == state.committed and state.finished_ahead == state.committed_ahead):
                 continue
             if state.committed is not None and offset < state.committed:
                 raise OffsetOrderError(f"{partition}: committable {offset} is behind committed {state.committed}")
             result[partition] = offset
         return result
 
+    def ahead_metadata(self, partition: P) -> str:
+        state = self._partitions.get(partition)
+        return state.ahead_metadata() if state is not None else ""
+
     def mark_committed(self, offsets: dict[P, int]) -> None:
         for partition, offset in offsets.items():
             state = self._partitions.get(partition)
             if state is not None:
                 state.committed = offset
+                state.committed_ahead = state.finished_ahead
 
     @property
     def outstanding(self) -> int:
         return sum(state.outstanding for state in self._partitions.values())
+
+
+AHEAD_PREFIX = "pw1:"
+# Kafka refuses commit metadata above offset.metadata.max.bytes (4096 by default).
+MAX_AHEAD_CHARS = 3800
+
+
+def encode_ahead(base: int, offsets: Iterable[int], limit: int = MAX_AHEAD_CHARS) -> str:
+    """Offsets above `base` as hex runs `start+length` relative to it; the lowest runs first, cut at
+    `limit` (a subset only costs re-sends, never a loss)."""
+    parts: list[str] = []
+    size = len(AHEAD_PREFIX)
+    ordered = sorted(offsets)
+    index = 0
+    while index < len(ordered):
+        start = end = ordered[index]
+        index += 1
+        while index < len(ordered) and ordered[index] == end + 1:
+            end = ordered[index]
+            index += 1
+        part = f"{start - base:x}+{end - start:x}"
+        size += len(part) + 1
+        if size > limit:
+            break
+        parts.append(part)
+    return AHEAD_PREFIX + ",".join(parts) if parts else ""
+
+
+def decode_ahead(base: int, text: str | None) -> set[int]:
+    """The offsets `encode_ahead` listed; anything unreadable reads as none (re-sends, never a loss)."""
+    if not text or not text.startswith(AHEAD_PREFIX):
+        return set()
+    offsets: set[int] = set()
+    try:
+        for part in text[len(AHEAD_PREFIX) :].split(","):
+            start, length = part.split("+")
+            first = base + int(start, 16)
+            offsets.update(range(first, first + int(length, 16) + 1))
+    except ValueError:
+        return set()
+    return {offset for offset in offsets if offset > base}

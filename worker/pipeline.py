@@ -116,7 +116,15 @@ class Pipeline:
         now = self._clock()
         filtered = duplicates = 0
         invalid: Counter[str] | None = None
+        skip = state.skip
         for record in records:
+            if skip and record.offset in skip:
+                # A previous owner finished it after its last commit point: sending it again would
+                # pay twice for nothing.
+                skip.discard(record.offset)
+                state.finish(record.offset)
+                duplicates += 1
+                continue
             try:
                 mapped = mapper_map(record.value)
             except InvalidRecord as error:

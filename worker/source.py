@@ -17,6 +17,7 @@ from aiokafka.structs import OffsetAndMetadata
 from worker.config import KafkaSettings, Settings
 from worker.errors import KafkaConnectError
 from worker.metrics import Metrics
+from worker.offsets import decode_ahead
 from worker.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -142,14 +143,32 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         self._metrics.assigned.set(len(self.consumer.assignment()) - len(revoked))
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        ahead = await self._committed_ahead(assigned)
         for tp in assigned:
-            self._pipeline.tracker.assign(tp)
+            state = self._pipeline.tracker.assign(tp)
+            state.skip = ahead.get(tp, set())
         self._metrics.assigned.set(len(assigned))
         self.assigned_once.set()
         log.info(
             "partitions assigned",
             extra={"partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in assigned)},
         )
+
+    async def _committed_ahead(self, assigned: Sequence[TopicPartition]) -> dict[TopicPartition, set[int]]:
+        """What the previous owners finished beyond their commit points (see worker.offsets)."""
+        if not assigned:
+            return {}
+        try:
+            # aiokafka's public committed() drops the metadata; its coordinator call keeps it.
+            committed = await self.consumer._coordinator.fetch_committed_offsets(list(assigned))
+        except Exception as error:  # without it records are merely re-sent (same eventIds), never lost
+            log.warning("could not read committed metadata", extra={"error": repr(error)})
+            return {}
+        return {
+            tp: decode_ahead(meta.offset, meta.metadata)
+            for tp, meta in committed.items()
+            if meta is not None and meta.offset >= 0
+        }
 
     # --- fetching -------------------------------------------------------------------------------
 
@@ -201,7 +220,9 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             if not offsets:
                 return
             try:
-                await self.consumer.commit({tp: OffsetAndMetadata(offset, "") for tp, offset in offsets.items()})
+                await self.consumer.commit(
+                    {tp: OffsetAndMetadata(offset, tracker.ahead_metadata(tp)) for tp, offset in offsets.items()}
+                )
             except KafkaError as error:
                 log.warning("offset commit failed; retrying at the next interval", extra={"error": repr(error)})
                 return
