@@ -22,6 +22,8 @@ from worker.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
+COMMIT_TIMEOUT_SECONDS = 10.0
+
 
 def kafka_security(settings: KafkaSettings) -> dict[str, Any]:
     """Connection options shared by the consumer, the dead-letter producer and `check`."""
@@ -220,10 +222,13 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             if not offsets:
                 return
             try:
-                await self.consumer.commit(
-                    {tp: OffsetAndMetadata(offset, tracker.ahead_metadata(tp)) for tp, offset in offsets.items()}
-                )
-            except KafkaError as error:
+                # aiokafka retries a commit until the broker answers; bounded here so the commit loop (and
+                # the stall watchdog that runs in it) keeps going through a broker outage.
+                async with asyncio.timeout(COMMIT_TIMEOUT_SECONDS):
+                    await self.consumer.commit(
+                        {tp: OffsetAndMetadata(offset, tracker.ahead_metadata(tp)) for tp, offset in offsets.items()}
+                    )
+            except (KafkaError, TimeoutError) as error:
                 log.warning("offset commit failed; retrying at the next interval", extra={"error": repr(error)})
                 return
             tracker.mark_committed(offsets)
