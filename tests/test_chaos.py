@@ -313,11 +313,6 @@ def last_assignment(worker: WorkerProcess) -> set[int]:
     return {int(name.rsplit("-", 1)[1]) for name in lines[-1]["partitions"]} if lines else set()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known gap: when a revoke's budget runs out, records delivered out of offset order past the first "
-    "unsent one are uncommitted and the new owner re-sends them (zero loss holds; the no-duplicate bound does not)",
-)
 async def test_rebalance_join_leave_and_kill(
     topic_factory: TopicFactory, worker_factory: WorkerFactory, emulator: EmulatorProcess
 ) -> None:
