@@ -153,3 +153,35 @@ async def test_transient_errors_are_retried_until_delivered(running: RunningEmul
     stats = running.emulator.snapshot()
     assert stats["calls"] == 20
     assert stats["rejected"].get("InternalFailure", 0) > 0, "the fault must have been exercised"
+
+
+@pytest.mark.parametrize(
+    ("url", "token"),
+    [
+        ("https://personalize-events.us-east-1.amazonaws.com/events", None),
+        ("https://personalize-events.eu-west-1.amazonaws.com:443/events", "session-token"),
+        ("http://127.0.0.1:8787/events", None),
+    ],
+)
+def test_fixed_request_signer_signs_exactly_like_botocore(
+    url: str, token: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime
+
+    import botocore.auth
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from worker.sink import FixedRequestSigV4
+
+    credentials = Credentials(KEY, SECRET, token)
+    fixed = FixedRequestSigV4(credentials, "personalize", "us-east-1", url)
+    for moment in (datetime.datetime(2026, 11, 22, 23, 59, 59), datetime.datetime(2026, 11, 23, 0, 0, 1)):
+        monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda moment=moment: moment)
+        signed = []
+        for signer in (SigV4Auth(credentials, "personalize", "us-east-1"), fixed):
+            request = AWSRequest(method="POST", url=url, data=b'{"a":1}', headers={"Content-Type": "application/json"})
+            signer.add_auth(request)
+            signed.append(dict(request.headers.items()))
+        assert signed[0] == signed[1], "same headers and signature, also across a date change"

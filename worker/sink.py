@@ -13,13 +13,14 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import aioboto3
 import aiohttp
 import orjson
 from aiobotocore.config import AioConfig
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
+from botocore.auth import SIGNED_HEADERS_BLACKLIST, SigV4Auth
+from botocore.awsrequest import AWSRequest, HTTPHeaders
 from botocore.exceptions import ClientError
 
 from worker import __version__
@@ -96,6 +97,64 @@ Rejection = tuple[int, str]
 USER_AGENT = f"personalize-worker/{__version__} aioboto3/{aioboto3.__version__}"
 
 
+_SigV4Base: Any = SigV4Auth  # its private helpers are not in the stubs
+
+
+class FixedRequestSigV4(_SigV4Base):  # type: ignore[misc]
+    """botocore's SigV4 for a request whose URL never changes: the canonical path, the empty query,
+    the host and the signing key (which changes only with the date) are derived once, not per call.
+    Everything else — canonical request, string to sign, signature — is botocore's own code."""
+
+    def __init__(self, credentials: Any, service: str, region: str, url: str) -> None:
+        super().__init__(credentials, service, region)
+        parts = urlsplit(url)
+        self._path = self._normalize_url_path(parts.path or "/")
+        self._query = self._canonical_query_string_url(parts)
+        default_port = {"https": 443, "http": 80}.get(parts.scheme)
+        host = parts.hostname or ""
+        self._host = f"[{host}]" if ":" in host else host
+        if parts.port is not None and parts.port != default_port:
+            self._host += f":{parts.port}"
+        self._key_date = ""
+        self._key = b""
+
+    def headers_to_sign(self, request: AWSRequest) -> HTTPHeaders:
+        cached: HTTPHeaders | None = request.context.get("pw_headers_to_sign")
+        if cached is None:
+            cached = HTTPHeaders()
+            for name, value in request.headers.items():
+                lname = name.lower()
+                if lname not in SIGNED_HEADERS_BLACKLIST:
+                    cached[lname] = value
+            if "host" not in cached:
+                cached["host"] = self._host
+            request.context["pw_headers_to_sign"] = cached
+        return cached
+
+    def canonical_request(self, request: AWSRequest) -> str:
+        headers = self.headers_to_sign(request)
+        return "\n".join(
+            (
+                str(request.method).upper(),
+                self._path,
+                self._query,
+                self.canonical_headers(headers) + "\n",
+                self.signed_headers(headers),
+                self.payload(request),
+            )
+        )
+
+    def signature(self, string_to_sign: str, request: AWSRequest) -> str:
+        date = request.context["timestamp"][0:8]
+        if date != self._key_date:
+            k_date = self._sign(f"AWS4{self.credentials.secret_key}".encode(), date)
+            k_region = self._sign(k_date, self._region_name)
+            self._key = self._sign(self._sign(k_region, self._service_name), "aws4_request")
+            self._key_date = date
+        signature: str = self._sign(self._key, string_to_sign, hex=True)
+        return signature
+
+
 class PutEventsClient:
     """PutEvents on the wire: one orjson body, botocore's SigV4, one aiohttp request.
 
@@ -114,6 +173,7 @@ class PutEventsClient:
         self.url = ""
         self._signer_name = ""
         self.region = ""
+        self._signer: FixedRequestSigV4 | None = None
 
     async def start(self) -> None:
         s = self._settings
@@ -142,13 +202,15 @@ class PutEventsClient:
 
     async def _signed_headers(self, body: bytes) -> dict[str, str]:
         frozen = await self._credentials.get_frozen_credentials()
+        if self._signer is None or self._signer.credentials is not frozen:
+            self._signer = FixedRequestSigV4(frozen, self._signer_name, self.region, self.url)
         request = AWSRequest(
             method="POST",
             url=self.url,
             data=body,
             headers={"Content-Type": "application/json", "User-Agent": USER_AGENT},
         )
-        SigV4Auth(frozen, self._signer_name, self.region).add_auth(request)
+        self._signer.add_auth(request)
         return dict(request.headers.items())
 
     async def put_events(self, body: bytes) -> None:
