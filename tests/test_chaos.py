@@ -257,7 +257,7 @@ async def test_sigterm_finishes_in_flight_commits_and_restart_resends_nothing(
     placed = await load(bootstrap, topic, stream)
     await asyncio.to_thread(emulator.configure, latency_ms=200, jitter_ms=100)
     group = f"{topic}-group"
-    drain = 20
+    drain = 40  # 2,000 buffered events at ~2 per call and 100 calls/s take ~10 s: a 3x margin after the grace part
     sections = worker_factory.config(
         topic,
         dlq,
