@@ -61,7 +61,6 @@ ATTRIBUTION_SOURCE = _member("MetricAttribution", "eventAttributionSource")
 EVENTS_PER_CALL = _list_bounds("PutEventsRequest", "eventList")
 IMPRESSION_ITEMS = _list_bounds("Event", "impression")
 IMPRESSION_ITEM = _string(_SHAPES[_SHAPES["Event"]["members"]["impression"]["shape"]]["member"]["shape"])
-REQUIRED_EVENT_MEMBERS: tuple[str, ...] = tuple(_SHAPES["Event"]["required"])
 
 _RESERVED_DOC = re.compile(r"can't be included as a keyword", re.IGNORECASE)
 _LIST_ITEM_DOC = re.compile(r"<li>\s*<p>\s*([^<]+?)\s*</p>\s*</li>")

@@ -8,7 +8,6 @@ the default `[mapping]` (config/example-message.json). Deterministic for a given
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
@@ -147,8 +146,3 @@ def optimal_calls(stream: Clickstream, max_events: int = 10) -> int:
         key = (message.source["session_id"], message.source.get("user_id"))
         per_session[key] = per_session.get(key, 0) + 1
     return sum(-(-count // max_events) for count in per_session.values())
-
-
-def iter_lines(stream: Clickstream) -> Iterator[bytes]:
-    for message in stream.messages:
-        yield message.value
