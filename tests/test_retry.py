@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import aiohttp
 import pytest
 from botocore.exceptions import (
     ClientError,
@@ -15,6 +14,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from worker.http import HttpProtocolError
 from worker.retry import Action, Backoff, classify
 
 
@@ -43,7 +43,7 @@ def client_error(code: str, status: int, message: str = "boom") -> ClientError:
         (NoCredentialsError(), "connection"),
         (TimeoutError(), "connection"),  # asyncio.TimeoutError is this builtin since 3.11
         (ConnectionResetError("reset by peer"), "connection"),
-        (aiohttp.ServerDisconnectedError(), "connection"),
+        (HttpProtocolError("not an HTTP/1.x status line"), "connection"),
         (RuntimeError("surprise"), "error"),
     ],
 )

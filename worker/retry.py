@@ -6,13 +6,11 @@ loop that sleeps and re-sends lives in the sink, so these decisions can be teste
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
 
 
@@ -58,7 +56,7 @@ def classify(error: BaseException, batch_size: int) -> Verdict:
         if status >= 500:
             return Verdict(Action.RETRY, "server_error", message)
         return Verdict(Action.RETRY, "client_error", message)
-    if isinstance(error, (asyncio.TimeoutError, OSError, BotoCoreError, aiohttp.ClientError)):
+    if isinstance(error, (TimeoutError, OSError, BotoCoreError)):
         return Verdict(Action.RETRY, "connection", f"{type(error).__name__}: {error}")
     return Verdict(Action.RETRY, "error", f"{type(error).__name__}: {error}")
 
