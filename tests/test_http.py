@@ -7,9 +7,6 @@ reason a connection must not be reused (read-until-close, `Connection: close`, b
 a timeout, a cancellation, idle expiry); the one transparent retry of a kept-alive connection the server
 dropped, and no retry on a fresh one or once the answer began; malformed answers as `HttpProtocolError`;
 TLS with a trusted and an untrusted certificate; `close()` closing every connection.
-
-The tests marked `xfail(strict=True)` pin bugs in worker/http.py found here, each reason saying what is
-wrong: once one is fixed its test passes, fails as XPASS, and the mark goes.
 """
 
 from __future__ import annotations
@@ -36,15 +33,7 @@ from cryptography.x509.oid import NameOID
 from worker.http import MAX_BODY_BYTES, MAX_HEAD_BYTES, HttpClient, HttpProtocolError
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-KEEP = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
-"""The servers' usual answer. Chunked, not Content-Length: a Content-Length answer with a body is never
-kept alive (the bug `test_sequential_posts_share_one_connection[content-length]` shows), and the tests of
-reuse must not pass merely because every connection is closed after one answer."""
-KEEP_ALIVE_BUG = (
-    "bug: _Connection._parse calls _complete() before `del buffer[:length]`, so _complete() finds the body "
-    "still in self._buffer, takes it for bytes beyond the answer and closes the connection: every "
-    "Content-Length answer with a non-empty body (every PutEvents answer) costs a new TCP (and TLS) connection"
-)
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
 HEADER_LINE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [^\r\n]*")
 
 
@@ -86,7 +75,7 @@ class Peer:
 Script = Callable[[Peer], Awaitable[None]]
 
 
-async def answering(peer: Peer, answer: bytes = KEEP) -> None:
+async def answering(peer: Peer, answer: bytes = OK) -> None:
     """Answer every request on the connection, until the client closes it."""
     while await peer.request() is not None:
         await peer.send(answer)
@@ -197,9 +186,9 @@ async def test_content_length_answer_and_the_request_on_the_wire() -> None:
 @pytest.mark.parametrize(
     "answer",
     [
-        pytest.param(OK, id="content-length", marks=pytest.mark.xfail(strict=True, reason=KEEP_ALIVE_BUG)),
+        pytest.param(OK, id="content-length"),
         pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", id="content-length-0"),
-        pytest.param(KEEP, id="chunked"),
+        pytest.param(CHUNKED, id="chunked"),
     ],
 )
 async def test_sequential_posts_share_one_connection(answer: bytes) -> None:
@@ -320,7 +309,7 @@ async def test_connection_close_answer_is_honoured() -> None:
 async def test_bytes_beyond_the_answer_make_the_connection_unusable() -> None:
     async def two_answers(peer: Peer) -> None:
         await peer.request()
-        await peer.send(KEEP + b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
+        await peer.send(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo")
         await peer.until_eof()
 
     async with serve(after_first(two_answers)) as server, connect(server) as client:
@@ -384,7 +373,7 @@ async def test_idle_connection_expires() -> None:
 async def test_kept_alive_connection_closed_while_idle_is_replaced() -> None:
     async def answer_once(peer: Peer) -> None:
         await peer.request()
-        await peer.send(KEEP)  # then close: the client holds an idle connection the server dropped
+        await peer.send(OK)  # then close: the client holds an idle connection the server dropped
 
     async with serve(after_first(answer_once)) as server, connect(server) as client:
         await client.post([], b"x")
@@ -396,7 +385,7 @@ async def test_kept_alive_connection_closed_while_idle_is_replaced() -> None:
 async def test_request_lost_on_a_kept_alive_connection_is_retried_on_a_fresh_one() -> None:
     async def drop_second(peer: Peer) -> None:
         await peer.request()
-        await peer.send(KEEP)
+        await peer.send(OK)
         await peer.request()  # the server closes just as the next request arrives: not a byte answered
 
     async with serve(after_first(drop_second)) as server, connect(server) as client:
@@ -419,7 +408,7 @@ async def test_fresh_connection_closed_before_any_answer_raises_without_retrying
 async def test_answer_cut_short_raises_without_retrying() -> None:
     async def cut(peer: Peer) -> None:
         await peer.request()
-        await peer.send(KEEP)
+        await peer.send(OK)
         await peer.request()
         await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
 
@@ -474,13 +463,6 @@ async def test_malformed_answer_raises_protocol_error_and_drops_the_connection(a
         await closed_by_client(server.peers[0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConnectionResetError,
-    reason="bug: str.isdigit() accepts '²' (latin-1 superscript digit) but int() rejects it; the ValueError "
-    "escapes data_received, asyncio logs 'Fatal error: protocol.data_received() call failed' and the "
-    "caller gets ConnectionResetError instead of HttpProtocolError",
-)
 @pytest.mark.parametrize(
     "answer",
     ["HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\n\r\nok", "HTTP/1.1 \u00b200 OK\r\nContent-Length: 2\r\n\r\nok"],
@@ -497,12 +479,6 @@ async def test_non_ascii_digits_raise_protocol_error(answer: str) -> None:
             await client.post([], b"x")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConnectionResetError,
-    reason="bug: a chunk's declared size is never checked against MAX_BODY_BYTES, and the chunk is buffered "
-    "whole before the limit applies: a chunk over the limit is buffered without bound (until the timeout)",
-)
 async def test_chunk_over_the_body_limit_is_refused() -> None:
     async def huge(peer: Peer) -> None:
         await peer.request()
@@ -515,12 +491,6 @@ async def test_chunk_over_the_body_limit_is_refused() -> None:
             await client.post([], b"x")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="bug: connection_lost(exc) completes a read-until-close body even when exc is a reset, so a body "
-    "cut short by a TCP RST is returned as a whole answer",
-)
 async def test_read_until_close_body_cut_by_a_reset_raises() -> None:
     async def reset(peer: Peer) -> None:
         await peer.request()

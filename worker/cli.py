@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,6 +26,16 @@ def _load(path: str) -> Settings:
         raise SystemExit(2) from None
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (Linux, macOS): its transports and timers take a third of the
+    per-call CPU the standard loop needs. The standard loop otherwise; behaviour is the same."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from worker import logs
     from worker.app import Worker
@@ -37,7 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return await Worker(settings, until_drained=args.until_drained).run()
 
     try:
-        return asyncio.run(main())
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            return runner.run(main())
     except Exception as error:  # start-up failures: say what, not a traceback
         print(f"personalize-worker: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

@@ -15,11 +15,15 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from typing import Final
+from typing import Final, cast
 from urllib.parse import urlsplit
 
 MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 class HttpProtocolError(ConnectionError):
@@ -62,8 +66,7 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None:
@@ -84,7 +87,7 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
-        if self._headers is not None and self._body_length == _UNTIL_CLOSE:
+        if exc is None and self._headers is not None and self._body_length == _UNTIL_CLOSE:
             self._complete(bytes(self._buffer))
             return
         reason = f": {exc}" if exc else ""
@@ -130,8 +133,9 @@ class _Connection(asyncio.Protocol):
         length = self._body_length
         if length >= 0:
             if len(buffer) >= length:
-                self._complete(bytes(buffer[:length]))
+                body = bytes(buffer[:length])
                 del buffer[:length]
+                self._complete(body)
         elif length == _CHUNKED:
             self._parse_chunks()
         elif len(buffer) > MAX_BODY_BYTES:
@@ -140,7 +144,7 @@ class _Connection(asyncio.Protocol):
     def _parse_head(self, head: bytes) -> None:
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not _is_number(parts[1]):
             raise HttpProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
         status = int(parts[1])
         if 100 <= status < 200:
@@ -159,7 +163,7 @@ class _Connection(asyncio.Protocol):
             self._chunks = bytearray()
         elif "content-length" in headers:
             text = headers["content-length"]
-            if not text.isdigit() or int(text) > MAX_BODY_BYTES:
+            if not _is_number(text) or int(text) > MAX_BODY_BYTES:
                 raise HttpProtocolError(f"bad Content-Length: {text[:40]!r}")
             self._body_length = int(text)
         elif status in (204, 304):
@@ -174,6 +178,8 @@ class _Connection(asyncio.Protocol):
         while True:
             end = buffer.find(b"\r\n")
             if end < 0:
+                if len(buffer) > MAX_HEAD_BYTES:
+                    raise HttpProtocolError("chunk size line too long")
                 return
             size_text = bytes(buffer[:end]).split(b";", 1)[0].strip()
             try:
@@ -183,15 +189,17 @@ class _Connection(asyncio.Protocol):
             if size == 0:
                 trailer_end = buffer.find(b"\r\n\r\n", end)
                 if trailer_end < 0:
+                    if len(buffer) > MAX_HEAD_BYTES:
+                        raise HttpProtocolError("chunked trailer too large")
                     return
                 del buffer[: trailer_end + 4]
                 self._complete(bytes(chunks))
                 return
+            if len(chunks) + size > MAX_BODY_BYTES:
+                raise HttpProtocolError("response body too large")
             if len(buffer) < end + 2 + size + 2:
                 return
             chunks += buffer[end + 2 : end + 2 + size]
-            if len(chunks) > MAX_BODY_BYTES:
-                raise HttpProtocolError("response body too large")
             del buffer[: end + 2 + size + 2]
 
     def _complete(self, body: bytes) -> None:
