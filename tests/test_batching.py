@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from hypothesis import given, settings
@@ -29,15 +30,15 @@ def test_full_batch_is_ready_immediately() -> None:
     assert batcher.oldest_open() is None
 
 
-def test_partial_batch_goes_at_once_when_calls_are_available() -> None:
-    """Work-conserving: a call the quota allows is never left unused while events wait."""
+def test_partial_batch_waits_for_its_linger_then_goes() -> None:
     batcher: Batcher[str, str] = Batcher(max_events=10)
     batcher.add("a", "a0", now=10.0)
     batcher.add("a", "a1", now=10.3)
     assert batcher.oldest_open() == 10.0
-    assert batcher.take(now=10.3, linger=LINGER, limit=0) == [], "no call allowed: it stays open to fill"
+    assert batcher.take(now=10.3, linger=LINGER, limit=MANY) == [], "young: it stays open to fill"
+    assert batcher.take(now=10.5, linger=LINGER, limit=0) == [], "no call allowed"
     assert batcher.buffered == 2
-    assert items(batcher.take(now=10.3, linger=LINGER, limit=1)) == [["a0", "a1"]]
+    assert items(batcher.take(now=10.5, linger=LINGER, limit=1)) == [["a0", "a1"]]
     assert batcher.buffered == 0
 
 
@@ -56,19 +57,23 @@ def test_partial_batches_leave_in_creation_order_up_to_the_limit() -> None:
     assert items(batcher.take(now=1.0, linger=LINGER, limit=2)) == [["b0"], ["a0"]]
     assert items(batcher.take(now=1.0, linger=LINGER, limit=1)) == [["c0"]]
     assert batcher.oldest_open() == 0.9
-    assert batcher.take(now=1.0, linger=LINGER, limit=0) == []
-    assert items(batcher.take(now=1.0, linger=LINGER, limit=5)) == [["d0"]]
+    assert batcher.take(now=1.0, linger=LINGER, limit=5) == [], "d is younger than the linger"
+    assert items(batcher.take(now=1.0, linger=0.0, limit=5)) == [["d0"]]
 
 
-def test_when_calls_are_scarce_lingered_then_full_then_young_partial() -> None:
+def test_when_calls_are_scarce_overdue_then_full_then_lingered_partial() -> None:
     batcher: Batcher[str, str] = Batcher(max_events=2)
-    batcher.add("old", "o0", now=0.0)
+    batcher.add("overdue", "o0", now=0.0)
+    batcher.add("lingered", "l0", now=4.0)
     batcher.add("young", "y0", now=4.9)
     batcher.add("full", "f0", now=5.0)
     batcher.add("full", "f1", now=5.0)
-    assert items(batcher.take(now=5.0, linger=LINGER, limit=1)) == [["o0"]]
-    assert items(batcher.take(now=5.0, linger=LINGER, limit=1)) == [["f0", "f1"]]
-    assert items(batcher.take(now=5.0, linger=LINGER, limit=1)) == [["y0"]]
+    take = functools.partial(batcher.take, now=5.0, linger=LINGER, limit=1, max_wait=4 * LINGER)
+    assert items(take()) == [["o0"]], "waited past max_wait: goes before full batches"
+    assert items(take()) == [["f0", "f1"]]
+    assert items(take()) == [["l0"]]
+    assert take() == [], "the young partial batch keeps filling"
+    assert batcher.buffered == 1
 
 
 def test_one_batch_per_session_in_flight_and_order_kept() -> None:
@@ -278,3 +283,15 @@ def test_busy_session_keeps_filling_instead_of_sending_small_calls() -> None:
     assert batcher.take(now=10.0, linger=0.5, limit=5) == []
     batcher.done("s")
     assert items(batcher.take(now=10.0, linger=0.5, limit=5)) == [["b", "c", "d", "e"]], "next as soon as done"
+
+
+def test_a_busy_sessions_partial_next_batch_lingers_after_the_call() -> None:
+    """Not sent the moment the call returns: near the quota that would spend a call on a few events."""
+    batcher: Batcher[str, str] = Batcher(max_events=10)
+    batcher.add("s", "a", now=0.0)
+    assert items(batcher.take(now=0.0, linger=0.0, limit=5)) == [["a"]]
+    batcher.add("s", "b", now=0.1)
+    batcher.done("s")
+    assert batcher.take(now=0.2, linger=LINGER, limit=5) == [], "it fills on while young"
+    batcher.add("s", "c", now=0.3)
+    assert items(batcher.take(now=0.7, linger=LINGER, limit=5)) == [["b", "c"]], "lingered from its creation"

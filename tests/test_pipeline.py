@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import pytest
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.config import Settings
 from worker.deadletter import DeadLetter
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline
-from worker.sink import Rejection
+from worker.sink import RateLimiter, Rejection
 from worker.source import Source
 
 
@@ -104,7 +105,7 @@ async def test_late_result_of_a_revoked_partition_is_never_committed() -> None:
     )
     sink = GatedSink()
     metrics = Metrics()
-    pipeline = Pipeline(settings, sink, Letters(), metrics, allowance=lambda: (1000, 0.0))
+    pipeline = Pipeline(settings, sink, Letters(), metrics, quota=RateLimiter(1000))
     source = Source(settings, pipeline, metrics)
     tp0, tp1 = TopicPartition("t", 0), TopicPartition("t", 1)
     consumer = FakeConsumer({tp0, tp1})
@@ -184,7 +185,7 @@ def session_records(sessions: list[str]) -> list[FakeRecord]:
 async def start(sink: Any, consumer: Any) -> tuple[Pipeline, Source, asyncio.Task[None]]:
     settings = Settings.model_validate({"personalize": {"tracking_id": "t"}, "batching": {"linger_ms": 0}})
     metrics = Metrics()
-    pipeline = Pipeline(settings, sink, Letters(), metrics, allowance=lambda: (1000, 0.0))
+    pipeline = Pipeline(settings, sink, Letters(), metrics, quota=RateLimiter(1000))
     source = Source(settings, pipeline, metrics)
     await source.consumer.stop()  # never started: closed only so it warns of nothing
     source.consumer = consumer
@@ -221,3 +222,30 @@ async def test_the_next_owner_skips_what_the_previous_one_delivered_beyond_its_c
         await asyncio.gather(dispatcher, return_exceptions=True)
     assert sorted(sink.delivered) == ["e0", "e4"], "only what the first owner never delivered"
     assert second.commits[-1] == {tp: 6}
+
+
+class FixedQuota:
+    rate = 1000.0
+
+    def available(self) -> tuple[int, float]:
+        return 1000, 0.0
+
+
+def test_linger_grows_as_the_call_rate_nears_the_quota_and_falls_back() -> None:
+    """Far below the quota a partial batch goes at once; near it, it waits up to linger_ms to fill."""
+    now = [100.0]
+    settings = Settings.model_validate({"personalize": {"tracking_id": "t"}, "batching": {"linger_ms": 400}})
+    pipeline = Pipeline(settings, GatedSink(), Letters(), Metrics(), quota=FixedQuota(), clock=lambda: now[0])
+
+    def run_at(calls_per_second: int, seconds: float) -> float:
+        for _ in range(int(seconds * 100)):
+            now[0] += 0.01
+            pipeline._count_calls(now[0], calls_per_second // 100)
+        return pipeline.linger(now[0])
+
+    assert pipeline.linger(now[0]) == 0.0, "idle: nothing to wait for"
+    assert run_at(300, 5) == 0.0, "30 % of the quota: at once"
+    assert run_at(900, 5) == pytest.approx(0.4), "90 %: the whole linger"
+    assert 0.1 < run_at(650, 5) < 0.3, "65 %: in between"
+    now[0] += 2.0
+    assert pipeline.linger(now[0]) == 0.0, "the rate decays when calls stop"

@@ -35,9 +35,7 @@ class Worker:
             **kafka_security(settings.kafka),
         )
         self.dead_letters = DeadLetterWriter(self.producer, settings.dead_letter.topic, self.metrics)
-        self.pipeline = Pipeline(
-            settings, self.sink, self.dead_letters, self.metrics, allowance=self.sink.limiter.available
-        )
+        self.pipeline = Pipeline(settings, self.sink, self.dead_letters, self.metrics, quota=self.sink.limiter)
         self.source = Source(settings, self.pipeline, self.metrics)
         self.server = MetricsServer(self.metrics, self.readiness)
         self.stop_requested = asyncio.Event()

@@ -2,7 +2,8 @@
 
 Pure state: the caller passes `now`, takes batches to send and reports when a session's call is done.
 A session has at most one call in flight, so its events reach Personalize in order even across
-retries; while its call is out, its next batch keeps filling and goes out as soon as the call returns.
+retries; while its call is out, its next batch keeps filling: once the call returns it goes at once if
+full, else it lingers on like any partial batch.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ class Batcher(Generic[K, T]):
                 self._busy.add(key)
                 self._ready.append(batch)
 
-    def sendable(self) -> bool:
-        """Whether `take` would return something, given room."""
-        return bool(self._ready or self._open)
+    def has_full(self) -> bool:
+        """Whether a full batch (or a busy session's next one) waits only for a call."""
+        return bool(self._ready)
 
     def oldest_open(self) -> float | None:
         """Creation time of the oldest batch that may be sent: when the next linger deadline falls."""
@@ -65,24 +66,25 @@ class Batcher(Generic[K, T]):
             return batch.created_at
         return None
 
-    def take(self, now: float, linger: float, limit: int) -> list[Batch[K, T]]:
+    def take(self, now: float, linger: float, limit: int, max_wait: float | None = None) -> list[Batch[K, T]]:
         """Up to `limit` batches to send now, in this order:
 
-        1. partial batches open for `linger` seconds or more (the latency promised to the user),
-        2. full batches,
-        3. younger partial batches, oldest first.
+        1. partial batches open for `max_wait` or more: even at the quota nothing waits longer,
+        2. full batches: while calls are scarce, each one carries the most events,
+        3. partial batches open for `linger` or more, oldest first.
 
-        The caller's `limit` is what the quota and the in-flight cap allow right now, so a call the
-        quota would permit is never left unused while events wait; only when calls are scarce do
-        partial batches stay open to fill up.
+        The caller's `limit` is what the quota and the in-flight cap allow right now, and its `linger`
+        follows how busy the quota is: zero far below it, so a partial batch goes at once; longer near
+        it, so partial batches wait to fill while full ones take the scarce calls.
         """
         taken: list[Batch[K, T]] = []
-        self._take_open(taken, limit, now - linger)
+        if max_wait is not None and max_wait > linger:
+            self._take_open(taken, limit, now - max_wait)
         while self._ready and len(taken) < limit:
             batch = self._ready.popleft()
             self.buffered -= len(batch.items)
             taken.append(batch)
-        self._take_open(taken, limit, now)
+        self._take_open(taken, limit, now - linger)
         return taken
 
     def _take_open(self, taken: list[Batch[K, T]], limit: int, created_by: float) -> None:
@@ -96,25 +98,30 @@ class Batcher(Generic[K, T]):
             taken.append(batch)
 
     def done(self, key: K) -> None:
-        """The session's call finished (whatever its outcome): its next batch, if any, is ready now."""
+        """The session's call finished (whatever its outcome): a full next batch is ready now; a partial
+        one becomes open again, to fill and linger like any other (from its creation: it may be a call's
+        round trip older than the open batches ahead of it, so it goes that much late at most)."""
         waiting = self._waiting.get(key)
         if waiting:
             self._ready.append(waiting.popleft())
             if not waiting:
                 del self._waiting[key]
             return
+        self._busy.discard(key)
         filling = self._filling.pop(key, None)
         if filling is not None:
-            self._ready.append(filling)
-        else:
-            self._busy.discard(key)
+            self._open[key] = filling
 
     def flush(self) -> None:
-        """Make every open batch ready regardless of linger: shutdown and revocation drain."""
+        """Send everything regardless of linger: shutdown and revocation drain. Open batches are ready
+        now; busy sessions' filling batches are queued to go as soon as their call returns."""
         while self._open:
             key, batch = self._open.popitem(last=False)
             self._busy.add(key)
             self._ready.append(batch)
+        for key, batch in self._filling.items():
+            self._waiting.setdefault(key, deque()).append(batch)
+        self._filling.clear()
 
     def drop(self, keep: Callable[[T], bool]) -> list[T]:
         """Remove the items the caller no longer owns (a revoked partition's); returns them."""

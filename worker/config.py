@@ -142,7 +142,7 @@ class MappingSettings(_Section):
 class BatchingSettings(_Section):
     max_events: int = Field(default=limits.EVENTS_PER_CALL[1], ge=1, le=limits.EVENTS_PER_CALL[1])
     linger_ms: int = Field(default=500, ge=0, le=60_000)
-    max_buffered_events: int = Field(default=20_000, ge=10)
+    max_buffered_events: int = Field(default=50_000, ge=10)
 
 
 class DedupSettings(_Section):

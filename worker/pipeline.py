@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,6 +27,15 @@ from worker.offsets import OffsetTracker, PartitionOffsets
 from worker.sink import Rejection
 
 log = logging.getLogger(__name__)
+
+RATE_SECONDS = 0.5
+"""Time constant of the call-rate average that sets the linger: short, so a drain's start fills calls soon."""
+LINGER_FROM = 0.5
+LINGER_FULL = 0.8
+"""Linger grows from zero at half the quota's call rate to `batching.linger_ms` at 80 % of it."""
+MAX_WAIT_LINGERS = 4
+"""While full batches take every call, a partial one waits at most this many lingers, then goes first:
+bounds the latency of a session's last events and the commit lag behind them."""
 
 
 class Record(Protocol):
@@ -51,6 +61,19 @@ class Delivery(Protocol):
 
 class LetterWriter(Protocol):
     async def write(self, letters: Sequence[DeadLetter]) -> None: ...
+
+
+class Quota(Protocol):
+    """The sink's rate limit, as the dispatcher sees it (`sink.RateLimiter`)."""
+
+    @property
+    def rate(self) -> float:
+        """Calls per second allowed now."""
+        ...
+
+    def available(self) -> tuple[int, float]:
+        """(calls that could start now, seconds until the next one could)."""
+        ...
 
 
 class Item:
@@ -81,7 +104,7 @@ class Pipeline:
         sink: Delivery,
         dead_letters: LetterWriter,
         metrics: Metrics,
-        allowance: Callable[[], tuple[int, float]],
+        quota: Quota,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
@@ -89,13 +112,16 @@ class Pipeline:
         self._sink = sink
         self._letters = dead_letters
         self._metrics = metrics
-        self._allowance = allowance
-        """(calls the quota allows now, seconds until the next): the sink's rate limiter."""
+        self._quota = quota
         self._clock = clock
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self.dedup: Dedup[Item] = Dedup(settings.dedup.window_seconds, settings.dedup.max_ids, clock)
         self.batcher: Batcher[SessionKey, Item] = Batcher(settings.batching.max_events)
         self._linger = settings.batching.linger_ms / 1000.0
+        self._max_wait = MAX_WAIT_LINGERS * self._linger
+        self._call_rate = 0.0
+        """Calls started per second, averaged over the last ~RATE_SECONDS: how busy the quota is."""
+        self._call_rate_at = clock()
         self._max_in_flight = settings.personalize.max_in_flight
         self._active: set[asyncio.Task[None]] = set()
         self._dead: list[tuple[PartitionOffsets, DeadLetter]] = []
@@ -187,22 +213,48 @@ class Pipeline:
     async def run_dispatcher(self) -> None:
         """Start as many calls as the quota and the in-flight cap allow; sleep until that changes."""
         while True:
+            now = self._clock()
+            linger = self.linger(now)
             slots = self._max_in_flight - len(self._active)
-            calls, _ = self._allowance()
-            limit = min(slots, calls)
-            if limit > 0:
-                for batch in self.batcher.take(self._clock(), self._linger, limit):
+            calls, wait = self._quota.available()
+            started = 0
+            if min(slots, calls) > 0:
+                for batch in self.batcher.take(now, linger, min(slots, calls), self._max_wait):
                     task = asyncio.create_task(self._deliver(batch))
                     self._active.add(task)
                     task.add_done_callback(self._delivery_done)
+                    started += 1
+            self._count_calls(now, started)
             self._metrics.buffered.set(self.batcher.buffered)
-            timeout = 0.5  # new records or a finished call wake us sooner
-            if self.batcher.sendable() and len(self._active) < self._max_in_flight:
-                calls, wait = self._allowance()
-                if calls == 0:
+            # New records or a finished call set `wakeup`; otherwise look again when the quota frees a
+            # call for a batch that waits only for one, or when the oldest partial batch lingers out.
+            timeout = 0.5
+            if len(self._active) < self._max_in_flight:
+                oldest = self.batcher.oldest_open()
+                due = self.batcher.has_full() or (oldest is not None and oldest + linger <= now)
+                if due and calls <= started:
                     timeout = max(0.001, wait)
+                elif oldest is not None:
+                    # Linger shrinks as the call rate falls: re-check at least every 50 ms.
+                    timeout = min(0.05, max(0.001, oldest + linger - now))
             self.wakeup.clear()
             await wait_event(self.wakeup, timeout)
+
+    def linger(self, now: float) -> float:
+        """How long a partial batch waits to fill: not at all while calls are plentiful (below half
+        the quota), up to `batching.linger_ms` as the call rate nears the quota and calls get scarce."""
+        rate = self._quota.rate
+        busy = self._decayed_call_rate(now) / rate if rate > 0 else 1.0
+        share = (busy - LINGER_FROM) / (LINGER_FULL - LINGER_FROM)
+        return self._linger * min(1.0, max(0.0, share))
+
+    def _decayed_call_rate(self, now: float) -> float:
+        return self._call_rate * math.exp((self._call_rate_at - now) / RATE_SECONDS)
+
+    def _count_calls(self, now: float, started: int) -> None:
+        """An exponentially weighted rate: each call adds 1/RATE_SECONDS, decaying with that time constant."""
+        self._call_rate = self._decayed_call_rate(now) + started / RATE_SECONDS
+        self._call_rate_at = now
 
     def _delivery_done(self, task: asyncio.Task[None]) -> None:
         self._active.discard(task)
