@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -19,6 +20,16 @@ from worker.sink import Sink
 from worker.source import Source, explain_connection_errors, kafka_security
 
 log = logging.getLogger(__name__)
+
+
+def tune_garbage_collector() -> None:
+    """Full collections of the cyclic GC stalled the loop for 200-270 ms every ~2 s while draining: they
+    scan botocore's loaded models, the 50k buffered events and the dedup window, and find nothing — the
+    buffer's churn has no cycles and is freed by reference counting. So the start-up objects are frozen
+    out of the scans and the young generations are collected 70 times less often (pauses now ≤ ~10 ms)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
 
 
 class Worker:
@@ -63,6 +74,7 @@ class Worker:
             await self.producer.start()
             await self.source.start()
         self.metrics.rate_limit.set(self.sink.limiter.rate)
+        tune_garbage_collector()
         log.info("running", extra={"metrics_port": self.server.port, "until_drained": self.until_drained})
         tasks = [
             self._spawn(self._fetch_loop(), "fetch"),
@@ -129,8 +141,14 @@ class Worker:
         """Commits on an interval; also the stall watchdog and the `until_drained` exit check."""
         interval = self.settings.worker.commit_interval_seconds
         stall_after = self.settings.worker.stall_timeout_seconds
+        # Draining, look often whether everything is done, so the exit follows the last call closely.
+        tick = min(interval, 0.1) if self.until_drained else interval
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(tick)
+            if self.until_drained and self.pipeline.outstanding and time.monotonic() - last < interval:
+                continue
+            last = time.monotonic()
             await self.source.commit()
             lag = self.source.lag()
             idle = time.monotonic() - self.source.last_progress
