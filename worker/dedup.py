@@ -27,7 +27,8 @@ class Dedup(Generic[T]):
         self._clock = clock
         # Insertion order is delivery order, so the oldest entries sit at the front for O(1) eviction.
         self._delivered: OrderedDict[str, float] = OrderedDict()
-        self._in_flight: dict[str, list[T]] = {}
+        self._in_flight: dict[str, list[T] | None] = {}
+        """eventId in flight → the copies parked on it; None until one is (a list per event costs)."""
 
     @property
     def enabled(self) -> bool:
@@ -44,11 +45,15 @@ class Dedup(Generic[T]):
                 return SEEN
             # Eviction runs only on delivery: in a quiet spell an expired ID would otherwise stay seen.
             del self._delivered[event_id]
-        waiting = self._in_flight.get(event_id)
-        if waiting is not None:
-            waiting.append(item)
+        in_flight = self._in_flight
+        if event_id in in_flight:
+            waiting = in_flight[event_id]
+            if waiting is None:
+                in_flight[event_id] = [item]
+            else:
+                waiting.append(item)
             return PARKED
-        self._in_flight[event_id] = []
+        in_flight[event_id] = None
         return NEW
 
     def delivered(self, event_ids: Iterable[str]) -> list[T]:
@@ -56,13 +61,15 @@ class Dedup(Generic[T]):
         now = self._clock()
         duplicates: list[T] = []
         remember = self.enabled
+        in_flight, entries = self._in_flight, self._delivered
         for event_id in event_ids:
-            parked = self._in_flight.pop(event_id, None)
+            parked = in_flight.pop(event_id, None)
             if parked:
                 duplicates.extend(parked)
             if remember:
-                self._delivered[event_id] = now
-                self._delivered.move_to_end(event_id)
+                if event_id in entries:  # seen before and expired: it moves to the young end
+                    entries.move_to_end(event_id)
+                entries[event_id] = now
         self._evict(now)
         return duplicates
 
@@ -74,7 +81,7 @@ class Dedup(Generic[T]):
         """Drop parked copies the caller no longer owns (a revoked partition's records)."""
         for event_id, parked in self._in_flight.items():
             if parked:
-                self._in_flight[event_id] = [item for item in parked if keep(item)]
+                self._in_flight[event_id] = [item for item in parked if keep(item)] or None
 
     def _evict(self, now: float) -> None:
         entries = self._delivered

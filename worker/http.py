@@ -57,6 +57,7 @@ class _Connection(asyncio.Protocol):
         """Whether any byte of the current answer has arrived."""
         self._buffer = bytearray()
         self._waiter: asyncio.Future[Response] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._status = 0
         self._headers: dict[str, str] | None = None
         self._body_length = 0
@@ -84,6 +85,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._cancel_timer()
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
@@ -95,12 +97,20 @@ class _Connection(asyncio.Protocol):
 
     # --- the exchange -------------------------------------------------------------------------
 
-    def request(self, data: bytes) -> asyncio.Future[Response]:
+    def request(self, data: bytes, deadline: float) -> asyncio.Future[Response]:
+        """Send; the future fails with TimeoutError at `deadline` (loop time), and the connection closes.
+        One timer handle per request: `asyncio.timeout` costs several times more on this hot path."""
         assert self.transport is not None and self._waiter is None
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        self._timer = loop.call_at(deadline, self._time_out)
         self.received = False
         self.transport.write(data)
         return self._waiter
+
+    def _time_out(self) -> None:
+        self._timer = None
+        self._fail(TimeoutError("no complete answer within the request timeout"))
 
     @property
     def busy(self) -> bool:
@@ -113,6 +123,7 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def _fail(self, error: Exception) -> None:
+        self._cancel_timer()
         self.close()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(error)
@@ -202,7 +213,13 @@ class _Connection(asyncio.Protocol):
             chunks += buffer[end + 2 : end + 2 + size]
             del buffer[: end + 2 + size + 2]
 
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _complete(self, body: bytes) -> None:
+        self._cancel_timer()
         waiter, headers = self._waiter, self._headers
         assert waiter is not None and headers is not None
         response = Response(self._status, headers, body)
@@ -252,37 +269,42 @@ class HttpClient:
         retried once on a fresh one, as every keep-alive client does: nothing of it was answered."""
         varying = "".join(f"{name}: {value}\r\n" for name, value in headers)
         data = f"{self._prefix}Content-Length: {len(body)}\r\n{varying}\r\n".encode("latin-1") + body
-        async with asyncio.timeout(self._timeout):
-            while True:
-                connection = await self._connection()
-                try:
-                    response = await connection.request(data)
-                except asyncio.CancelledError:
-                    connection.close()  # the answer may still come: this connection is out of step
-                    raise
-                except OSError:
-                    connection.close()
-                    if connection.used and not connection.received:
-                        continue
-                    raise
-                finally:
-                    self._release(connection)
-                return response
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        while True:
+            connection = self._idle_connection() or await self._new_connection(deadline)
+            try:
+                response = await connection.request(data, deadline)
+            except asyncio.CancelledError:
+                connection.close()  # the answer may still come: this connection is out of step
+                raise
+            except OSError as error:
+                connection.close()
+                if connection.used and not connection.received and not isinstance(error, TimeoutError):
+                    continue
+                raise
+            finally:
+                self._release(connection)
+            return response
 
-    async def _connection(self) -> _Connection:
+    def _idle_connection(self) -> _Connection | None:
+        """The most recently used idle connection still open and not expired, if any."""
         now = time.monotonic()
         idle = self._idle
         while idle and (idle[0].closed or now - idle[0].idle_since >= self._idle_seconds):
             self._discard(idle.popleft())  # the least recently used: expired first
-        while self._idle:
-            connection = self._idle.pop()
+        while idle:
+            connection = idle.pop()
             if not connection.closed and now - connection.idle_since < self._idle_seconds:
                 return connection
             self._discard(connection)
+        return None
+
+    async def _new_connection(self, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
-        _, connection = await loop.create_connection(
-            _Connection, self.host, self.port, ssl=self._ssl, server_hostname=self.host if self._ssl else None
-        )
+        async with asyncio.timeout_at(deadline):
+            _, connection = await loop.create_connection(
+                _Connection, self.host, self.port, ssl=self._ssl, server_hostname=self.host if self._ssl else None
+            )
         self._all.add(connection)
         return connection
 

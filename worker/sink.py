@@ -270,6 +270,8 @@ class Sink:
         self.client = PutEventsClient(settings)
         self.last_error: str | None = None
         """The latest unresolved call error, for /readyz and logs; cleared by the next success."""
+        self.in_flight = 0
+        metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time, not kept per call
 
     async def start(self) -> None:
         await self.client.start()
@@ -302,7 +304,7 @@ class Sink:
         while True:
             await self.limiter.acquire()
             started = time.perf_counter()
-            metrics.in_flight.inc()
+            self.in_flight += 1
             try:
                 await self.client.put_events(body)
             except asyncio.CancelledError:
@@ -323,7 +325,7 @@ class Sink:
                 await asyncio.sleep(self._backoff.delay(attempt))
                 continue
             finally:
-                metrics.in_flight.dec()
+                self.in_flight -= 1
                 metrics.call_latency.observe(time.perf_counter() - started)
             self.last_error = None
             metrics.calls_ok.inc()
