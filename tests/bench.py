@@ -86,6 +86,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Issue 5 targets: (results key, comparison, threshold or None when it depends on the run).
 TARGETS_DRAIN = {
     "events_per_second": ">= 9000",
+    "share_of_ceiling": ">= 0.90",
     "speedup_vs_naive": ">= 8",
     "events_per_call_vs_optimal": ">= 0.95",
     "cpu_us_per_event": "<= 60",
@@ -727,6 +728,12 @@ def drain_metrics(
         "optimal_events_per_call": round(optimal, 3),
         "events_per_call_vs_optimal": round(epc / optimal, 3) if optimal else 0.0,
         "ceiling_events_per_second": round(args.max_tps * optimal, 1),
+        # The issue's 9,000 events/s is 90 % of the ceiling when every call can be full (10 events):
+        # on data whose sessions leave partial calls, the same share of this data's ceiling.
+        "share_of_ceiling": round(sent / result.wall_seconds / (args.max_tps * optimal), 3)
+        if result.wall_seconds and optimal
+        else 0.0,
+        "share_of_ceiling_active": round(sent / active / (args.max_tps * optimal), 3) if active and optimal else 0.0,
         "events_per_call_histogram": stats.get("events_per_call", {}),
         "worker_cpu_seconds": round(result.cpu_seconds, 2),
         "worker_startup_cpu_seconds": round(result.startup_cpu_seconds, 2),
