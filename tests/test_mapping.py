@@ -21,6 +21,7 @@ from worker.mapping import (
     MAX_EPOCH_SECONDS,
     InvalidRecord,
     Mapper,
+    _round_ms,
     camel_case,
     derive_event_id,
     parse_sent_at,
@@ -712,3 +713,154 @@ def test_any_object_maps_to_a_valid_event_or_raises_invalid_record(obj: dict[str
         return
     assert result is not None
     _check_event(*result)
+
+
+# --- the fast paths: the same answers as the full checks -------------------------------------------
+
+
+def _outcome(call: Any, *args: Any) -> Any:
+    """What a mapping call returns, or the (stage, reason, message) it raises."""
+    try:
+        return call(*args)
+    except InvalidRecord as error:
+        return (error.stage, error.reason, error.message)
+
+
+json_ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what orjson can encode
+# Characters whose JSON encoding is longest relative to their text, and a comma for impression text.
+hostile_chars = st.sampled_from(['"', "\\", "\x00", "\n", "\x1f", "é", "€", "\U0001f600", "a", ","])
+hostile_text = st.one_of(
+    st.text(alphabet=hostile_chars),
+    st.builds(lambda char, count: char * count, hostile_chars, st.integers(0, 300)),
+)
+hostile_scalars = st.one_of(
+    hostile_text,
+    json_ints,
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+)
+hostile_objects = st.fixed_dictionaries(
+    {"event_type": st.sampled_from(["click", "view"]), "session_id": good_ids, "timestamp": st.integers(1, 2 * 10**12)},
+    optional={
+        "user_id": st.one_of(hostile_text, json_ints),
+        "item_id": st.one_of(hostile_text, json_ints),
+        "event_id": st.one_of(hostile_text, json_ints),
+        "event_value": st.one_of(st.floats(-3e38, 3e38), json_ints),
+        "recommendation_id": st.one_of(hostile_text, json_ints),
+        "impression": st.one_of(hostile_text, st.lists(st.one_of(hostile_text, json_ints), max_size=25)),
+        "source": st.from_regex(r'[ -~"\\]{1,40}', fullmatch=True),
+        "ctx": st.dictionaries(st.sampled_from(["page_category", "device_type"]), hostile_scalars),
+        "f": st.one_of(hostile_text, json_ints),
+        "pad": st.integers(0, 3000).map(lambda n: "x" * n),  # long messages take the exact check
+    },
+)
+SIZE_MAPPERS = [
+    FULL,
+    # One source field feeding every member that reaches the event, a property included.
+    Mapper(
+        MappingSettings(
+            event_type="f",
+            item_id="f",
+            event_id="f",
+            recommendation_id="f",
+            impression="f",
+            properties=("f", "ctx.page_category"),
+        )
+    ),
+    Mapper(MappingSettings(event_type="f", item_id="f", metric_attribution_source="f", properties=("f",))),
+    Mapper(MappingSettings(event_types={"click": "x" * 256}, metric_attribution_source_value='~"\\' * 300)),
+    Mapper(
+        MappingSettings(properties=("ctx.page_category", "ctx.device_type", "f", "event_value", "item_id", "event_id"))
+    ),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(obj=hostile_objects, mapper=st.sampled_from(SIZE_MAPPERS))
+def test_event_size_is_bounded_by_the_message_size(obj: dict[str, Any], mapper: Mapper) -> None:
+    # The bound that lets `map` skip serializing an event to check the 10 KB quota.
+    raw = orjson.dumps(obj)
+    factor, base = mapper._size_bound()
+    result = _outcome(mapper.map, raw)
+    if type(result) is tuple and type(result[1]) is dict:
+        assert len(orjson.dumps(result[1])) <= factor * len(raw) + base
+    assert result == _outcome(mapper.map_object, orjson.loads(raw))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Numbers whose re-serialized form is longer than their text in the message.
+        b'{"event_type":"c","session_id":"s","timestamp":1e9,"event_value":1e5,"f":1,"ctx":{"page_category":1e300}}',
+        b'{"event_type":"c","session_id":"s","timestamp":"1.7e9","event_value":"1E1","ctx":{"device_type":-0.0}}',
+        b'{"event_type":"c","session_id":"s","timestamp":1700000000,"f":18446744073709551616}',
+        b'{"event_type":"c","session_id":"s","timestamp":1700000000,"event_id":1,"item_id":2,"recommendation_id":3}',
+        b'{"event_type":"c","session_id":"s","timestamp":1700000000,"impression":"a,b,c,d,e,f,g,h,i,j,k,l,m"}',
+        b'{"event_type":"c","session_id":"s","timestamp":1700000000,"impression":[1,2,3,4,5,6,7,8,9,0,1,2,3]}',
+    ],
+)
+@pytest.mark.parametrize("mapper", SIZE_MAPPERS)
+def test_event_size_bound_covers_numbers_that_grow(raw: bytes, mapper: Mapper) -> None:
+    factor, base = mapper._size_bound()
+    result = _outcome(mapper.map, raw)
+    if type(result) is tuple and type(result[1]) is dict:
+        assert len(orjson.dumps(result[1])) <= factor * len(raw) + base
+
+
+@settings(max_examples=200, deadline=None)
+@given(obj=objects)
+def test_nested_paths_map_like_top_level_ones(obj: dict[str, Any]) -> None:
+    # A mapping with a nested member reads every path by walking it instead of `dict.get`.
+    flat = full_settings()
+    members = ["user_id", "session_id", "event_id", "event_type", "event_value", "item_id", "sent_at"]
+    members += ["impression", "recommendation_id", "metric_attribution_source"]
+    nested = full_settings(
+        **{name: f"m.{getattr(flat, name)}" for name in members},
+        properties=tuple(f"m.{path}" for path in flat.properties),
+    )
+    expected = _outcome(Mapper(flat).map, orjson.dumps(obj))
+    got = _outcome(Mapper(nested).map, orjson.dumps({"m": obj}))
+    if type(expected) is tuple and expected[1] == "missing_field":
+        assert got[:2] == expected[:2]  # the message names the configured path
+    else:
+        assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("paths", "fields", "expected"),
+    [
+        (("a", "b_c"), {"a": 1, "b_c": "x"}, '{"a":1,"bC":"x"}'),
+        (("x.y.a", "x.y.b"), {"x": {"y": {"a": "1", "b": None}}}, '{"a":"1"}'),
+        (("x.y.a", "x.y.b"), {"x": {"y": ["a"]}}, None),
+        (("x.a", "b", "y.c"), {"x": {"a": True}, "b": 2.5, "y": "flat"}, '{"a":true,"b":2.5}'),
+    ],
+)
+def test_properties_at_the_top_nested_deeper_and_in_several_objects(
+    paths: tuple[str, ...], fields: dict[str, Any], expected: str | None
+) -> None:
+    _, event = mapped(Mapper(MappingSettings(properties=paths)), message(**fields))
+    assert event.get("properties") == expected
+
+
+# Within a few units in the last place of a half millisecond: where seconds·1000 rounds either way.
+near_half_ms = st.builds(
+    lambda ms, ulps: (ms + 0.5) / 1000 + ulps * math.ulp((ms + 0.5) / 1000),
+    st.integers(min_value=0, max_value=int(MAX_EPOCH_SECONDS * 1000)),
+    st.integers(min_value=-64, max_value=64),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    seconds=st.one_of(
+        st.floats(),
+        st.floats(min_value=0, max_value=MAX_EPOCH_SECONDS * 2),
+        st.integers(min_value=1, max_value=int(MAX_EPOCH_SECONDS * 1000)).map(lambda ms: ms / 1000),
+        near_half_ms,
+    )
+)
+def test_millisecond_rounding_is_exactly_round(seconds: float) -> None:
+    expected = round(seconds, 3) if math.isfinite(seconds) else seconds
+    got = _round_ms(seconds)
+    assert got == expected or (math.isnan(got) and math.isnan(expected))
+    assert math.copysign(1, got) == math.copysign(1, expected)

@@ -1,8 +1,9 @@
 """Raw message bytes → (session key, PutEvents event), checked against every PutEvents rule.
 
 Pure: no I/O, no clock. A record that cannot become a valid event raises `InvalidRecord` with a
-reason; nothing is repaired silently. The paths are compiled once into small getter closures so the
-per-record cost stays a few microseconds.
+reason; nothing is repaired silently. `Mapper.map` runs for every record, so it is written for the
+common case: each member is checked inline, and anything unusual goes to the member's function,
+which gives the same value or the same error as it always did. A few microseconds per record.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from hashlib import blake2b
 from typing import Any
 
@@ -19,7 +21,6 @@ from worker import limits
 from worker.config import MappingSettings
 from worker.errors import WorkerError
 
-Getter = Callable[[dict[str, Any]], Any]
 SessionKey = tuple[str, str | None]
 """(sessionId, userId): with the worker's one trackingId, the key of a PutEvents call."""
 
@@ -28,6 +29,14 @@ MAX_EPOCH_SECONDS = 253_402_300_799.0
 # In `auto` mode a number above this is taken as milliseconds (1e11 s is year 5138; 1e11 ms is 1973).
 _AUTO_MS_THRESHOLD = 1e11
 EVENT_ID_PREFIX = "pw1-"
+# Length bounds of the members checked inline on the hot path, where a call costs more than the check.
+_EVENT_TYPE_MIN, _EVENT_TYPE_MAX = limits.EVENT_TYPE.min, limits.EVENT_TYPE.max
+_SESSION_ID_MIN, _SESSION_ID_MAX = limits.SESSION_ID.min, limits.SESSION_ID.max
+_USER_ID_MIN, _USER_ID_MAX = limits.USER_ID.min, limits.USER_ID.max
+_ITEM_ID_MIN, _ITEM_ID_MAX = limits.ITEM_ID.min, limits.ITEM_ID.max
+_EVENT_ID_MIN, _EVENT_ID_MAX = limits.EVENT_ID.min, limits.EVENT_ID.max
+_IMPRESSION_ITEM_MIN, _IMPRESSION_ITEM_MAX = limits.IMPRESSION_ITEM.min, limits.IMPRESSION_ITEM.max
+_PROPERTIES_MIN, _PROPERTIES_MAX = limits.PROPERTIES.min, limits.PROPERTIES.max
 
 
 class InvalidRecord(WorkerError):
@@ -40,26 +49,6 @@ class InvalidRecord(WorkerError):
         self.message = message
 
 
-def compile_path(path: str) -> Getter | None:
-    """`a.b.c` → a getter returning None when any step is missing or not an object."""
-    if not path:
-        return None
-    parts = tuple(path.split("."))
-    if len(parts) == 1:
-        key = parts[0]
-        return lambda obj: obj.get(key)
-
-    def get(obj: dict[str, Any]) -> Any:
-        value: Any = obj
-        for part in parts:
-            if type(value) is not dict:
-                return None
-            value = value.get(part)
-        return value
-
-    return get
-
-
 def camel_case(segment: str) -> str:
     """`page_category` → `pageCategory`: Personalize wants camelCase keys matching the schema's fields."""
     words = [w for w in segment.replace("-", "_").split("_") if w]
@@ -67,6 +56,10 @@ def camel_case(segment: str) -> str:
         return segment
     first = words[0][0].lower() + words[0][1:]
     return first + "".join(w[0].upper() + w[1:] for w in words[1:])
+
+
+def _missing(member: str, path: str) -> InvalidRecord:
+    return InvalidRecord("mapping", "missing_field", f"{member}: required field {path!r} is missing")
 
 
 def _check_length(value: str, member: str, limit: limits.StringLimit) -> None:
@@ -85,7 +78,8 @@ def _identifier(value: Any, member: str, limit: limits.StringLimit) -> str:
         _check_length(value, member, limit)
     if kind is int:
         text = str(value)
-        _check_length(text, member, limit)
+        if not limit.min <= len(text) <= limit.max:
+            _check_length(text, member, limit)
         return text
     raise InvalidRecord("mapping", "wrong_type", f"{member}: expected a string, got {_type_name(value)}")
 
@@ -134,7 +128,7 @@ def parse_sent_at(value: Any, fmt: str, member: str = "sentAt") -> float:
         if seconds > _AUTO_MS_THRESHOLD:
             seconds /= 1000.0
     # Milliseconds are what clickstreams carry and what the wire format keeps (see sink.request_body).
-    seconds = round(seconds, 3) if math.isfinite(seconds) else seconds
+    seconds = _round_ms(seconds)
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_EPOCH_SECONDS):
         # Cut short: the message becomes a dead-letter header, and the value can be any size.
         shown = repr(value)[:64]
@@ -142,35 +136,92 @@ def parse_sent_at(value: Any, fmt: str, member: str = "sentAt") -> float:
     return seconds
 
 
+def _round_ms(seconds: float) -> float:
+    """`round(seconds, 3) if math.isfinite(seconds) else seconds`, a few times cheaper for real instants.
+
+    round() goes through decimal digit strings. Within 1970..9999, seconds·1000 is below 2**48, so its
+    rounding error is at most 1/64: unless it lies within 1/32 of a half, the whole number nearest to
+    it is the exact product's nearest, and n / 1000.0 is the double nearest n ms, as round() returns.
+    """
+    if 0.0 < seconds <= MAX_EPOCH_SECONDS:
+        scaled = seconds * 1000.0
+        fraction = scaled % 1.0
+        if fraction < 0.46875:
+            return (scaled - fraction) / 1000.0
+        if fraction > 0.53125:
+            return (scaled - fraction + 1.0) / 1000.0
+    return round(seconds, 3) if math.isfinite(seconds) else seconds
+
+
 class Mapper:
     """Compiled `[mapping]`: call `map(value)` per record."""
 
     def __init__(self, settings: MappingSettings) -> None:
         self.settings = settings
-        self._user_id = compile_path(settings.user_id)
-        self._session_id = compile_path(settings.session_id)
-        self._event_id = compile_path(settings.event_id)
-        self._event_type = compile_path(settings.event_type)
-        self._event_value = compile_path(settings.event_value)
-        self._item_id = compile_path(settings.item_id)
-        self._sent_at = compile_path(settings.sent_at)
-        self._impression = compile_path(settings.impression)
-        self._recommendation_id = compile_path(settings.recommendation_id)
-        self._attribution = compile_path(settings.metric_attribution_source)
-        self._attribution_value = settings.metric_attribution_source_value or None
-        self._sent_at_format = settings.sent_at_format
-        self._renames = dict(settings.event_types)
-        self._only_listed = settings.event_types_only
-        self._properties: list[tuple[str, Getter]] = []
         seen: dict[str, str] = {}
         for path in settings.properties:
             key = camel_case(path.rsplit(".", 1)[-1])
             if key in seen:
                 raise ValueError(f"mapping.properties: {seen[key]!r} and {path!r} both become key {key!r}")
             seen[key] = path
-            getter = compile_path(path)
-            assert getter is not None
-            self._properties.append((key, getter))
+            assert path, "an empty property path maps nothing"  # refused here, as it always was
+        property_paths = [tuple(path.split(".")) for path in settings.properties]
+        # Properties usually sit side by side in one object: `_map` then reads it once, like a member,
+        # and each property by its last segment. Otherwise each property walks its whole path.
+        parents = {path[:-1] for path in property_paths}
+        shared = parents.pop() if len(parents) == 1 else None
+        self._properties_at_top = shared == ()
+        self._properties = tuple(
+            (key, path[-1], None if shared is not None else path)
+            for key, path in zip(seen, property_paths, strict=True)
+        )
+        paths = [
+            tuple(path.split(".")) if path else None
+            for path in (
+                settings.event_type,
+                settings.session_id,
+                settings.user_id,
+                settings.sent_at,
+                settings.item_id,
+                settings.event_value,
+                settings.recommendation_id,
+                settings.impression,
+                settings.metric_attribution_source,
+                settings.event_id,
+            )
+        ]
+        paths.append(shared or None)
+        # A path is usually one key of the message, read with `obj.get`; only a mapping with a nested
+        # path pays for walking them all (see `_map`). None is a key no JSON object has: not mapped.
+        self._flat = all(path is None or len(path) == 1 for path in paths)
+        (
+            self._event_type_key,
+            self._session_id_key,
+            self._user_id_key,
+            self._sent_at_key,
+            self._item_id_key,
+            self._event_value_key,
+            self._recommendation_id_key,
+            self._impression_key,
+            self._source_key,
+            self._event_id_key,
+            self._properties_key,
+        ) = (path[0] if self._flat and path is not None else path for path in paths)
+        self._attributed = bool(settings.metric_attribution_source or settings.metric_attribution_source_value)
+        self._attribution_value = (
+            None if settings.metric_attribution_source else settings.metric_attribution_source_value or None
+        )
+        self._sent_at_format = settings.sent_at_format
+        self._numbers_are_epochs = settings.sent_at_format != "iso8601"
+        # A number above this is milliseconds (see parse_sent_at): never for epoch_s, always for epoch_ms.
+        self._milliseconds_above = {"auto": _AUTO_MS_THRESHOLD, "epoch_s": math.inf}.get(
+            settings.sent_at_format, -math.inf
+        )
+        self._renames = dict(settings.event_types)
+        self._only_listed = settings.event_types_only
+        factor, base = self._size_bound()
+        # Up to this many bytes of message, the event is within the quota without serializing it.
+        self._surely_fits = (limits.MAX_EVENT_BYTES - base) // factor
 
     def map(self, value: bytes | None) -> tuple[SessionKey, dict[str, Any]] | None:
         """The session key and event for one message, or None when the event type is filtered out."""
@@ -182,83 +233,137 @@ class Mapper:
             raise InvalidRecord("decode", "not_json", f"not valid JSON: {exc}") from None
         if type(obj) is not dict:
             raise InvalidRecord("decode", "not_object", f"expected a JSON object, got {_type_name(obj)}")
-        return self.map_object(obj)
+        return self._map(obj, len(value) <= self._surely_fits)
 
     def map_object(self, obj: dict[str, Any]) -> tuple[SessionKey, dict[str, Any]] | None:
-        s = self.settings
-        raw_type = self._required(obj, self._event_type, s.event_type, "eventType")
-        event_type = _identifier(raw_type, "eventType", limits.EVENT_TYPE)
-        renamed = self._renames.get(event_type)
+        """`map` for an object decoded elsewhere."""
+        return self._map(obj, False)
+
+    def _map(self, obj: dict[str, Any], fits: bool) -> tuple[SessionKey, dict[str, Any]] | None:
+        """`fits`: the event is known to be within the size quota, so it need not be serialized to check.
+
+        The common case of each member (a string of valid length, a number) is checked inline; anything
+        else goes to the member's function, which returns the same value or raises the reason.
+        """
+        get: Callable[[Any], Any] = obj.get if self._flat else partial(_lookup, obj)
+        event_type = get(self._event_type_key)
+        if type(event_type) is not str or not _EVENT_TYPE_MIN <= len(event_type) <= _EVENT_TYPE_MAX:
+            if event_type is None:
+                raise _missing("eventType", self.settings.event_type)
+            event_type = _identifier(event_type, "eventType", limits.EVENT_TYPE)
+        renamed = self._renames.get(event_type) if self._renames else None
         if renamed is not None:
             event_type = renamed
         elif self._only_listed:
             return None
 
-        session_id = _identifier(
-            self._required(obj, self._session_id, s.session_id, "sessionId"), "sessionId", limits.SESSION_ID
-        )
-        user_id = self._optional_id(obj, self._user_id, "userId", limits.USER_ID)
-        sent_at = parse_sent_at(self._required(obj, self._sent_at, s.sent_at, "sentAt"), self._sent_at_format)
+        session_id = get(self._session_id_key)
+        if type(session_id) is not str or not _SESSION_ID_MIN <= len(session_id) <= _SESSION_ID_MAX:
+            if session_id is None:
+                raise _missing("sessionId", self.settings.session_id)
+            session_id = _identifier(session_id, "sessionId", limits.SESSION_ID)
+        user_id = get(self._user_id_key)
+        if type(user_id) is not str or not _USER_ID_MIN <= len(user_id) <= _USER_ID_MAX:
+            user_id = None if user_id is None else _identifier(user_id, "userId", limits.USER_ID)
+
+        raw_sent_at = get(self._sent_at_key)
+        kind = type(raw_sent_at)
+        if (kind is float or kind is int) and self._numbers_are_epochs:
+            seconds = float(raw_sent_at)
+            if seconds > self._milliseconds_above:
+                seconds /= 1000.0
+            sent_at = _round_ms(seconds)
+            if not 0.0 < sent_at <= MAX_EPOCH_SECONDS:
+                sent_at = parse_sent_at(raw_sent_at, self._sent_at_format)  # raises
+        elif raw_sent_at is None:
+            raise _missing("sentAt", self.settings.sent_at)
+        else:
+            sent_at = parse_sent_at(raw_sent_at, self._sent_at_format)
         event: dict[str, Any] = {"eventType": event_type, "sentAt": sent_at}
 
-        item_id = self._optional_id(obj, self._item_id, "itemId", limits.ITEM_ID)
+        item_id = get(self._item_id_key)
         if item_id is not None:
+            if type(item_id) is not str or not _ITEM_ID_MIN <= len(item_id) <= _ITEM_ID_MAX:
+                item_id = _identifier(item_id, "itemId", limits.ITEM_ID)
             event["itemId"] = item_id
-        if self._event_value is not None:
-            value = self._event_value(obj)
-            if value is not None:
-                event["eventValue"] = _float(value)
-        recommendation_id = self._optional_id(
-            obj, self._recommendation_id, "recommendationId", limits.RECOMMENDATION_ID
-        )
-        if recommendation_id is not None:
-            event["recommendationId"] = recommendation_id
-        if self._impression is not None:
-            impression = self._impression(obj)
-            if impression is not None:
-                event["impression"] = _impression(impression)
+        value = get(self._event_value_key)
+        if value is not None:
+            event["eventValue"] = _float(value)
+        value = get(self._recommendation_id_key)
+        if value is not None:
+            event["recommendationId"] = _identifier(value, "recommendationId", limits.RECOMMENDATION_ID)
+        value = get(self._impression_key)
+        if value is not None:
+            event["impression"] = _impression(value)
         if self._properties:
-            properties = self._properties_text(obj)
-            if properties is not None:
+            # The object every property is in, when they share one (see `__init__`).
+            parent = obj if self._properties_at_top else get(self._properties_key)
+            if type(parent) is not dict:
+                parent = {}
+            found: dict[str, Any] = {}
+            for key, leaf, path in self._properties:
+                value = parent.get(leaf) if path is None else _walk(obj, path)
+                if type(value) is str:  # the common case, with one test
+                    found[key] = value
+                elif value is not None:
+                    if type(value) is dict or type(value) is list:
+                        raise InvalidRecord("mapping", "wrong_type", f"properties.{key}: expected a scalar value")
+                    found[key] = value
+            if found:
+                properties = orjson.dumps(found).decode()
+                if not _PROPERTIES_MIN <= len(properties) <= _PROPERTIES_MAX:
+                    _check_length(properties, "properties", limits.PROPERTIES)
                 event["properties"] = properties
-        source = self._attribution(obj) if self._attribution is not None else self._attribution_value
-        if source is not None:
-            event["metricAttribution"] = {"eventAttributionSource": _attribution_source(source)}
+        if self._attributed:
+            source = get(self._source_key) if self._attribution_value is None else self._attribution_value
+            if source is not None:
+                event["metricAttribution"] = {"eventAttributionSource": _attribution_source(source)}
 
-        event_id = self._optional_id(obj, self._event_id, "eventId", limits.EVENT_ID)
-        event["eventId"] = event_id if event_id is not None else derive_event_id(session_id, user_id, event)
-        if _may_exceed_quota(event) and _event_bytes(event) > limits.MAX_EVENT_BYTES:
+        event_id = get(self._event_id_key)
+        if event_id is None:
+            event_id = derive_event_id(session_id, user_id, event)
+        elif type(event_id) is not str or not _EVENT_ID_MIN <= len(event_id) <= _EVENT_ID_MAX:
+            event_id = _identifier(event_id, "eventId", limits.EVENT_ID)
+        event["eventId"] = event_id
+        if not fits and _may_exceed_quota(event) and _event_bytes(event) > limits.MAX_EVENT_BYTES:
             raise InvalidRecord("validation", "too_large", f"event exceeds {limits.MAX_EVENT_BYTES} bytes")
         return (session_id, user_id), event
 
-    @staticmethod
-    def _required(obj: dict[str, Any], getter: Getter | None, path: str, member: str) -> Any:
-        value = getter(obj) if getter is not None else None
-        if value is None:
-            raise InvalidRecord("mapping", "missing_field", f"{member}: required field {path!r} is missing")
-        return value
+    def _size_bound(self) -> tuple[int, int]:
+        """(a, b) such that every event `map(raw)` returns serializes to at most a·len(raw) + b bytes.
 
-    @staticmethod
-    def _optional_id(obj: dict[str, Any], getter: Getter | None, member: str, limit: limits.StringLimit) -> str | None:
-        if getter is None:
-            return None
-        value = getter(obj)
-        return None if value is None else _identifier(value, member, limit)
+        Every string member is one value of the raw message re-encoded, and orjson never encodes a
+        string longer than any valid JSON encoding of it: so at most len(raw), plus 2 quotes if it was
+        an integer. A float takes at most 24 bytes however it was written. `properties` is JSON inside a
+        JSON string: escaping can double it. The rest is constants: names and punctuation, a derived
+        eventId, the quotes impression items gain, rename targets, the attribution constant.
+        """
+        s = self.settings
+        a = sum(1 for path in (s.event_type, s.item_id, s.recommendation_id, s.impression, s.event_id) if path)
+        b = 256 + 24 + 24 + 4 * 2 + 2 * limits.IMPRESSION_ITEMS[1] + len(EVENT_ID_PREFIX) + 32 + 2
+        b += max((len(orjson.dumps(target)) for target in self._renames.values()), default=0)
+        if s.metric_attribution_source:
+            a += 1
+        elif self._attribution_value is not None:
+            b += len(orjson.dumps(self._attribution_value))
+        if self._properties:
+            a += 2 * len(self._properties)
+            b += 2 * (2 + sum(len(orjson.dumps(key)) + 2 + 24 for key, _, _ in self._properties))
+        return a, b
 
-    def _properties_text(self, obj: dict[str, Any]) -> str | None:
-        found: dict[str, Any] = {}
-        for key, getter in self._properties:
-            value = getter(obj)
-            if value is None:
-                continue
-            if type(value) in (dict, list):
-                raise InvalidRecord("mapping", "wrong_type", f"properties.{key}: expected a scalar value")
-            found[key] = value
-        if not found:
+
+def _lookup(obj: dict[str, Any], path: tuple[str, ...] | None) -> Any:
+    """`_map`'s reader when some path is nested: every path is then a tuple, or None when not mapped."""
+    return None if path is None else _walk(obj, path)
+
+
+def _walk(value: Any, path: tuple[str, ...]) -> Any:
+    """The value at `path` (an empty path: `value` itself), or None when a step is missing or not an object."""
+    for part in path:
+        if type(value) is not dict:
             return None
-        text = orjson.dumps(found).decode()
-        _check_length(text, "properties", limits.PROPERTIES)
-        return text
+        value = value.get(part)
+    return value
 
 
 def _float(value: Any) -> float:
@@ -286,9 +391,12 @@ def _impression(value: Any) -> list[str]:
     low, high = limits.IMPRESSION_ITEMS
     if not low <= len(items) <= high:
         raise InvalidRecord("validation", "too_long" if items else "too_short", f"impression: {len(items)} items")
-    return [
-        _identifier(item.strip() if type(item) is str else item, "impression", limits.IMPRESSION_ITEM) for item in items
-    ]
+    items = [item.strip() if type(item) is str else item for item in items]
+    for item in items:
+        if type(item) is not str or not _IMPRESSION_ITEM_MIN <= len(item) <= _IMPRESSION_ITEM_MAX:
+            # Not all strings of valid length: convert or reject each in order, as `_identifier` does.
+            return [_identifier(item, "impression", limits.IMPRESSION_ITEM) for item in items]
+    return items
 
 
 def _attribution_source(value: Any) -> str:
@@ -316,7 +424,12 @@ def _event_bytes(event: dict[str, Any]) -> int:
     return len(orjson.dumps(event))
 
 
+# Copied per event ID: cheaper than a new blake2b, whose parameters would be parsed every time.
+_EVENT_ID_HASH = blake2b(digest_size=16)
+
+
 def derive_event_id(session_id: str, user_id: str | None, event: dict[str, Any]) -> str:
     """A content hash, so a replay after a crash or rebalance yields the same ID and Personalize ignores it."""
-    digest = blake2b(orjson.dumps((session_id, user_id, event), option=orjson.OPT_SORT_KEYS), digest_size=16)
+    digest = _EVENT_ID_HASH.copy()
+    digest.update(orjson.dumps((session_id, user_id, event), option=orjson.OPT_SORT_KEYS))
     return EVENT_ID_PREFIX + digest.hexdigest()
