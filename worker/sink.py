@@ -28,7 +28,7 @@ from botocore.httpsession import get_cert_path
 
 from worker import __version__
 from worker.config import PersonalizeSettings
-from worker.http import HttpClient
+from worker.http import HttpClient, host_header
 from worker.metrics import Metrics
 from worker.retry import Action, Backoff, classify
 
@@ -120,11 +120,7 @@ class FixedRequestSigV4(_SigV4Base):  # type: ignore[misc]
         parts = urlsplit(url)
         self._path = self._normalize_url_path(parts.path or "/")
         self._query = self._canonical_query_string_url(parts)
-        default_port = {"https": 443, "http": 80}.get(parts.scheme)
-        host = parts.hostname or ""
-        self._host = f"[{host}]" if ":" in host else host
-        if parts.port is not None and parts.port != default_port:
-            self._host += f":{parts.port}"
+        self._host = host_header(url)
         self._key_date = ""
         self._key = b""
 
