@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import worker.dedup
 from worker.dedup import NEW, PARKED, SEEN, Dedup
 
 
@@ -206,3 +209,55 @@ def test_every_copy_is_returned_exactly_once(ops: list[tuple[str, int]]) -> None
     assert len(handed_back) == len(set(handed_back))
     assert set(handed_back) <= parked
     assert not finals & set(first.values())
+
+
+class Reference:
+    """The window in its plainest form, an OrderedDict: what `Dedup`'s chunked order must behave as."""
+
+    def __init__(self, window: float, max_ids: int) -> None:
+        self.window, self.max_ids = window, max_ids
+        self.entries: OrderedDict[str, float] = OrderedDict()
+
+    def seen(self, event_id: str, now: float) -> bool:
+        at = self.entries.get(event_id)
+        return at is not None and at > now - self.window
+
+    def delivered(self, event_ids: list[str], now: float) -> None:
+        for event_id in event_ids:
+            self.entries.pop(event_id, None)
+            self.entries[event_id] = now
+        while len(self.entries) > self.max_ids or (
+            self.entries and next(iter(self.entries.values())) <= now - self.window
+        ):
+            self.entries.popitem(last=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["admit", "deliver", "tick"]), st.lists(st.integers(0, 40), min_size=1, max_size=12)),
+        max_size=300,
+    ),
+    max_ids=st.integers(1, 30),
+    chunk=st.sampled_from([1, 3, 1024]),
+)
+def test_window_matches_a_plain_ordered_dict(ops: list[tuple[str, list[int]]], max_ids: int, chunk: int) -> None:
+    """Redeliveries, expiry and the size cap in any mix: the same IDs are seen, the same count kept."""
+    saved, worker.dedup.CHUNK = worker.dedup.CHUNK, chunk
+    try:
+        dedup, clock = make(window=20.0, max_ids=max_ids)
+        reference = Reference(20.0, max_ids)
+        for op, numbers in ops:
+            ids = [f"e{n}" for n in numbers]
+            if op == "tick":
+                clock.now += numbers[0] / 4
+            elif op == "deliver":
+                dedup.delivered(ids)
+                reference.delivered(ids, clock.now)
+                assert len(dedup) == len(reference.entries)
+            else:
+                for event_id in ids:
+                    assert (dedup.admit(event_id, event_id) == SEEN) == reference.seen(event_id, clock.now)
+                    dedup.failed(event_id)
+    finally:
+        worker.dedup.CHUNK = saved

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aioboto3
+import orjson
 import pytest
 import pytest_asyncio
 from aiobotocore.config import AioConfig
@@ -65,9 +66,14 @@ def sample_events(count: int, item: str = "item-1") -> list[dict[str, Any]]:
     ]
 
 
+def as_sent(events: list[dict[str, Any]]) -> tuple[list[str], float]:
+    """The events as the pipeline hands them to the sink: serialized, with the first one's sentAt."""
+    return [orjson.dumps(e).decode() for e in events], events[0]["sentAt"]
+
+
 async def test_request_matches_botocore_and_signature_verifies(running: RunningEmulator, sink: Sink) -> None:
     events = sample_events(3)
-    assert await sink.deliver("sess-1", "user-1", events) == []
+    assert await sink.deliver("sess-1", "user-1", *as_sent(events)) == []
     config = AioConfig(retries={"total_max_attempts": 1})
     async with aioboto3.Session().client(
         "personalize-events", region_name="us-east-1", endpoint_url=running.url, config=config
@@ -133,7 +139,7 @@ async def test_invalid_events_are_split_out_and_the_rest_delivered(running: Runn
     events[3]["itemId"] = events[8]["itemId"] = "refused"
     running.emulator.configure(reject_item_ids=["refused"])
     try:
-        rejected = await sink.deliver("sess-2", None, events)
+        rejected = await sink.deliver("sess-2", None, *as_sent(events))
     finally:
         running.emulator.configure(reject_item_ids=None)
     assert [index for index, _ in rejected] == [3, 8]
@@ -147,7 +153,7 @@ async def test_transient_errors_are_retried_until_delivered(running: RunningEmul
     running.emulator.configure(error_rate=0.5)
     try:
         for n in range(20):
-            assert await sink.deliver(f"sess-{n}", None, sample_events(2)) == []
+            assert await sink.deliver(f"sess-{n}", None, *as_sent(sample_events(2))) == []
     finally:
         running.emulator.configure(error_rate=0.0)
     stats = running.emulator.snapshot()

@@ -12,6 +12,7 @@ records at once instead of sending them a second time.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator
 from typing import Generic, TypeVar
@@ -26,9 +27,11 @@ class OffsetOrderError(AssertionError):
 class PartitionOffsets:
     """Outstanding offsets of one partition, in fetch order."""
 
-    __slots__ = ("_done", "_next", "_pending", "committed", "committed_ahead", "retired", "skip")
+    __slots__ = ("_done", "_next", "_pending", "committed", "committed_ahead", "retired", "serial", "skip")
 
-    def __init__(self, start: int | None = None) -> None:
+    def __init__(self, start: int | None = None, serial: int = -1) -> None:
+        self.serial = serial
+        """Names this ownership of the partition (never reused, see `OffsetTracker.owner`)."""
         self._pending: deque[int] = deque()
         self._done: set[int] = set()
         self._next: int | None = start
@@ -98,11 +101,17 @@ class OffsetTracker(Generic[P]):
 
     def __init__(self) -> None:
         self._partitions: dict[P, PartitionOffsets] = {}
+        self.owners: dict[int, tuple[P, PartitionOffsets]] = {}
+        """Serial → the partition and its state, for owned partitions only: records refer to their
+        partition by serial (an int, so they stay plain tuples), and a serial from before a revocation
+        finds nothing, even when the partition is assigned here again."""
+        self._serials = itertools.count()
 
     def assign(self, partition: P) -> PartitionOffsets:
         state = self._partitions.get(partition)
         if state is None:
-            state = self._partitions[partition] = PartitionOffsets()
+            state = self._partitions[partition] = PartitionOffsets(serial=next(self._serials))
+            self.owners[state.serial] = (partition, state)
         return state
 
     def get(self, partition: P) -> PartitionOffsets | None:
@@ -112,6 +121,7 @@ class OffsetTracker(Generic[P]):
         state = self._partitions.pop(partition, None)
         if state is not None:
             state.retired = True
+            del self.owners[state.serial]
 
     def __iter__(self) -> Iterator[tuple[P, PartitionOffsets]]:
         return iter(list(self._partitions.items()))

@@ -249,12 +249,14 @@ def _client_error(status: int, headers: dict[str, str], raw: bytes) -> ClientErr
     return ClientError(response, "PutEvents")  # type: ignore[arg-type]
 
 
-def request_body(tracking_id: str, session_id: str, user_id: str | None, events: list[dict[str, Any]]) -> bytes:
-    """The PutEvents JSON body. sentAt goes out as epoch seconds with milliseconds, which the REST-JSON
-    timestamp format allows; botocore's own serializer would cut it to whole seconds."""
-    if user_id is None:
-        return orjson.dumps({"trackingId": tracking_id, "sessionId": session_id, "eventList": events})
-    return orjson.dumps({"trackingId": tracking_id, "sessionId": session_id, "userId": user_id, "eventList": events})
+def request_body(tracking_id: str, session_id: str, user_id: str | None, events: list[str]) -> bytes:
+    """The PutEvents JSON body around events already serialized (see `pipeline.Item`). sentAt goes out
+    as epoch seconds with milliseconds, which the REST-JSON timestamp format allows; botocore's own
+    serializer would cut it to whole seconds."""
+    head: dict[str, str] = {"trackingId": tracking_id, "sessionId": session_id}
+    if user_id is not None:
+        head["userId"] = user_id
+    return b"".join((orjson.dumps(head)[:-1], b',"eventList":[', ",".join(events).encode(), b"]}"))
 
 
 class Sink:
@@ -275,13 +277,14 @@ class Sink:
     async def close(self) -> None:
         await self.client.close()
 
-    async def deliver(self, session_id: str, user_id: str | None, events: list[dict[str, Any]]) -> list[Rejection]:
-        """Send until every event is accepted or rejected as invalid; returns the rejected ones."""
+    async def deliver(self, session_id: str, user_id: str | None, events: list[str], sent_at: float) -> list[Rejection]:
+        """Send until every event (as JSON) is accepted or rejected as invalid; returns the rejected ones.
+        `sent_at` is the first event's: the age of the oldest event in the call."""
         rejected: list[Rejection] = []
-        pending: list[tuple[int, list[dict[str, Any]]]] = [(0, events)]
+        pending: list[tuple[int, list[str]]] = [(0, events)]
         while pending:
             offset, chunk = pending.pop(0)
-            verdict_message = await self._send_until_final(session_id, user_id, chunk)
+            verdict_message = await self._send_until_final(session_id, user_id, chunk, sent_at)
             if verdict_message is None:
                 continue
             if len(chunk) == 1:
@@ -292,7 +295,9 @@ class Sink:
             pending[:0] = [(offset, chunk[:half]), (offset + half, chunk[half:])]
         return rejected
 
-    async def _send_until_final(self, session_id: str, user_id: str | None, events: list[dict[str, Any]]) -> str | None:
+    async def _send_until_final(
+        self, session_id: str, user_id: str | None, events: list[str], sent_at: float
+    ) -> str | None:
         """None once accepted; the service's message when it rejects the content."""
         body = request_body(self._settings.tracking_id, session_id, user_id, events)
         metrics = self._metrics
@@ -328,5 +333,5 @@ class Sink:
             metrics.events_sent.inc(len(events))
             metrics.events_per_call.observe(len(events))
             # Once per call, for the first (in session order, the oldest) event: a bound for the rest.
-            metrics.event_age.observe(time.time() - events[0]["sentAt"])
+            metrics.event_age.observe(time.time() - sent_at)
             return None
