@@ -20,7 +20,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from worker.config import Settings
 from worker.deadletter import DeadLetter
 from worker.metrics import Metrics
-from worker.pipeline import Pipeline
+from worker.pipeline import Flag, Pipeline
 from worker.sink import RateLimiter, Rejection
 from worker.source import Source
 
@@ -326,3 +326,23 @@ async def test_a_partition_reassigned_while_a_poll_is_handed_over_takes_no_more_
     assert second.outstanding == 0, "nothing fetched under the old assignment enters the new one"
     assert pipeline.tracker.get(tp1).outstanding == 1000  # type: ignore[union-attr]
     assert fetched < 2000
+
+
+async def test_flag_wakes_its_waiters_times_out_and_never_swallows_a_cancellation() -> None:
+    flag = Flag()
+    loop = asyncio.get_running_loop()
+    waiters = [asyncio.create_task(flag.wait(10.0)) for _ in range(2)]
+    await asyncio.sleep(0)
+    flag.set()
+    await asyncio.wait_for(asyncio.gather(*waiters), 1.0)
+    await flag.wait(10.0)  # still set: returns at once
+    flag.clear()
+    began = loop.time()
+    await flag.wait(0.05)
+    assert loop.time() - began >= 0.04, "unset, it waits out its timeout"
+    waiting = asyncio.create_task(flag.wait(10.0))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not flag._waiters, "a cancelled wait leaves nothing behind"

@@ -97,13 +97,52 @@ VALUE: Final = 7
 HEADERS: Final = 8
 
 
-async def wait_event(event: asyncio.Event, timeout: float) -> None:
-    """Wait for the event or the timeout. Not `wait_for`: on 3.11 it can swallow a cancellation."""
-    try:
-        async with asyncio.timeout(timeout):
-            await event.wait()
-    except TimeoutError:
-        pass
+class Flag:
+    """asyncio.Event's set/clear with a timed wait that costs one future and one timer handle.
+
+    The dispatcher waits once per finished call: under `asyncio.timeout` (a Timeout object, its
+    reschedule and exit) that was ~2% of the worker's CPU. (`wait_for` is not used: on 3.11 it can
+    swallow a cancellation.)"""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        if self._waiters:
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._waiters.clear()
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self, timeout: float) -> None:
+        """Until set, or for `timeout` seconds."""
+        if self._set:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = loop.call_later(timeout, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Pipeline:
@@ -135,8 +174,8 @@ class Pipeline:
         self._active: set[asyncio.Task[None]] = set()
         self._dead: list[tuple[PartitionOffsets, DeadLetter]] = []
         self._dead_ready = asyncio.Event()
-        self.wakeup = asyncio.Event()
-        self.progress = asyncio.Event()
+        self.wakeup = Flag()
+        self.progress = Flag()
         """Set whenever records become final: waiters for a drain re-check then."""
 
     # --- intake -------------------------------------------------------------------------------
@@ -274,7 +313,7 @@ class Pipeline:
                     # Linger shrinks as the call rate falls: re-check at least every 50 ms.
                     timeout = min(0.05, max(0.001, oldest + linger - now))
             self.wakeup.clear()
-            await wait_event(self.wakeup, timeout)
+            await self.wakeup.wait(timeout)
 
     def linger(self, now: float) -> float:
         """How long a partial batch waits to fill: not at all while calls are plentiful (below half
@@ -366,7 +405,7 @@ class Pipeline:
             if remaining <= 0:
                 return False
             self.progress.clear()
-            await wait_event(self.progress, min(remaining, 0.05))
+            await self.progress.wait(min(remaining, 0.05))
         return True
 
     def drop_unsent(self, partitions: Sequence[TopicPartition]) -> None:
