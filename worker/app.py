@@ -50,7 +50,6 @@ class Worker:
         self.server = MetricsServer(self.metrics, self.readiness)
         self.stop_requested = asyncio.Event()
         self._stalled_reason: str | None = None
-        self._fetching = True
 
     def readiness(self) -> tuple[bool, str]:
         if not self.source.assigned_once.is_set():
@@ -70,8 +69,8 @@ class Worker:
         await self.server.start(self.settings.metrics.host, self.settings.metrics.port)
         await self.sink.start()
         with explain_connection_errors(self.settings.kafka):
-            await self.producer.start()
-            await self.source.start()
+            # Together: each waits mostly on the broker (the consumer on joining its group).
+            await asyncio.gather(self.producer.start(), self.source.start())
         self.metrics.rate_limit.set(self.sink.limiter.rate)
         tune_garbage_collector()
         log.info("running", extra={"metrics_port": self.server.port, "until_drained": self.until_drained})
@@ -95,10 +94,11 @@ class Worker:
     async def shutdown(self, tasks: list[asyncio.Task[None]], stop: asyncio.Future[Any]) -> bool:
         """Stop taking work, finish what is in hand within the drain budget, commit, close clients."""
         budget = self.settings.worker.drain_timeout_seconds
-        # 1. Stop fetching: nothing new enters the pipeline from here on.
-        self._fetching = False
+        # 1. Stop fetching: nothing new enters the pipeline from here on. A poll cut short loses nothing:
+        #    what it held is not tracked, so no commit passes it, and it is read again after a restart.
         fetch, dispatch, dead_letters, committer = tasks
-        await asyncio.wait([fetch], timeout=2.0)
+        fetch.cancel()
+        await asyncio.gather(fetch, return_exceptions=True)
         # 2. Send every buffered batch now, ignoring linger, and wait (bounded) for the results. Part of
         #    the budget is kept for step 3.
         grace = min(budget / 2, self.settings.personalize.request_timeout_seconds)
@@ -133,7 +133,7 @@ class Worker:
         return asyncio.create_task(coroutine, name=name)
 
     async def _fetch_loop(self) -> None:
-        while self._fetching:
+        while True:
             await self.source.fetch_once()
 
     async def _commit_loop(self) -> None:
