@@ -13,6 +13,7 @@ from worker.offsets import (
     PartitionOffsets,
     decode_ahead,
     encode_ahead,
+    encode_sorted_ahead,
 )
 
 
@@ -293,3 +294,26 @@ def test_ahead_metadata_stays_within_kafkas_metadata_limit_and_lists_only_finish
 @pytest.mark.parametrize("text", [None, "", "garbage", "pw1:zz+1", "pw1:1+", "other:1+2"])
 def test_unreadable_metadata_means_nothing_to_skip(text: str | None) -> None:
     assert decode_ahead(10, text) == set()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    offsets=st.lists(st.integers(0, 3000), min_size=1, max_size=400, unique=True).map(sorted),
+    finished=st.data(),
+    limit=st.sampled_from([12, 40, MAX_AHEAD_CHARS]),
+)
+def test_metadata_walked_from_pending_equals_the_sorted_encoding(
+    offsets: list[int], finished: st.DataObject, limit: int
+) -> None:
+    """`ahead_metadata` walks the pending offsets instead of sorting the finished ones: same text."""
+    state = PartitionOffsets()
+    state.track(offsets)
+    for offset in finished.draw(st.lists(st.sampled_from(offsets), unique=True)):
+        state.finish(offset)
+    base = state.committable()
+    assert base is not None
+    pending_done = {offset for offset in state._done if offset > base}
+    walked = encode_sorted_ahead(base, (o for o in state._pending if o in state._done), limit)
+    assert walked == encode_ahead(base, pending_done, limit)
+    if limit == MAX_AHEAD_CHARS:
+        assert state.ahead_metadata() == encode_ahead(base, pending_done)

@@ -4,6 +4,7 @@ the same errors, signatures that verify, and the retry / split behaviour on top.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -191,3 +192,21 @@ def test_fixed_request_signer_signs_exactly_like_botocore(
             signer.add_auth(request)
             signed.append(dict(request.headers.items()))
         assert signed[0] == signed[1], "same headers and signature, also across a date change"
+
+
+def test_signing_clock_is_botocores_to_the_second() -> None:
+    import datetime
+
+    from botocore.auth import SIGV4_TIMESTAMP
+    from botocore.credentials import Credentials
+
+    from worker.sink import FixedRequestSigV4
+
+    signer = FixedRequestSigV4(Credentials(KEY, SECRET), "personalize", "us-east-1", "http://127.0.0.1:1/events")
+    for _ in range(3):
+        before = datetime.datetime.now(datetime.UTC).strftime(SIGV4_TIMESTAMP)
+        ours = signer.timestamp()
+        sent = dict(signer.headers(b"{}"))["X-Amz-Date"]
+        after = datetime.datetime.now(datetime.UTC).strftime(SIGV4_TIMESTAMP)
+        assert before <= ours <= sent <= after
+        time.sleep(0.4)

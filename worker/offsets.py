@@ -13,10 +13,9 @@ records at once instead of sending them a second time.
 from __future__ import annotations
 
 import itertools
-from bisect import bisect_right
 from collections import deque
-from collections.abc import Hashable, Iterable, Iterator, Sequence
-from typing import Generic, TypeVar, overload
+from collections.abc import Hashable, Iterable, Iterator
+from typing import Generic, TypeVar
 
 P = TypeVar("P", bound=Hashable)
 
@@ -87,8 +86,13 @@ class PartitionOffsets:
         base = self.committable()
         if base is None or not (self._done or self.skip):
             return ""
-        # Offsets inherited from the previous owner and not read yet are passed on too.
-        return encode_ahead(base, self._done | {offset for offset in self.skip if offset > base})
+        if self.skip:  # offsets inherited from the previous owner and not read yet are passed on too
+            return encode_ahead(base, self._done | {offset for offset in self.skip if offset > base})
+        # `_pending` is in offset order and holds every finished offset above `base`: walking it yields
+        # the lowest runs without sorting all of them (~8,000 per partition at full buffer, of which the
+        # metadata has room for a fraction). Sorting them was ~4% of the worker's CPU.
+        done = self._done
+        return encode_sorted_ahead(base, (offset for offset in self._pending if offset in done))
 
     def committable(self) -> int | None:
         """The offset to commit (Kafka's "next record to read"), or None if nothing was ever tracked."""
@@ -158,58 +162,35 @@ class OffsetTracker(Generic[P]):
 AHEAD_PREFIX = "pw1:"
 # Kafka refuses commit metadata above offset.metadata.max.bytes (4096 by default).
 MAX_AHEAD_CHARS = 3800
-SHORT_RUN = 16
-"""Runs up to this long are walked; longer ones binary-searched."""
 
 
 def encode_ahead(base: int, offsets: Iterable[int], limit: int = MAX_AHEAD_CHARS) -> str:
     """Offsets above `base` as hex runs `start+length` relative to it; the lowest runs first, cut at
     `limit` (a subset only costs re-sends, never a loss)."""
+    return encode_sorted_ahead(base, sorted(offsets), limit)
+
+
+def encode_sorted_ahead(base: int, ordered: Iterable[int], limit: int = MAX_AHEAD_CHARS) -> str:
+    """`encode_ahead` for offsets in ascending order, read only as far as `limit` leaves room."""
     parts: list[str] = []
     size = len(AHEAD_PREFIX)
-    ordered = sorted(offsets)
-    # In a sorted run of distinct offsets, offset - index is constant, and it never decreases along the
-    # list: a long run's end is found by binary search, not a step per offset (50,000 per commit).
-    shifted = _Shifted(ordered)
-    count = len(ordered)
-    index = 0
-    while index < count:
-        start = ordered[index]
-        after = index + 1
-        while after < count and ordered[after] == start + after - index:
-            after += 1
-            if after - index == SHORT_RUN:
-                after = bisect_right(shifted, start - index, lo=after)
-                break
-        end = ordered[after - 1]
+    start = end = -2
+    for offset in ordered:
+        if offset == end + 1:
+            end = offset
+            continue
+        if start >= 0:
+            part = f"{start - base:x}+{end - start:x}"
+            size += len(part) + 1
+            if size > limit:
+                return AHEAD_PREFIX + ",".join(parts) if parts else ""
+            parts.append(part)
+        start = end = offset
+    if start >= 0:
         part = f"{start - base:x}+{end - start:x}"
-        size += len(part) + 1
-        if size > limit:
-            break
-        parts.append(part)
-        index = after
+        if size + len(part) + 1 <= limit:
+            parts.append(part)
     return AHEAD_PREFIX + ",".join(parts) if parts else ""
-
-
-class _Shifted(Sequence[int]):
-    """`ordered[i] - i`, computed where the binary search looks."""
-
-    __slots__ = ("_ordered",)
-
-    def __init__(self, ordered: list[int]) -> None:
-        self._ordered = ordered
-
-    def __len__(self) -> int:
-        return len(self._ordered)
-
-    @overload
-    def __getitem__(self, index: int) -> int: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[int]: ...
-    def __getitem__(self, index: int | slice) -> int | Sequence[int]:
-        if isinstance(index, slice):
-            raise TypeError("not sliceable")
-        return self._ordered[index] - index
 
 
 def decode_ahead(base: int, text: str | None) -> set[int]:

@@ -123,18 +123,32 @@ class FixedRequestSigV4(_SigV4Base):  # type: ignore[misc]
         self._host = host_header(url)
         self._key_date = ""
         self._key = b""
+        self._second = -1
+        self._timestamp = ""
+
+    def timestamp(self) -> str:
+        """X-Amz-Date for now, formatted once a second: botocore's datetime.now() and strftime per call
+        were ~2% of the worker's CPU."""
+        second = int(time.time())
+        if second != self._second:
+            self._timestamp = time.strftime(SIGV4_TIMESTAMP, time.gmtime(second))
+            self._second = second
+        return self._timestamp
 
     def add_auth(self, request: AWSRequest) -> None:
-        """botocore's entry point, for comparing with it: signs an AWSRequest via `headers`."""
+        """botocore's entry point, for comparing with it: signs an AWSRequest via `headers`, at
+        botocore's clock (looked up on its module, as botocore does, so a test can fix both)."""
         body = request.body or b""
         body = body.encode() if isinstance(body, str) else body
-        for name, value in self.headers(body, request.headers.get("Content-Type", CONTENT_TYPE)):
+        timestamp = _botocore_auth.get_current_datetime().strftime(SIGV4_TIMESTAMP)
+        for name, value in self.headers(body, request.headers.get("Content-Type", CONTENT_TYPE), timestamp):
             request.headers[name] = value
 
-    def headers(self, body: bytes, content_type: str = CONTENT_TYPE) -> list[tuple[str, str]]:
+    def headers(
+        self, body: bytes, content_type: str = CONTENT_TYPE, timestamp: str | None = None
+    ) -> list[tuple[str, str]]:
         """Content-Type, X-Amz-Date, the session token if any, and Authorization for this body."""
-        # Looked up on the module each call, as botocore does, so tests can fix the clock the same way.
-        timestamp = _botocore_auth.get_current_datetime().strftime(SIGV4_TIMESTAMP)
+        timestamp = timestamp or self.timestamp()
         date = timestamp[:8]
         token = self.credentials.token
         canonical_headers = f"content-type:{content_type}\nhost:{self._host}\nx-amz-date:{timestamp}\n"
