@@ -301,6 +301,12 @@ class SlicedConsumer(FakeConsumer):
 
     def resume(self, *partitions: TopicPartition) -> None: ...
 
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(partitions, 1000)
+
+    async def position(self, partition: TopicPartition) -> int:
+        return 1000  # past the whole poll as soon as getmany returned it
+
 
 async def test_a_partition_reassigned_while_a_poll_is_handed_over_takes_no_more_of_it() -> None:
     """The poll is ingested in slices with the loop let go between them: records fetched under the old
@@ -346,3 +352,42 @@ async def test_flag_wakes_its_waiters_times_out_and_never_swallows_a_cancellatio
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert not flag._waiters, "a cancelled wait leaves nothing behind"
+
+
+async def test_drained_is_never_concluded_while_a_poll_is_being_handed_over() -> None:
+    """The first slice finishes at once (a previous owner delivered it); the consumer's position is
+    already past the whole poll. Concluding "drained" then would commit past 800 unseen records."""
+    tp = TopicPartition("t", 0)
+    consumer = SlicedConsumer({tp}, {tp: records(0, 1000)})
+    pipeline, source, dispatcher = await start(GatedSink(), consumer)
+    dispatcher.cancel()
+    await asyncio.gather(dispatcher, return_exceptions=True)
+    await source.on_partitions_assigned([tp])
+    state = pipeline.tracker.get(tp)
+    assert state is not None
+    state.skip = set(range(200))
+    checking = asyncio.create_task(source.drained())  # runs at the first turn the hand-over gives up
+    assert await source.fetch_once() == 1000
+    assert not await checking
+    assert all(commit.get(tp, 0) <= 200 for commit in consumer.commits), consumer.commits
+    assert pipeline.outstanding == 800
+
+
+async def test_a_partition_being_revoked_takes_no_more_of_a_poll() -> None:
+    """Records handed over after its revocation began would be sent by the old owner while the new
+    one reads them again: quota paid twice. They are left to the new owner."""
+    tp = TopicPartition("t", 0)
+    consumer = SlicedConsumer({tp}, {tp: records(0, 1000)})
+    sink = SelectiveSink(held=set())
+    _, source, dispatcher = await start(sink, consumer)
+    try:
+        await source.on_partitions_assigned([tp])
+        revoking = asyncio.create_task(source.on_partitions_revoked([tp]))
+        fetched = await source.fetch_once()
+        await revoking
+    finally:
+        dispatcher.cancel()
+        await asyncio.gather(dispatcher, return_exceptions=True)
+    assert fetched == 200, "only the slice handed over before the revocation began"
+    assert len(sink.delivered) == 200
+    assert consumer.commits[-1] == {tp: 200}

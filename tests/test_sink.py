@@ -194,7 +194,7 @@ def test_fixed_request_signer_signs_exactly_like_botocore(
         assert signed[0] == signed[1], "same headers and signature, also across a date change"
 
 
-def test_signing_clock_is_botocores_to_the_second() -> None:
+def test_signing_clock_is_botocores_to_the_second(monkeypatch: pytest.MonkeyPatch) -> None:
     import datetime
 
     from botocore.auth import SIGV4_TIMESTAMP
@@ -203,10 +203,8 @@ def test_signing_clock_is_botocores_to_the_second() -> None:
     from worker.sink import FixedRequestSigV4
 
     signer = FixedRequestSigV4(Credentials(KEY, SECRET), "personalize", "us-east-1", "http://127.0.0.1:1/events")
-    for _ in range(3):
-        before = datetime.datetime.now(datetime.UTC).strftime(SIGV4_TIMESTAMP)
-        ours = signer.timestamp()
-        sent = dict(signer.headers(b"{}"))["X-Amz-Date"]
-        after = datetime.datetime.now(datetime.UTC).strftime(SIGV4_TIMESTAMP)
-        assert before <= ours <= sent <= after
-        time.sleep(0.4)
+    for now in (1_795_391_999.9, 1_795_392_000.0, 1_795_392_000.7, 1_795_478_400.2):
+        monkeypatch.setattr(time, "time", lambda now=now: now)
+        expected = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime(SIGV4_TIMESTAMP)
+        assert signer.timestamp() == expected
+        assert dict(signer.headers(b"{}"))["X-Amz-Date"] == expected

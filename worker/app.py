@@ -70,7 +70,14 @@ class Worker:
         await self.sink.start()
         with explain_connection_errors(self.settings.kafka):
             # Together: each waits mostly on the broker (the consumer on joining its group).
-            await asyncio.gather(self.producer.start(), self.source.start())
+            producing = asyncio.ensure_future(self.producer.start())
+            try:
+                await self.source.start()
+            except BaseException:
+                producing.cancel()
+                await asyncio.gather(producing, return_exceptions=True)
+                raise
+            await producing
         self.metrics.rate_limit.set(self.sink.limiter.rate)
         tune_garbage_collector()
         log.info("running", extra={"metrics_port": self.server.port, "until_drained": self.until_drained})

@@ -114,6 +114,10 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         self.last_progress = clock()
         """When records were last fetched or offsets last moved forward: the stall watchdog's clock."""
         self.assigned_once = asyncio.Event()
+        self._revoking: set[TopicPartition] = set()
+        """Partitions whose revocation is under way: a poll being handed over gives them no more records."""
+        self._handing_over = False
+        """A poll is being handed to the pipeline a slice at a time (see `fetch_once`)."""
 
     async def start(self) -> None:
         self.consumer.subscribe(topics=list(self._settings.kafka.topics), listener=self)
@@ -128,6 +132,13 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         """Flush the partitions' work within a budget, commit, then forget them."""
         if not revoked:
             return
+        self._revoking.update(revoked)
+        try:
+            await self._hand_over(revoked)
+        finally:
+            self._revoking.difference_update(revoked)
+
+    async def _hand_over(self, revoked: Sequence[TopicPartition]) -> None:
         budget = self._settings.worker.rebalance_timeout_seconds
         grace = min(budget / 2, self._settings.personalize.request_timeout_seconds)
         settled = await self._pipeline.settle_partitions(list(revoked), budget - grace)
@@ -188,20 +199,25 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         limit = max(1, min(self._settings.kafka.max_poll_records, room))
         batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=limit)
         tracker = self._pipeline.tracker
-        # Ownership as it was when these records were fetched: a partition revoked (and perhaps assigned
-        # again, to a new state) while the loop was let go takes none of them; its new owner reads them.
+        # Ownership as it was when these records were fetched: a partition being revoked, or revoked (and
+        # perhaps assigned again, to a new state) while the loop was let go takes no more of them; its
+        # next owner reads them.
         owned = {tp: tracker.get(tp) for tp in batches}
         count = 0
-        for tp, records in batches.items():
-            for start in range(0, len(records), INGEST_SLICE):
-                if count:
-                    await asyncio.sleep(0)
-                state = owned[tp]
-                if state is None or tracker.get(tp) is not state:
-                    break
-                chunk = records[start : start + INGEST_SLICE]
-                self._pipeline.ingest(tp, chunk)
-                count += len(chunk)
+        self._handing_over = True  # the position is past records the pipeline has not seen yet
+        try:
+            for tp, records in batches.items():
+                for start in range(0, len(records), INGEST_SLICE):
+                    if count:
+                        await asyncio.sleep(0)
+                    state = owned[tp]
+                    if state is None or tracker.get(tp) is not state or tp in self._revoking:
+                        break
+                    chunk = records[start : start + INGEST_SLICE]
+                    self._pipeline.ingest(tp, chunk)
+                    count += len(chunk)
+        finally:
+            self._handing_over = False
         if count:
             self.last_progress = self._clock()
             self._metrics.last_fetch.set(time.time())
@@ -273,13 +289,17 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         if not assignment or self._pipeline.outstanding:
             return False
         ends = await self.consumer.end_offsets(list(assignment))
-        for tp in assignment:
-            state = self._pipeline.tracker.get(tp)
-            if state is None:
+        positions = {tp: await self.consumer.position(tp) for tp in assignment}
+        # Re-checked after the awaits: the consumer's position runs ahead of a poll still being handed
+        # over, and advancing to it then would commit past records the pipeline has not seen.
+        if self._handing_over or self._pipeline.outstanding:
+            return False
+        states = {tp: self._pipeline.tracker.get(tp) for tp in assignment}
+        for tp, state in states.items():
+            if state is None or positions[tp] < ends[tp]:
                 return False
-            position = await self.consumer.position(tp)
-            if position < ends[tp]:
-                return False
-            state.advance(position)
+        for tp, state in states.items():
+            if state is not None:
+                state.advance(positions[tp])
         await self.commit()
         return not self._pipeline.tracker.to_commit()
