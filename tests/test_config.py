@@ -194,3 +194,11 @@ def test_attribution_path_and_constant_are_exclusive() -> None:
 def test_properties_may_not_use_names_personalize_reserves(path: str) -> None:
     with pytest.raises(ConfigError, match=r"mapping\.properties: .*reserves"):
         load_settings(None, {"PW_PERSONALIZE__TRACKING_ID": "t", "PW_MAPPING__PROPERTIES": path})
+
+
+@pytest.mark.parametrize("path", ["", "ctx.", ".page", "a..b"])
+def test_properties_must_be_dotted_paths_without_empty_names(path: str, tmp_path: Path) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text(f'[personalize]\ntracking_id = "t"\n[mapping]\nproperties = ["ctx.a", "{path}"]\n')
+    message = error_of(config)
+    assert "mapping.properties" in message and "empty name" in message, message

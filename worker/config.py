@@ -109,10 +109,12 @@ class MappingSettings(_Section):
 
     @field_validator("properties")
     @classmethod
-    def _properties_not_reserved(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _properties_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         from worker.mapping import camel_case  # mapping imports this module
 
         for path in value:
+            if not all(path.split(".")):
+                raise ValueError(f"{path!r} is not a dotted path to a member (an empty name in it)")
             key = camel_case(path.rsplit(".", 1)[-1])
             if key.lower() in limits.RESERVED_PROPERTY_KEYS:
                 raise ValueError(f"{path!r} would become property {key!r}, a name Personalize reserves")
