@@ -176,23 +176,27 @@ def encode_sorted_ahead(base: int, ordered: Iterable[int], limit: int = MAX_AHEA
     """`encode_ahead` for offsets in ascending order, read only as far as `limit` leaves room."""
     parts: list[str] = []
     size = len(AHEAD_PREFIX)
-    start = end = -2
-    for offset in ordered:
-        if offset == end + 1:
-            end = offset
-            continue
-        if start >= 0:
-            part = f"{start - base:x}+{end - start:x}"
-            size += len(part) + 1
-            if size > limit:
-                return AHEAD_PREFIX + ",".join(parts) if parts else ""
-            parts.append(part)
-        start = end = offset
-    if start >= 0:
+    for start, end in _runs(ordered):
         part = f"{start - base:x}+{end - start:x}"
-        if size + len(part) + 1 <= limit:
-            parts.append(part)
+        size += len(part) + 1
+        if size > limit:
+            break
+        parts.append(part)
     return AHEAD_PREFIX + ",".join(parts) if parts else ""
+
+
+def _runs(ordered: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """(first, last) of each run of consecutive offsets, lazily."""
+    offsets = iter(ordered)
+    start = end = next(offsets, None)
+    if start is None or end is None:
+        return
+    for offset in offsets:
+        if offset != end + 1:
+            yield start, end
+            start = offset
+        end = offset
+    yield start, end
 
 
 def decode_ahead(base: int, text: str | None) -> set[int]:
