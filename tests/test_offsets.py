@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.offsets import (
     MAX_AHEAD_CHARS,
+    MetadataError,
     OffsetOrderError,
     OffsetTracker,
     PartitionOffsets,
@@ -265,9 +268,9 @@ def test_ahead_metadata_round_trips_the_finished_records_above_the_commit_point(
         state.finish(offset)
     assert state.committable() == 100
     text = state.ahead_metadata()
-    assert decode_ahead(100, text) == {103, 104, 105, 110, 119}
+    assert decode_ahead(100, text, SPAN) == {103, 104, 105, 110, 119}
     state.finish(100)
-    assert decode_ahead(state.committable() or 0, state.ahead_metadata()) == {103, 104, 105, 110, 119}
+    assert decode_ahead(state.committable() or 0, state.ahead_metadata(), SPAN) == {103, 104, 105, 110, 119}
 
 
 def test_finishing_ahead_of_the_commit_point_is_worth_a_commit() -> None:
@@ -286,14 +289,90 @@ def test_ahead_metadata_stays_within_kafkas_metadata_limit_and_lists_only_finish
     finished = set(range(1, 200_000, 3))
     text = encode_ahead(0, finished)
     assert len(text) <= MAX_AHEAD_CHARS
-    decoded = decode_ahead(0, text)
+    decoded = decode_ahead(0, text, SPAN)
     assert decoded and decoded <= finished
     assert min(decoded) == 1, "the lowest runs are kept first"
 
 
-@pytest.mark.parametrize("text", [None, "", "garbage", "pw1:zz+1", "pw1:1+", "other:1+2"])
-def test_unreadable_metadata_means_nothing_to_skip(text: str | None) -> None:
-    assert decode_ahead(10, text) == set()
+@pytest.mark.parametrize("text", [None, "", "garbage", "other:1+2"])
+def test_foreign_metadata_means_nothing_to_skip(text: str | None) -> None:
+    assert decode_ahead(10, text, SPAN) == set()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "pw1:zz+1",
+        "pw1:1+",
+        "pw1:+1",
+        "pw2:a;zz+1",
+        "pw2:a",
+        "pw2:b;1+2",  # written for offset 11, read at 10: an admin moved the offset
+        "pw1:1+" + "f" * 17,
+        "pw1:" + ",".join(["1+1"] * 20_000),  # longer than any encoder writes
+        "pw1:1+1f,1+1f",  # overlapping runs expanding past the span
+    ],
+)
+def test_malformed_or_oversized_metadata_is_refused_not_trusted(text: str) -> None:
+    with pytest.raises(MetadataError):
+        decode_ahead(10, text, 40)
+
+
+def test_hostile_metadata_expands_to_at_most_the_span_quickly() -> None:
+    """`pw1:1+4c4b3f` once expanded to 5M offsets (473 MiB, 3.9 s inside the rebalance callback)."""
+    started = time.process_time()
+    decoded = decode_ahead(100, "pw1:1+4c4b3f", 1000)
+    assert decoded == set(range(101, 1101))
+    assert time.process_time() - started < 1.0
+    assert decode_ahead(100, "pw1:7d0+5", 1000) == set(), "runs wholly beyond the span are dropped"
+
+
+def test_metadata_names_its_base_and_round_trips() -> None:
+    text = encode_ahead(0x1234, {0x1236, 0x1237})
+    assert text.startswith("pw2:1234;")
+    assert decode_ahead(0x1234, text, SPAN) == {0x1236, 0x1237}
+    with pytest.raises(MetadataError):
+        decode_ahead(0x1235, text, SPAN)
+
+
+def test_metadata_limit_shortens_or_drops_it() -> None:
+    state = PartitionOffsets()
+    state.track(range(0, 1000))
+    for offset in range(2, 1000, 2):
+        state.finish(offset)
+    full, short = state.ahead_metadata(), state.ahead_metadata(40)
+    assert len(full) > 40 >= len(short) > 0
+    assert decode_ahead(0, short, SPAN) <= decode_ahead(0, full, SPAN)
+    assert state.ahead_metadata(0) == ""
+
+
+def test_commit_lag_and_oldest_unfinished() -> None:
+    state = PartitionOffsets(now=5.0)
+    assert state.commit_lag == 0 and state.oldest_unfinished() is None
+    state.track(range(0, 200), now=10.0)
+    state.track(range(200, 400), now=20.0)
+    assert state.commit_lag == 400
+    assert state.oldest_unfinished() == (0, 10.0)
+    for offset in range(1, 400):
+        state.finish(offset)
+    assert state.commit_lag == 400, "one unfinished record holds the whole span"
+    state.finish(0)
+    assert state.commit_lag == 0 and state.oldest_unfinished() is None
+    state.track([400, 401], now=30.0)
+    state.finish(400)
+    assert state.oldest_unfinished() == (401, 30.0)
+
+
+def test_only_a_moving_offset_counts_as_progress() -> None:
+    tracker: OffsetTracker[str] = OffsetTracker()
+    state = tracker.assign("p", now=1.0)
+    assert state.advanced_at == 1.0
+    state.track([0, 1, 2], now=1.0)
+    state.finish(0)
+    assert tracker.mark_committed({"p": 1}, now=2.0)
+    state.finish(2)
+    assert not tracker.mark_committed({"p": 1}, now=3.0), "same offset, new metadata: not progress"
+    assert state.advanced_at == 2.0
 
 
 @settings(max_examples=200, deadline=None)
@@ -317,3 +396,6 @@ def test_metadata_walked_from_pending_equals_the_sorted_encoding(
     assert walked == encode_ahead(base, pending_done, limit)
     if limit == MAX_AHEAD_CHARS:
         assert state.ahead_metadata() == encode_ahead(base, pending_done)
+
+
+SPAN = 100_000

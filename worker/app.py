@@ -12,10 +12,13 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from worker.batching import Batch
 from worker.config import Settings, redacted
 from worker.deadletter import DeadLetterWriter
+from worker.health import Watchdog
+from worker.mapping import SessionKey
 from worker.metrics import Metrics, MetricsServer
-from worker.pipeline import Pipeline
+from worker.pipeline import Item, Pipeline
 from worker.sink import Sink
 from worker.source import Source, explain_connection_errors, kafka_security
 
@@ -48,17 +51,32 @@ class Worker:
         self.pipeline = Pipeline(settings, self.sink, self.dead_letters, self.metrics, quota=self.sink.limiter)
         self.source = Source(settings, self.pipeline, self.metrics)
         self.server = MetricsServer(self.metrics, self.readiness)
+        self.watchdog = Watchdog(self.pipeline, self.metrics, self, settings.worker.stall_timeout_seconds)
         self.stop_requested = asyncio.Event()
-        self._stalled_reason: str | None = None
 
     def readiness(self) -> tuple[bool, str]:
         if not self.source.assigned_once.is_set():
             return False, "waiting for a partition assignment"
         if self.dead_letters.blocked_reason:
             return False, self.dead_letters.blocked_reason
-        if self._stalled_reason:
-            return False, self._stalled_reason
+        if self.watchdog.reason:
+            return False, self.watchdog.reason
         return True, "ready"
+
+    # --- what the watchdog asks (health.Causes) -------------------------------------------------
+
+    def dead_letters_blocked(self) -> str | None:
+        return self.dead_letters.blocked_reason
+
+    def calls_failing(self) -> str | None:
+        error = self.sink.last_error
+        return f"PutEvents failing: {error}" if error else None
+
+    def is_retrying(self, batch: Batch[SessionKey, Item]) -> bool:
+        return self.sink.last_error is not None
+
+    def handing_over(self) -> bool:
+        return self.source.handing_over
 
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT (or, with `until_drained`, until every assigned partition is done)."""
@@ -79,6 +97,7 @@ class Worker:
                 raise
             await producing
         self.metrics.rate_limit.set(self.sink.limiter.rate)
+        self.metrics.commit_metadata_limit.set(self.source.metadata_limit)
         tune_garbage_collector()
         log.info("running", extra={"metrics_port": self.server.port, "until_drained": self.until_drained})
         tasks = [
@@ -146,7 +165,6 @@ class Worker:
     async def _commit_loop(self) -> None:
         """Commits on an interval; also the stall watchdog and the `until_drained` exit check."""
         interval = self.settings.worker.commit_interval_seconds
-        stall_after = self.settings.worker.stall_timeout_seconds
         # Draining, look often whether everything is done, so the exit follows the last call closely.
         tick = min(interval, 0.1) if self.until_drained else interval
         last = time.monotonic()
@@ -156,25 +174,8 @@ class Worker:
                 continue
             last = time.monotonic()
             await self.source.commit()
-            lag = self.source.lag()
-            idle = time.monotonic() - self.source.last_progress
-            stalled = lag > 0 and idle > stall_after
-            if stalled and self._stalled_reason is None:
-                why = self._why_stalled()
-                self._stalled_reason = f"stalled: {lag} records behind and no progress for {idle:.0f}s: {why}"
-                log.error("stall detected", extra={"lag": lag, "idle_seconds": round(idle), "why": why})
-            elif not stalled and self._stalled_reason is not None:
-                log.info("progress resumed")
-                self._stalled_reason = None
-            self.metrics.stalled.set(int(stalled))
+            self.watchdog.check(self.source.lag())
             if self.until_drained and await self.source.drained():
                 log.info("all assigned partitions drained and committed")
                 self.stop_requested.set()
                 return
-
-    def _why_stalled(self) -> str:
-        if self.dead_letters.blocked_reason:
-            return self.dead_letters.blocked_reason
-        if self.sink.last_error:
-            return f"PutEvents failing: {self.sink.last_error}"
-        return "nothing fetched and no offsets committed"

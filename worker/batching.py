@@ -9,7 +9,7 @@ full, else it lingers on like any partial batch.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -154,6 +154,15 @@ class Batcher(Generic[K, T]):
             self.done(key)
         self.buffered -= len(dropped)
         return dropped
+
+    def items(self) -> Iterator[T]:
+        """Every item held, in no particular order (for the watchdog, not the hot path)."""
+        for batches in (self._open.values(), self._filling.values(), self._ready):
+            for batch in batches:
+                yield from batch.items
+        for waiting in self._waiting.values():
+            for batch in waiting:
+                yield from batch.items
 
     def __len__(self) -> int:
         waiting = sum(len(w) for w in self._waiting.values())

@@ -50,6 +50,10 @@ class KafkaSettings(_Section):
     aws_region: str = "us-east-1"  # MSK IAM (sasl_mechanism = "OAUTHBEARER"): the cluster's region
     max_poll_records: int = Field(default=2000, ge=1)
     session_timeout_ms: int = Field(default=45000, ge=1000)
+    # Commit metadata carries the records finished past the commit point (no re-sends after a hand-over);
+    # it must stay below the broker's offset.metadata.max.bytes (4096 by default). 0 = none. When the
+    # broker refuses it anyway, the worker halves it until accepted.
+    commit_metadata_max_bytes: int = Field(default=3800, ge=0, le=1_000_000)
 
     @field_validator("topics")
     @classmethod
@@ -171,6 +175,9 @@ class WorkerSettings(_Section):
     rebalance_timeout_seconds: float = Field(default=10.0, gt=0)
     commit_interval_seconds: float = Field(default=1.0, gt=0)
     stall_timeout_seconds: float = Field(default=300.0, gt=0)
+    # A partition whose commit point lags its highest fetched offset by this many records is paused: one
+    # record that never finishes must not let the finalizer's state grow without bound (~80 bytes each).
+    max_commit_lag_records: int = Field(default=100_000, ge=100)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 

@@ -8,7 +8,7 @@ handed back to be sent, so nothing is lost and nothing is paid for twice.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -91,6 +91,12 @@ class Dedup(Generic[T]):
     def failed(self, event_id: str) -> list[T]:
         """The first copy will never be delivered: its parked copies must now be sent themselves."""
         return self._in_flight.pop(event_id, None) or []
+
+    def parked(self) -> Iterator[T]:
+        """Every copy parked on an eventId in flight (for the watchdog, not the hot path)."""
+        for waiting in self._in_flight.values():
+            if waiting:
+                yield from waiting
 
     def forget_in_flight(self, keep: Callable[[T], bool]) -> None:
         """Drop parked copies the caller no longer owns (a revoked partition's records)."""

@@ -16,6 +16,11 @@ from prometheus_client.exposition import generate_latest
 from worker import __version__
 
 PREFIX = "personalize_worker"
+WAITING_ON = ("batch", "call", "retry", "dead_letter", "parked", "intake", "lost")
+"""Where a partition's oldest unfinished record is: buffered in a session batch, in a call, in a call being
+retried, waiting for its dead-letter write, parked behind a copy of its eventId in flight, being handed
+over from a poll, or nowhere (a bug: see `personalize_worker_delivery_task_failures`)."""
+WAITING_AFTER_SECONDS = 5.0
 CALL_OUTCOMES = ("ok", "throttled", "invalid", "server_error", "client_error", "connection", "error")
 
 
@@ -63,11 +68,43 @@ class Metrics:
         self.rate_limit = Gauge(
             f"{p}_rate_limit_requests_per_second", "Current client-side PutEvents rate (AIMD).", registry=r
         )
-        self.paused = Gauge(f"{p}_consumption_paused", "1 while fetching is paused for backpressure.", registry=r)
+        self.paused = Gauge(
+            f"{p}_consumption_paused", "1 while fetching of some partition is paused for backpressure.", registry=r
+        )
+        self.paused_partitions = Gauge(
+            f"{p}_paused_partitions",
+            "Partitions paused: buffer full, or commit point lagging by worker.max_commit_lag_records.",
+            registry=r,
+        )
+        self.commit_metadata_limit = Gauge(
+            f"{p}_commit_metadata_limit_bytes",
+            "Commit metadata length in force (shortened when the broker refuses it).",
+            registry=r,
+        )
+        self.oldest_unfinished = Gauge(
+            f"{p}_oldest_unfinished_age_seconds",
+            "Age of the partition's oldest record not yet final (0: none).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.waiting_on = Gauge(
+            f"{p}_oldest_unfinished_waiting",
+            "1 for what the partition's oldest unfinished record waits on, once it is "
+            f"{WAITING_AFTER_SECONDS:.0f} s old.",
+            ["topic", "partition", "on"],
+            registry=r,
+        )
+        self.delivery_failures = Counter(
+            f"{p}_delivery_task_failures",
+            "Delivery tasks that failed with a bug: their records stay unfinished until a restart.",
+            registry=r,
+        )
         self.dead_letter_blocked = Gauge(
             f"{p}_dead_letter_blocked", "1 while the dead-letter topic cannot be written.", registry=r
         )
-        self.stalled = Gauge(f"{p}_stalled", "1 while lag is above zero and nothing progresses.", registry=r)
+        self.stalled = Gauge(
+            f"{p}_stalled", "1 while a partition is behind and its committed offset does not advance.", registry=r
+        )
         self.assigned = Gauge(f"{p}_assigned_partitions", "Partitions assigned to this worker.", registry=r)
         self.lag = Gauge(
             f"{p}_consumer_lag", "High watermark minus committed offset.", ["topic", "partition"], registry=r
@@ -83,9 +120,12 @@ class Metrics:
 
     def forget_partition(self, topic: str, partition: int) -> None:
         """A revoked partition's series go away with it."""
-        for gauge in (self.lag, self.committed):
+        for gauge in (self.lag, self.committed, self.oldest_unfinished):
             with contextlib.suppress(KeyError):
                 gauge.remove(topic, str(partition))
+        for on in WAITING_ON:
+            with contextlib.suppress(KeyError):
+                self.waiting_on.remove(topic, str(partition), on)
 
     def totals(self) -> dict[str, float]:
         """The run's main counters, for the final log line and the demo's summary."""

@@ -19,6 +19,16 @@ from typing import Generic, TypeVar
 
 P = TypeVar("P", bound=Hashable)
 
+AHEAD_PREFIX = "pw2:"
+"""Version 2 names its base offset (`pw2:<base>;<runs>`): metadata left beside an offset that was moved
+(a reset by an admin tool) must not mark the wrong records finished. Version 1 had no base."""
+LEGACY_PREFIX = "pw1:"
+MAX_AHEAD_CHARS = 3800
+"""Default length of commit metadata: Kafka refuses more than `offset.metadata.max.bytes` (4096 by
+default); `kafka.commit_metadata_max_bytes` sets it, and the committer shortens it when refused."""
+MAX_DECODE_CHARS = 65_536
+"""Commit metadata longer than this is not even parsed: it is untrusted input, read inside a rebalance."""
+
 
 class OffsetOrderError(AssertionError):
     """An offset went backwards: a bug that could commit past an unfinished record."""
@@ -27,9 +37,20 @@ class OffsetOrderError(AssertionError):
 class PartitionOffsets:
     """Outstanding offsets of one partition, in fetch order."""
 
-    __slots__ = ("_done", "_next", "_pending", "committed", "committed_ahead", "retired", "serial", "skip")
+    __slots__ = (
+        "_done",
+        "_fetched",
+        "_next",
+        "_pending",
+        "advanced_at",
+        "committed",
+        "committed_ahead",
+        "retired",
+        "serial",
+        "skip",
+    )
 
-    def __init__(self, start: int | None = None, serial: int = -1) -> None:
+    def __init__(self, start: int | None = None, serial: int = -1, now: float = 0.0) -> None:
         self.serial = serial
         """Names this ownership of the partition (never reused, see `OffsetTracker.owners`)."""
         self._pending: deque[int] = deque()
@@ -42,9 +63,16 @@ class PartitionOffsets:
         self.retired = False
         self.skip: set[int] = set()
         """Offsets a previous owner already finished (from the committed metadata): final on arrival."""
+        self._fetched: deque[tuple[int, float]] = deque()
+        """(first offset, when) of each tracked slice: the age of the oldest unfinished record, at one
+        entry per fetched slice rather than a timestamp per record."""
+        self.advanced_at = now
+        """When the committed offset last moved forward (or the partition was assigned): the stall clock.
+        A commit whose offset stays put — only its metadata changed — is not progress."""
 
-    def track(self, offsets: Iterable[int]) -> None:
+    def track(self, offsets: Iterable[int], now: float = 0.0) -> None:
         pending = self._pending
+        first = len(pending)
         # `_next` is past the last tracked offset and any advanced position: with records pending,
         # judging by the last pending offset alone would let an empty track move `_next` backwards.
         last = self._next - 1 if self._next is not None else -1
@@ -54,6 +82,8 @@ class PartitionOffsets:
             pending.append(offset)
             last = offset
         self._next = last + 1
+        if len(pending) > first:
+            self._fetched.append((pending[first], now))
 
     def advance(self, position: int) -> None:
         """Kafka's position can pass offsets that hold no record (control batches, compaction gaps)."""
@@ -81,20 +111,40 @@ class PartitionOffsets:
     def finished_ahead(self) -> int:
         return len(self._done)
 
-    def ahead_metadata(self) -> str:
-        """The final records above the committable offset, for the commit's metadata."""
+    @property
+    def commit_lag(self) -> int:
+        """Offsets between the commit point and the highest fetched one: what pending/done state this
+        partition holds. Bounded by pausing the partition (`worker.max_commit_lag_records`)."""
+        if not self._pending or self._next is None:
+            return 0
+        return self._next - self._pending[0]
+
+    def oldest_unfinished(self) -> tuple[int, float] | None:
+        """(offset, when fetched) of the lowest record not yet final, or None when all are."""
+        if not self._pending:
+            self._fetched.clear()
+            return None
+        oldest = self._pending[0]
+        fetched = self._fetched
+        while len(fetched) > 1 and fetched[1][0] <= oldest:
+            fetched.popleft()
+        return oldest, fetched[0][1] if fetched else 0.0
+
+    def ahead_metadata(self, limit: int = MAX_AHEAD_CHARS) -> str:
+        """The final records above the committable offset, for the commit's metadata (at most `limit`
+        characters; 0 = none)."""
         base = self.committable()
-        if base is None or not (self._done or self.skip):
+        if base is None or not (self._done or self.skip) or limit <= len(AHEAD_PREFIX):
             return ""
         if self.skip:  # offsets inherited from the previous owner and not read yet are passed on too
-            return encode_ahead(base, self._done | {offset for offset in self.skip if offset > base})
+            return encode_ahead(base, self._done | {offset for offset in self.skip if offset > base}, limit)
         done = self._done
         if len(done) * 4 < len(self._pending):  # few finished: sorting them beats walking all pending
-            return encode_ahead(base, done)
+            return encode_ahead(base, done, limit)
         # `_pending` is in offset order and holds every finished offset above `base`: walking it yields
         # the lowest runs without sorting all of them (up to ~20,000 per partition at full buffer, of
         # which the metadata has room for a fraction). Sorting them all was ~4% of the worker's CPU.
-        return encode_sorted_ahead(base, (offset for offset in self._pending if offset in done))
+        return encode_sorted_ahead(base, (offset for offset in self._pending if offset in done), limit)
 
     def committable(self) -> int | None:
         """The offset to commit (Kafka's "next record to read"), or None if nothing was ever tracked."""
@@ -114,10 +164,10 @@ class OffsetTracker(Generic[P]):
         finds nothing, even when the partition is assigned here again."""
         self._serials = itertools.count()
 
-    def assign(self, partition: P) -> PartitionOffsets:
+    def assign(self, partition: P, now: float = 0.0) -> PartitionOffsets:
         state = self._partitions.get(partition)
         if state is None:
-            state = self._partitions[partition] = PartitionOffsets(serial=next(self._serials))
+            state = self._partitions[partition] = PartitionOffsets(serial=next(self._serials), now=now)
             self.owners[state.serial] = (partition, state)
         return state
 
@@ -145,25 +195,26 @@ class OffsetTracker(Generic[P]):
             result[partition] = offset
         return result
 
-    def ahead_metadata(self, partition: P) -> str:
+    def ahead_metadata(self, partition: P, limit: int = MAX_AHEAD_CHARS) -> str:
         state = self._partitions.get(partition)
-        return state.ahead_metadata() if state is not None else ""
+        return state.ahead_metadata(limit) if state is not None else ""
 
-    def mark_committed(self, offsets: dict[P, int]) -> None:
+    def mark_committed(self, offsets: dict[P, int], now: float = 0.0) -> bool:
+        """Record a successful commit; True if some partition's offset moved forward (progress)."""
+        advanced = False
         for partition, offset in offsets.items():
             state = self._partitions.get(partition)
             if state is not None:
+                if state.committed is None or offset > state.committed:
+                    state.advanced_at = now
+                    advanced = True
                 state.committed = offset
                 state.committed_ahead = state.finished_ahead
+        return advanced
 
     @property
     def outstanding(self) -> int:
         return sum(state.outstanding for state in self._partitions.values())
-
-
-AHEAD_PREFIX = "pw1:"
-# Kafka refuses commit metadata above offset.metadata.max.bytes (4096 by default).
-MAX_AHEAD_CHARS = 3800
 
 
 def encode_ahead(base: int, offsets: Iterable[int], limit: int = MAX_AHEAD_CHARS) -> str:
@@ -175,14 +226,15 @@ def encode_ahead(base: int, offsets: Iterable[int], limit: int = MAX_AHEAD_CHARS
 def encode_sorted_ahead(base: int, ordered: Iterable[int], limit: int = MAX_AHEAD_CHARS) -> str:
     """`encode_ahead` for offsets in ascending order, read only as far as `limit` leaves room."""
     parts: list[str] = []
-    size = len(AHEAD_PREFIX)
+    head = f"{AHEAD_PREFIX}{base:x};"
+    size = len(head) - 1
     for start, end in _runs(ordered):
         part = f"{start - base:x}+{end - start:x}"
         size += len(part) + 1
         if size > limit:
             break
         parts.append(part)
-    return AHEAD_PREFIX + ",".join(parts) if parts else ""
+    return head + ",".join(parts) if parts else ""
 
 
 def _runs(ordered: Iterable[int]) -> Iterator[tuple[int, int]]:
@@ -199,16 +251,45 @@ def _runs(ordered: Iterable[int]) -> Iterator[tuple[int, int]]:
     yield start, end
 
 
-def decode_ahead(base: int, text: str | None) -> set[int]:
-    """The offsets `encode_ahead` listed; anything unreadable reads as none (re-sends, never a loss)."""
-    if not text or not text.startswith(AHEAD_PREFIX):
+class MetadataError(ValueError):
+    """Commit metadata that is malformed or larger than a previous owner could have written."""
+
+
+def decode_ahead(base: int, text: str | None, max_span: int) -> set[int]:
+    """The offsets `encode_ahead` listed, within `max_span` above `base`.
+
+    The metadata is untrusted (any client of the group can commit any string, and it is read inside the
+    rebalance callback): its length, each number, and the total it expands to are bounded before any
+    set is built, so a hostile `pw1:1+4c4b3f` costs nothing. Runs beyond `max_span` are dropped (a
+    subset only costs re-sends); anything unreadable raises MetadataError, and the caller ignores it all.
+    """
+    if not text or not text.startswith((AHEAD_PREFIX, LEGACY_PREFIX)):
         return set()
+    if len(text) > MAX_DECODE_CHARS:
+        raise MetadataError(f"{len(text)} characters, more than {MAX_DECODE_CHARS}")
+    body = text[len(AHEAD_PREFIX) :]
+    if text.startswith(AHEAD_PREFIX):
+        written_for, sep, body = body.partition(";")
+        if not sep or len(written_for) > 16 or written_for != f"{base:x}":
+            raise MetadataError(f"written for another offset than the committed {base}")
+    runs: list[tuple[int, int]] = []
+    total = 0
+    for part in body.split(","):
+        start_hex, sep, length_hex = part.partition("+")
+        if not sep or not 0 < len(start_hex) <= 16 or not 0 < len(length_hex) <= 16:
+            raise MetadataError(f"malformed run {part[:40]!r}")
+        try:
+            start, length = int(start_hex, 16), int(length_hex, 16)
+        except ValueError:
+            raise MetadataError(f"malformed run {part[:40]!r}") from None
+        if start < 1 or start > max_span:
+            continue
+        count = min(length + 1, max_span - start + 1)
+        total += count
+        if total > max_span:
+            raise MetadataError(f"lists more than {max_span} offsets")
+        runs.append((base + start, count))
     offsets: set[int] = set()
-    try:
-        for part in text[len(AHEAD_PREFIX) :].split(","):
-            start, length = part.split("+")
-            first = base + int(start, 16)
-            offsets.update(range(first, first + int(length, 16) + 1))
-    except ValueError:
-        return set()
-    return {offset for offset in offsets if offset > base}
+    for first, count in runs:
+        offsets.update(range(first, first + count))
+    return offsets

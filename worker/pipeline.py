@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final, Protocol
 
 import orjson
@@ -171,8 +171,12 @@ class Pipeline:
         """Calls started per second, averaged over the last ~RATE_SECONDS: how busy the quota is."""
         self._call_rate_at = clock()
         self._max_in_flight = settings.personalize.max_in_flight
-        self._active: set[asyncio.Task[None]] = set()
+        self._active: dict[asyncio.Task[None], Batch[SessionKey, Item]] = {}
+        """Calls under way and their batches (where an unfinished record may be)."""
+        self.failure: str | None = None
+        """The first delivery task that failed with a bug: its records stay unfinished (see `where`)."""
         self._dead: list[tuple[PartitionOffsets, DeadLetter]] = []
+        self._writing: list[tuple[PartitionOffsets, DeadLetter]] = []
         self._dead_ready = asyncio.Event()
         self.wakeup = Flag()
         self.progress = Flag()
@@ -184,12 +188,12 @@ class Pipeline:
         """Map one partition's fetched records; counts are per batch, never per event."""
         if not records:
             return
-        state = self.tracker.assign(partition)
+        now = self._clock()
+        state = self.tracker.assign(partition, now)
         serial = state.serial
-        state.track(r.offset for r in records)
+        state.track((r.offset for r in records), now)
         mapper_map = self._mapper.map
         dumps = orjson.dumps
-        now = self._clock()
         filtered = duplicates = 0
         invalid: Counter[str] | None = None
         skip = state.skip
@@ -283,6 +287,27 @@ class Pipeline:
         """Records fetched but not yet final: the bounded-memory measure that pauses fetching."""
         return self.tracker.outstanding
 
+    def where(self, wanted: dict[int, int], retrying: Callable[[Batch[SessionKey, Item]], bool]) -> dict[int, str]:
+        """Where each wanted record (partition serial → offset) waits (see `metrics.WAITING_ON`).
+
+        One pass over everything held, run by the watchdog for records unfinished for a while only: the
+        hot path keeps no per-record state for it."""
+        found: dict[int, str] = {}
+
+        def look(items: Iterable[Item], place: str) -> None:
+            for item in items:
+                if wanted.get(item[OWNER]) == item[OFFSET] and item[OWNER] not in found:
+                    found[item[OWNER]] = place
+
+        for state, letter in (*self._writing, *self._dead):
+            if wanted.get(state.serial) == letter.offset:
+                found.setdefault(state.serial, "dead_letter")
+        for batch in self._active.values():
+            look(batch.items, "retry" if retrying(batch) else "call")
+        look(self.dedup.parked(), "parked")
+        look(self.batcher.items(), "batch")
+        return found
+
     # --- dispatch -----------------------------------------------------------------------------
 
     async def run_dispatcher(self) -> None:
@@ -296,7 +321,7 @@ class Pipeline:
             if min(slots, calls) > 0:
                 for batch in self.batcher.take(now, linger, min(slots, calls), self._max_wait):
                     task = asyncio.create_task(self._deliver(batch))
-                    self._active.add(task)
+                    self._active[task] = batch
                     task.add_done_callback(self._delivery_done)
                     started += 1
             self._count_calls(now, started)
@@ -332,11 +357,16 @@ class Pipeline:
         self._call_rate_at = now
 
     def _delivery_done(self, task: asyncio.Task[None]) -> None:
-        self._active.discard(task)
+        self._active.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             # A bug, not a delivery failure (those never raise): the records stay unfinished, so the
-            # partition stops committing and the stall watchdog reports it instead of losing them.
-            log.error("delivery task failed", exc_info=task.exception())
+            # partition stops committing; the watchdog reports it at once (readiness, metric), and the
+            # oldest unfinished record of the partition shows as waiting on nothing ("lost").
+            error = task.exception()
+            self._metrics.delivery_failures.inc()
+            if self.failure is None:
+                self.failure = f"a delivery task failed (a bug; restart to re-send its records): {error!r}"[:300]
+            log.error("delivery task failed", exc_info=error)
 
     async def _deliver(self, batch: Batch[SessionKey, Item]) -> None:
         items = batch.items
@@ -387,7 +417,9 @@ class Pipeline:
             pending, self._dead = self._dead, []
             if not pending:
                 continue
+            self._writing = pending
             await self._letters.write([letter for _, letter in pending])
+            self._writing = []
             for state, letter in pending:
                 state.finish(letter.offset)
             self.progress.set()

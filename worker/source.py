@@ -10,14 +10,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError, OffsetMetadataTooLargeError
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import OffsetAndMetadata
 
 from worker.config import KafkaSettings, Settings
 from worker.errors import KafkaConnectError
 from worker.metrics import Metrics
-from worker.offsets import decode_ahead
+from worker.offsets import AHEAD_PREFIX, MetadataError, decode_ahead
 from worker.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,9 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             **kafka_security(k),
         )
         self._commit_lock = asyncio.Lock()
-        self._paused = False
-        self.last_progress = clock()
-        """When records were last fetched or offsets last moved forward: the stall watchdog's clock."""
+        self._paused: set[TopicPartition] = set()
+        self.metadata_limit = k.commit_metadata_max_bytes
+        """Commit metadata length in force: the setting, shortened when the broker refuses it."""
         self.assigned_once = asyncio.Event()
         self._revoking: set[TopicPartition] = set()
         """Partitions whose revocation is under way: a poll being handed over gives them no more records."""
@@ -159,8 +159,9 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         ahead = await self._committed_ahead(assigned)
+        now = self._clock()
         for tp in assigned:
-            state = self._pipeline.tracker.assign(tp)
+            state = self._pipeline.tracker.assign(tp, now)
             state.skip = ahead.get(tp, set())
         self._metrics.assigned.set(len(assigned))
         self.assigned_once.set()
@@ -179,11 +180,19 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         except Exception as error:  # without it records are merely re-sent (same eventIds), never lost
             log.warning("could not read committed metadata", extra={"error": repr(error)})
             return {}
-        return {
-            tp: decode_ahead(meta.offset, meta.metadata)
-            for tp, meta in committed.items()
-            if meta is not None and meta.offset >= 0
-        }
+        span = self._settings.worker.max_commit_lag_records
+        ahead: dict[TopicPartition, set[int]] = {}
+        for tp, meta in committed.items():
+            if meta is None or meta.offset < 0:
+                continue
+            try:
+                ahead[tp] = decode_ahead(meta.offset, meta.metadata, span)
+            except MetadataError as error:
+                log.warning(
+                    "ignoring unreadable commit metadata; records after the commit point are read again",
+                    extra={"topic": tp.topic, "partition": tp.partition, "error": str(error)},
+                )
+        return ahead
 
     # --- fetching -------------------------------------------------------------------------------
 
@@ -219,23 +228,34 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         finally:
             self._handing_over = False
         if count:
-            self.last_progress = self._clock()
             self._metrics.last_fetch.set(time.time())
         return count
 
     def _apply_backpressure(self) -> None:
-        full = self._pipeline.outstanding >= self._settings.batching.max_buffered_events
-        if full != self._paused:
-            assignment = self.consumer.assignment()
-            if full:
-                self.consumer.pause(*assignment)
-            else:
-                self.consumer.resume(*assignment)
-            self._paused = full
-            self._metrics.paused.set(int(full))
-        elif full:
-            # Newly assigned partitions start unpaused.
-            self.consumer.pause(*self.consumer.assignment())
+        """Pause every partition while the buffer is full, and each partition whose commit point lags its
+        highest fetched offset by `worker.max_commit_lag_records`: one record that never finishes must
+        not let the rest of its partition grow the finalizer's state without bound."""
+        assignment = self.consumer.assignment()
+        if self._pipeline.outstanding >= self._settings.batching.max_buffered_events:
+            wanted = set(assignment)
+        else:
+            bound = self._settings.worker.max_commit_lag_records
+            tracker = self._pipeline.tracker
+            wanted = set()
+            for tp in assignment:
+                state = tracker.get(tp)
+                if state is not None and state.commit_lag >= bound:
+                    wanted.add(tp)
+        # Newly assigned partitions start unpaused, so pausing is re-applied, never assumed.
+        if wanted:
+            self.consumer.pause(*wanted)
+        resume = self._paused - wanted
+        if resume:
+            self.consumer.resume(*(tp for tp in resume if tp in assignment))
+        if wanted != self._paused:
+            self._paused = wanted
+            self._metrics.paused.set(int(bool(wanted)))
+            self._metrics.paused_partitions.set(len(wanted))
 
     # --- committing -----------------------------------------------------------------------------
 
@@ -251,25 +271,50 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             offsets = tracker.to_commit()
             if not offsets:
                 return
-            try:
-                # aiokafka retries a commit until the broker answers; bounded here so the commit loop (and
-                # the stall watchdog that runs in it) keeps going through a broker outage.
-                async with asyncio.timeout(COMMIT_TIMEOUT_SECONDS):
-                    await self.consumer.commit(
-                        {tp: OffsetAndMetadata(offset, tracker.ahead_metadata(tp)) for tp, offset in offsets.items()}
-                    )
-            except (KafkaError, TimeoutError) as error:
-                log.warning("offset commit failed; retrying at the next interval", extra={"error": repr(error)})
-                return
-            tracker.mark_committed(offsets)
-            self.last_progress = self._clock()
-            self._metrics.last_commit.set(time.time())
+            while True:
+                try:
+                    # aiokafka retries a commit until the broker answers; bounded here so the commit loop
+                    # (and the stall watchdog that runs in it) keeps going through a broker outage.
+                    async with asyncio.timeout(COMMIT_TIMEOUT_SECONDS):
+                        await self.consumer.commit(
+                            {
+                                tp: OffsetAndMetadata(offset, tracker.ahead_metadata(tp, self.metadata_limit))
+                                for tp, offset in offsets.items()
+                            }
+                        )
+                except OffsetMetadataTooLargeError:
+                    if not self._shorten_metadata():
+                        return
+                    continue
+                except (KafkaError, TimeoutError) as error:
+                    log.warning("offset commit failed; retrying at the next interval", extra={"error": repr(error)})
+                    return
+                break
+            if tracker.mark_committed(offsets, self._clock()):
+                self._metrics.last_commit.set(time.time())
             for tp, offset in offsets.items():
                 self._metrics.committed.labels(tp.topic, str(tp.partition)).set(offset)
 
-    def lag(self) -> int:
-        """Records behind the high watermark, from what the consumer knows; updates the lag gauges."""
-        total = 0
+    def _shorten_metadata(self) -> bool:
+        """The broker's `offset.metadata.max.bytes` is below ours: halve the metadata, down to none (the
+        offset alone is always accepted), and keep the shorter length. False if it was already none."""
+        if self.metadata_limit <= 0:
+            log.error("offset commit refused as too large with no metadata at all")
+            return False
+        shorter = self.metadata_limit // 2
+        self.metadata_limit = shorter if shorter > len(AHEAD_PREFIX) + 8 else 0
+        self._metrics.commit_metadata_limit.set(self.metadata_limit)
+        log.warning(
+            "broker refused the commit metadata as too large; committing with shorter metadata "
+            "(set kafka.commit_metadata_max_bytes below the broker's offset.metadata.max.bytes)",
+            extra={"metadata_bytes": self.metadata_limit},
+        )
+        return True
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Records behind the high watermark per owned partition, from what the consumer knows; updates
+        the lag gauges."""
+        behind: dict[TopicPartition, int] = {}
         for tp in self.consumer.assignment():
             highwater = self.consumer.highwater(tp)
             state = self._pipeline.tracker.get(tp)
@@ -278,10 +323,13 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             position = state.committed if state.committed is not None else state.committable()
             if position is None:
                 continue
-            behind = max(0, highwater - position)
-            total += behind
-            self._metrics.lag.labels(tp.topic, str(tp.partition)).set(behind)
-        return total
+            behind[tp] = max(0, highwater - position)
+            self._metrics.lag.labels(tp.topic, str(tp.partition)).set(behind[tp])
+        return behind
+
+    @property
+    def handing_over(self) -> bool:
+        return self._handing_over
 
     async def drained(self) -> bool:
         """Every assigned partition read to its end and committed: the exit condition of `--until-drained`."""
