@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def describe(error: BaseException, limit: int = 500) -> str:
-    """ "Type: message", bounded: a cause fit for one log line."""
+    """The cause for one log line, "Type: message", bounded: an exception's text can be long."""
     text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
