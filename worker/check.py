@@ -11,6 +11,7 @@ from aiobotocore.config import AioConfig
 from aiokafka.admin import AIOKafkaAdminClient
 from botocore.exceptions import ClientError
 
+from worker import codecs
 from worker.config import Settings
 from worker.retry import INVALID_CODES
 from worker.source import explain_connection_errors, kafka_security
@@ -20,6 +21,14 @@ def _say(ok: bool, what: str, detail: str = "") -> bool:
     mark = "ok  " if ok else "FAIL"
     print(f"[{mark}] {what}" + (f": {detail}" if detail else ""), flush=True)
     return ok
+
+
+def check_codecs() -> bool:
+    """A topic written compressed fails the worker's fetch when its codec is missing: fail here first."""
+    absent = codecs.missing()
+    if absent:
+        return _say(False, "compression codecs", f"{', '.join(absent)} unavailable ({codecs.HINT})")
+    return _say(True, "compression codecs", ", ".join(codecs.CODECS))
 
 
 async def check_kafka(settings: Settings, timeout: float = 15.0) -> bool:
@@ -78,8 +87,9 @@ async def check_personalize(settings: Settings) -> bool:
 
 async def run_checks(settings: Settings) -> int:
     _say(True, "configuration", "valid")
+    codecs_ok = check_codecs()
     kafka_ok = await check_kafka(settings)
     personalize_ok = await check_personalize(settings)
-    ok = kafka_ok and personalize_ok
+    ok = codecs_ok and kafka_ok and personalize_ok
     print("all checks passed" if ok else "some checks failed", file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
