@@ -37,14 +37,17 @@ class Worker:
         self.until_drained = until_drained
         self.metrics = Metrics()
         self.sink = Sink(settings.personalize, self.metrics)
-        self.producer = AIOKafkaProducer(
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_request_size=settings.dead_letter.max_message_bytes,
-            **kafka_security(settings.kafka),
-        )
-        self.dead_letters = DeadLetterWriter(self.producer, settings.dead_letter.topic, self.metrics)
+
+        def dead_letter_producer() -> AIOKafkaProducer:
+            return AIOKafkaProducer(
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=5,
+                max_request_size=settings.dead_letter.max_message_bytes,
+                **kafka_security(settings.kafka),
+            )
+
+        self.dead_letters = DeadLetterWriter(dead_letter_producer, settings.dead_letter.topic, self.metrics)
         self.pipeline = Pipeline(settings, self.sink, self.dead_letters, self.metrics, quota=self.sink.limiter)
         self.source = Source(settings, self.pipeline, self.metrics)
         self.server = MetricsServer(self.metrics, self.readiness)
@@ -70,7 +73,7 @@ class Worker:
         await self.sink.start()
         with explain_connection_errors(self.settings.kafka):
             # Together: each waits mostly on the broker (the consumer on joining its group).
-            producing = asyncio.ensure_future(self.producer.start())
+            producing = asyncio.ensure_future(self.dead_letters.start())
             try:
                 await self.source.start()
             except BaseException:
@@ -130,7 +133,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(dispatch, dead_letters, committer, fetch, stop, return_exceptions=True)
         await self.source.stop()
-        await self.producer.stop()
+        await self.dead_letters.stop()
         await self.sink.close()
         await self.server.stop()
         log.info("stopped", extra={"clean": clean, "totals": self.metrics.totals()})
