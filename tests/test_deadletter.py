@@ -121,11 +121,14 @@ def test_minimal_letter_is_the_dlq_headers_alone() -> None:
 
 def test_each_refusal_moves_one_form_down() -> None:
     small, big = letter(1), letter(2, value=b"x" * MIB)
-    assert next_form(big, Form.FULL, refused_before_sending=False) is Form.ALONE
-    assert next_form(big, Form.FULL, refused_before_sending=True) is Form.REDUCED, "the producer's check is certain"
-    assert next_form(big, Form.ALONE, refused_before_sending=False) is Form.REDUCED
-    assert next_form(small, Form.ALONE, refused_before_sending=False) is Form.MINIMAL, "reducing would drop nothing"
-    assert next_form(big, Form.REDUCED, refused_before_sending=False) is Form.MINIMAL
+    size, unknown = MessageSizeTooLargeError(), UnknownError()
+    assert next_form(small, Form.FULL, size, refused_before_sending=False) is Form.ALONE, "its batch may be the problem"
+    assert next_form(big, Form.FULL, unknown, refused_before_sending=False) is Form.ALONE, "may be transient"
+    assert next_form(big, Form.FULL, size, refused_before_sending=False) is Form.REDUCED, "it was alone in its batch"
+    assert next_form(big, Form.FULL, size, refused_before_sending=True) is Form.REDUCED, "the producer's check"
+    assert next_form(big, Form.ALONE, unknown, refused_before_sending=False) is Form.REDUCED
+    assert next_form(small, Form.ALONE, size, refused_before_sending=False) is Form.MINIMAL, "nothing to drop"
+    assert next_form(big, Form.REDUCED, size, refused_before_sending=False) is Form.MINIMAL
 
 
 # --------------------------------------------------------------------------- the loop, with a fake producer
@@ -185,7 +188,7 @@ async def test_too_large_letter_is_reduced_and_the_producer_replaced() -> None:
     assert sorted(h["dlq.source.offset"] for _, _, h in producer.sent) == ["0", "1", "2"]
     reduced = next(h for _, v, h in producer.sent if "dlq.letter.form" in h)
     assert reduced["dlq.source.offset"] == "1" and reduced["dlq.value.original_size"] == "20000"
-    assert len(created) == 3, "replaced after each failed delivery (full, then alone)"
+    assert len(created) == 2, "replaced after the failed delivery; larger than a batch, so never resent whole"
     assert sample(metrics, "dead_letters_reduced_total", form="reduced") == 1
     assert sample(metrics, "records_dead_lettered_total") == 3
     assert writer.blocked_reason is None and sample(metrics, "dead_letter_blocked") == 0
@@ -221,7 +224,7 @@ async def test_topic_trouble_retries_the_same_letter_with_the_alarm() -> None:
     assert writer.blocked_reason is None
 
 
-async def test_a_refused_minimal_letter_keeps_retrying_loudly_until_accepted() -> None:
+async def test_a_refused_minimal_letter_keeps_retrying_loudly_until_accepted(caplog: pytest.LogCaptureFixture) -> None:
     accept = asyncio.Event()
     producer = FakeProducer(lambda value, key, headers: None if accept.is_set() else UnknownError())
     metrics = Metrics()
@@ -230,13 +233,44 @@ async def test_a_refused_minimal_letter_keeps_retrying_loudly_until_accepted() -
     await eventually(lambda: writer.blocked_reason, 10)
     assert writer.blocked_reason and "refuses even a minimal letter" in writer.blocked_reason
     assert sample(metrics, "dead_letter_blocked") == 1
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.3)
     assert not task.done(), "never dropped"
+    assert sample(metrics, "dead_letter_errors_total") > 5, "still retrying"
+    alarms = [r for r in caplog.records if r.getMessage().startswith("cannot write to the dead-letter topic")]
+    assert len(alarms) == 1, "one log line for the fault, not one per retry"
     accept.set()
     await asyncio.wait_for(task, 10)
     assert producer.sent[0][2]["dlq.letter.form"] == "minimal"
     assert sample(metrics, "dead_letters_reduced_total", form="minimal") == 1
     assert writer.blocked_reason is None and sample(metrics, "dead_letter_blocked") == 0
+
+
+async def test_once_send_says_the_topic_is_unwritable_the_round_stops_trying() -> None:
+    """Three letters refused (UnknownError) go again alone; the first `send` then times out on metadata:
+    the other two are not sent into the same wait, the round backs off."""
+    calls: list[str] = []
+
+    def verdict(value: bytes | None, key: bytes | None, headers: Any) -> Exception | None:
+        calls.append(headers_of(headers)["dlq.source.offset"])
+        return UnknownError() if len(calls) <= 3 else None
+
+    producer = FakeProducer(verdict)
+    real_send = producer.send
+    timeouts = [KafkaTimeoutError()]
+
+    async def send(topic: str, value: bytes | None, key: bytes | None, headers: Any) -> asyncio.Future[None]:
+        if len(calls) == 3 and timeouts:
+            calls.append("timeout")
+            raise timeouts.pop()
+        return await real_send(topic, value, key, headers)
+
+    producer.send = send  # type: ignore[method-assign]
+    metrics = Metrics()
+    writer, _ = fake_writer(producer, metrics)
+    await asyncio.wait_for(writer.write([letter(0), letter(1), letter(2)]), 10)
+    assert calls == ["0", "1", "2", "timeout", "0", "1", "2"]
+    assert sorted(h["dlq.source.offset"] for _, _, h in producer.sent) == ["0", "1", "2"]
+    assert all("dlq.letter.form" not in h for _, _, h in producer.sent), "sent alone, whole"
 
 
 async def test_acknowledgements_that_never_come_raise_the_alarm() -> None:

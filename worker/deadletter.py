@@ -33,6 +33,8 @@ MAX_REASON_CHARS = 2000
 KEEP_BYTES = 16 * 1024
 """A reduced letter keeps the key, the value and the original headers each only up to this size: small
 enough to fit any sensibly configured topic, large enough for every valid clickstream event (10 KB)."""
+BATCH_BYTES = 16 * 1024
+"""aiokafka's default max_batch_size, which the dead-letter producer keeps."""
 ACK_ALARM_SECONDS = 30.0
 """The idempotent producer retries a broker outage inside aiokafka without end: past this, say so."""
 
@@ -134,13 +136,16 @@ def render(letter: DeadLetter, form: Form, refused_by: str = "") -> Rendered:
     return Rendered(key, value, [*kept_headers, *dlq_headers(letter), *notes])
 
 
-def next_form(letter: DeadLetter, form: Form, *, refused_before_sending: bool) -> Form:
-    """The form to try after a refusal for content. A refusal by the producer's own size check is certain
-    (no retry alone), and a reduced form that would drop nothing is skipped (it is only larger)."""
-    if form is Form.FULL and not refused_before_sending:
+def next_form(letter: DeadLetter, form: Form, error: Exception, *, refused_before_sending: bool) -> Form:
+    """The form to try after a refusal for content. A full letter goes again alone unless the refusal is
+    certain: the producer's own size check, or a size refusal of a letter larger than a batch (aiokafka
+    never adds records to a batch past BATCH_BYTES, so it was alone already). A reduced form that would
+    drop nothing is skipped: it would only be larger."""
+    sizes = (len(letter.key or b""), len(letter.value or b""), _headers_size(letter.headers))
+    alone_already = isinstance(error, MessageSizeTooLargeError) and sum(sizes) > BATCH_BYTES
+    if form is Form.FULL and not refused_before_sending and not alone_already:
         return Form.ALONE
     if form <= Form.ALONE:
-        sizes = (len(letter.key or b""), len(letter.value or b""), _headers_size(letter.headers))
         return Form.REDUCED if max(sizes) > KEEP_BYTES else Form.MINIMAL
     return Form.MINIMAL
 
@@ -212,7 +217,7 @@ class DeadLetterWriter:
         if self._producer is not None and not self._stale:
             return self._producer
         if self._producer is not None:
-            log.warning("replacing the dead-letter producer after a refused delivery")
+            log.debug("replacing the dead-letter producer after a refused delivery")
         await self.stop()
         producer = self._producers()
         try:
@@ -261,20 +266,27 @@ class DeadLetterWriter:
         _, unacked = await asyncio.wait(deliveries, timeout=self._ack_alarm_after)
         if unacked:
             seconds = self._ack_alarm_after
-            self._alarm(f"dead-letter topic {self._topic!r} has not acknowledged writes for {seconds:.0f}s")
-            log.error(
+            self._alarm(
+                f"dead-letter topic {self._topic!r} has not acknowledged writes for {seconds:.0f}s",
                 "dead-letter writes unacknowledged; offsets will not advance past these records",
-                extra={"records": len(unacked), "seconds": self._ack_alarm_after},
+                records=len(unacked),
             )
             await asyncio.wait(unacked)
 
     async def _round(self, pending: Sequence[_Pending]) -> _Round:
-        """Full letters go out batched; the others one at a time, each in a batch of its own."""
+        """Full letters go out batched; the others one at a time, each in a batch of its own. Once `send`
+        says the topic is not writable now, the rest of the round is not tried (each would wait again)."""
         batched = [p for p in pending if p.form is Form.FULL]
         alone = [p for p in pending if p.form is not Form.FULL]
-        results = await self._deliver(batched)
-        for item in alone:
-            results += await self._deliver([item])
+        results: list[_Failure | None] = []
+        unwritable: _Failure | None = None
+        for group in (batched, *([item] for item in alone)):
+            if unwritable is not None:
+                results += [unwritable] * len(group)
+                continue
+            delivered = await self._deliver(group)
+            results += delivered
+            unwritable = next((f for f in delivered if f and f.before_sending and not is_content_error(f.error)), None)
         outcome = _Round()
         for item, failure in zip([*batched, *alone], results, strict=True):
             if failure is None:
@@ -283,7 +295,9 @@ class DeadLetterWriter:
                     outcome.reduced[item.form] = outcome.reduced.get(item.form, 0) + 1
                 continue
             if is_content_error(failure.error) and item.form is not Form.MINIMAL:
-                item.form = next_form(item.letter, item.form, refused_before_sending=failure.before_sending)
+                item.form = next_form(
+                    item.letter, item.form, failure.error, refused_before_sending=failure.before_sending
+                )
                 item.refused_by = type(failure.error).__name__
                 outcome.escalated += 1
             outcome.failed.append((item, failure))
@@ -305,16 +319,18 @@ class DeadLetterWriter:
             if not pending or outcome.escalated:
                 continue
             attempt += 1
-            item, failure = outcome.failed[0]
+            content = [(item, f) for item, f in outcome.failed if is_content_error(f.error)]
+            item, failure = (content or outcome.failed)[0]
             error = failure.error
-            if is_content_error(error):
+            if content:
                 reason = f"dead-letter topic {self._topic!r} refuses even a minimal letter (dlq.* headers only)"
             else:
                 reason = f"dead-letter topic {self._topic!r} is not writable"
-            self._alarm(f"{reason}: {type(error).__name__}: {error}")
-            log.error(
+            self._alarm(
+                f"{reason}: {type(error).__name__}: {error}",
                 "cannot write to the dead-letter topic; offsets will not advance past these records",
-                extra={"error": self.blocked_reason, "records": len(pending), "form": item.form.name.lower()},
+                records=len(pending),
+                form=item.form.name.lower(),
             )
             await asyncio.sleep(self._backoff.delay(attempt))
         if self.blocked_reason is not None:  # the loop only ends once every letter is written
@@ -322,7 +338,10 @@ class DeadLetterWriter:
             self._metrics.dead_letter_blocked.set(0)
             log.info("dead-letter topic writable again")
 
-    def _alarm(self, reason: str) -> None:
+    def _alarm(self, reason: str, message: str, **extra: object) -> None:
+        """Not ready, the gauge, and one log line per distinct reason (not one per retry)."""
+        if reason != self.blocked_reason:
+            log.error(message, extra={"error": reason, **extra})
         self.blocked_reason = reason
         self._metrics.dead_letter_blocked.set(1)
 
