@@ -1,7 +1,8 @@
-"""Chaos: a record that fits its source topic (2 MiB) but not the dead-letter topic (the broker's default 1 MiB)
-once the dlq.* headers are added. The CLI drains the topic anyway: the big record's letter is written reduced,
-every later letter intact, every offset committed. (Before the fix it retried the refused letter forever and
-nothing after it, in any partition, was ever committed.)"""
+"""Chaos: a record that fits its source topic (2 MiB) but not, once the dlq.* headers are added, the dead-letter
+topic (the broker's default 1 MiB) or the worker's producer (dead_letter.max_message_bytes = 1 MiB). The CLI
+drains the topic anyway: the big record's letter is written reduced, every later letter intact, every offset
+committed. (Before the fix it retried the refused letter forever and nothing after it, in any partition, was
+ever committed.)"""
 
 from __future__ import annotations
 
@@ -22,12 +23,24 @@ MIB = 1024 * 1024
 SMALL_BAD = [b'{"session_id": "s1", "event_type": ', b"[1, 2, 3]", b"", b"\xff\xfe", b"{}"]
 
 
+@pytest.mark.parametrize(
+    ("refused_by", "dlq_config", "producer_limit"),
+    [
+        ("topic", {}, 8 * MIB),  # the broker's default 1 MiB; the worker's default producer limit
+        ("producer", {"max.message.bytes": str(4 * MIB)}, MIB),  # the topic would take it, the producer not
+    ],
+)
 async def test_a_dead_letter_too_large_for_its_topic_is_reduced_and_blocks_nothing(
-    topic_factory: TopicFactory, worker_factory: WorkerFactory, emulator: EmulatorProcess
+    topic_factory: TopicFactory,
+    worker_factory: WorkerFactory,
+    emulator: EmulatorProcess,
+    refused_by: str,
+    dlq_config: dict[str, str],
+    producer_limit: int,
 ) -> None:
     bootstrap = worker_factory.broker.bootstrap
     topic = await topic_factory(partitions=2, config={"max.message.bytes": str(2 * MIB)})
-    dlq = await topic_factory(partitions=1)  # the broker's default limit: 1 MiB
+    dlq = await topic_factory(partitions=1, config=dlq_config)
     big = b"{" + b"x" * (3 * MIB // 2)
     stream = generate(300, seed=1104, duplicate_rate=0.0, malformed_rate=0.0)
     good = [(m.key, m.value) for m in stream.messages]
@@ -42,7 +55,8 @@ async def test_a_dead_letter_too_large_for_its_topic_is_reduced_and_blocks_nothi
 
     started = time.monotonic()
     async with RssWatch(worker_factory) as rss:
-        worker = worker_factory(worker_factory.config(topic, dlq, group), until_drained=True)
+        sections = worker_factory.config(topic, dlq, group, dead_letter={"max_message_bytes": producer_limit})
+        worker = worker_factory(sections, until_drained=True)
         assert await worker.await_exit(180) == 0, "drained and exited: nothing blocked"
     elapsed = time.monotonic() - started
 
@@ -67,7 +81,7 @@ async def test_a_dead_letter_too_large_for_its_topic_is_reduced_and_blocks_nothi
     totals = log_lines(worker, "stopped")[-1]["totals"]
     assert totals["dead_letters_reduced"] == 1 and totals["dead_lettered"] == len(bad)
     figures(
-        "dead letter over the dead-letter topic's limit",
+        f"dead letter over the {refused_by}'s limit",
         len(produced),
         counts,
         len(dead),
