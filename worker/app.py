@@ -47,14 +47,17 @@ class Worker:
         self.until_drained = until_drained
         self.metrics = Metrics()
         self.sink = Sink(settings.personalize, self.metrics)
-        self.producer = AIOKafkaProducer(
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_request_size=settings.dead_letter.max_message_bytes,
-            **kafka_security(settings.kafka),
-        )
-        self.dead_letters = DeadLetterWriter(self.producer, settings.dead_letter.topic, self.metrics)
+
+        def dead_letter_producer() -> AIOKafkaProducer:
+            return AIOKafkaProducer(
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=5,
+                max_request_size=settings.dead_letter.max_message_bytes,
+                **kafka_security(settings.kafka),
+            )
+
+        self.dead_letters = DeadLetterWriter(dead_letter_producer, settings.dead_letter.topic, self.metrics)
         self.pipeline = Pipeline(settings, self.sink, self.dead_letters, self.metrics, quota=self.sink.limiter)
         self.source = Source(settings, self.pipeline, self.metrics)
         self.server = MetricsServer(self.metrics, self.readiness)
@@ -136,7 +139,7 @@ class Worker:
         await self.sink.start()
         with explain_connection_errors(self.settings.kafka):
             # Together: each waits mostly on the broker (the consumer on joining its group).
-            producing = asyncio.ensure_future(self.producer.start())
+            producing = asyncio.ensure_future(self.dead_letters.start())
             try:
                 await self.source.start()
             except BaseException:
@@ -200,7 +203,7 @@ class Worker:
         """Close every client, each even if another fails: leaving the group spares the others a wait."""
         for name, close in (
             ("consumer", self.source.stop),
-            ("producer", self.producer.stop),
+            ("dead-letter producer", self.dead_letters.stop),
             ("sink", self.sink.close),
             ("metrics server", self.server.stop),
         ):

@@ -158,8 +158,11 @@ class DedupSettings(_Section):
 
 class DeadLetterSettings(_Section):
     topic: str = Field(default="clickstream.dlq", min_length=1)
-    # A dead letter is a whole source record plus headers, as large as the source topic allows: the
-    # producer's 1 MB default would refuse it forever. The topic's max.message.bytes must allow it too.
+    # The producer's limit (max_request_size). A dead letter is a whole source record plus headers, as large
+    # as the source topic allows, hence not aiokafka's 1 MB default. A letter over this limit or over the
+    # dead-letter topic's max.message.bytes is not lost and blocks nothing: it is written reduced (the parts
+    # too large dropped, dlq.value.* headers say so). Set both limits above the source topics' to keep
+    # every letter whole.
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024 * 1024)
 
 
