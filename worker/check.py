@@ -12,6 +12,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from botocore.exceptions import ClientError
 
 from worker.config import Settings
+from worker.proxy import client_options, resolve_proxy
 from worker.retry import INVALID_CODES
 from worker.source import explain_connection_errors, kafka_security
 
@@ -47,7 +48,8 @@ async def check_kafka(settings: Settings, timeout: float = 15.0) -> bool:
 
 
 async def check_personalize(settings: Settings) -> bool:
-    """An empty eventList is refused by validation after authentication: reachability without sending data."""
+    """An empty eventList is refused by validation after authentication: reachability without sending data.
+    Through the same proxy `run` uses: both take the client Config's proxy options from worker/proxy.py."""
     p = settings.personalize
     where = p.endpoint_url or f"AWS {p.region}"
     config = AioConfig(
@@ -55,11 +57,15 @@ async def check_personalize(settings: Settings) -> bool:
         parameter_validation=False,
         connect_timeout=p.request_timeout_seconds,
         read_timeout=p.request_timeout_seconds,
+        **client_options(p),
     )
     try:
         async with aioboto3.Session().client(
             "personalize-events", region_name=p.region, endpoint_url=p.endpoint_url or None, config=config
         ) as client:
+            proxy = resolve_proxy(client.meta.endpoint_url, client.meta.config)
+            if proxy is not None:
+                where += f" via proxy {proxy.url}"
             request: dict[str, Any] = {
                 "trackingId": p.tracking_id,
                 "sessionId": "personalize-worker-check",
