@@ -27,6 +27,8 @@ import pytest_asyncio
 from aiobotocore.config import AioConfig
 
 from tests.proxy_support import PROXY_VARIABLES, Tinyproxy, TinyproxyFactory, make_certificates
+from tests.test_http import serve
+from tests.test_http_proxy import tunnelling
 from worker.check import check_personalize
 from worker.config import PersonalizeSettings, Settings
 from worker.emulator import RunningEmulator, run_emulator
@@ -366,3 +368,35 @@ async def test_resolution_is_the_one_aiobotocore_uses(
     assert (ours.ssl_context is not None) == (parts.scheme == "https")
     if parts.password:
         assert ours.authorization == "Basic " + base64.b64encode(b"u:p@ss").decode()
+
+
+async def test_an_https_proxy_with_its_own_ca_for_check_and_run(
+    environment: pytest.MonkeyPatch,
+    tls_emulator: TlsEmulator,
+    certificates: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """TLS to the proxy (verified with proxy_ca_bundle), then TLS to the endpoint inside the tunnel
+    (verified with the AWS CA bundle): two CAs, neither trusted for the other's certificate."""
+    proxy_ca, proxy_pem = make_certificates(tmp_path, dns=("localhost",))
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(proxy_pem)
+    environment.setenv("AWS_CA_BUNDLE", str(certificates[0]))
+    async with serve(tunnelling(), tls=server_context) as tls_proxy:
+        settings: dict[str, Any] = {
+            "proxies": {"https": f"https://localhost:{tls_proxy.port}"},
+            "proxy_ca_bundle": str(proxy_ca),
+        }
+        async with put_events_client(tls_emulator.url, **settings) as client:
+            assert client.proxy is not None and client.proxy.url == f"https://localhost:{tls_proxy.port}"
+            await client.put_events(BODY)
+            await client.put_events(BODY)
+        personalize = PersonalizeSettings(tracking_id="trk", endpoint_url=tls_emulator.url, **settings)
+        assert await check_personalize(Settings(personalize=personalize)), capsys.readouterr().out
+        async with put_events_client(tls_emulator.url, proxies=settings["proxies"]) as client:
+            with pytest.raises(ProxyError, match="CERTIFICATE_VERIFY_FAILED"):  # the proxy's CA is needed
+                await client.put_events(BODY)
+    connects = [r for r in tls_proxy.requests if r.startswith(b"CONNECT ")]
+    assert len(connects) == 2, "one kept-alive tunnel for run, one for check"
+    assert f"via proxy https://localhost:{tls_proxy.port}" in capsys.readouterr().out
