@@ -400,3 +400,22 @@ async def test_an_https_proxy_with_its_own_ca_for_check_and_run(
     connects = [r for r in tls_proxy.requests if r.startswith(b"CONNECT ")]
     assert len(connects) == 2, "one kept-alive tunnel for run, one for check"
     assert f"via proxy https://localhost:{tls_proxy.port}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_check_names_a_refusing_proxy_in_runs_words_and_no_credentials(
+    environment: pytest.MonkeyPatch,
+    auth_proxy: Tinyproxy,
+    http_emulator: RunningEmulator,
+    tls_emulator: TlsEmulator,
+    capsys: pytest.CaptureFixture[str],
+    scheme: str,
+) -> None:
+    # One-letter credentials: botocore's own masking replaces the first "h" or "t" of "http" instead.
+    environment.setenv(f"{scheme.upper()}_PROXY", auth_proxy.url("h", "t"))
+    url = http_emulator.url if scheme == "http" else tls_emulator.url
+    assert not await check_personalize(Settings(personalize=PersonalizeSettings(tracking_id="trk", endpoint_url=url)))
+    output = capsys.readouterr().out
+    verb = "proxy answered" if scheme == "http" else "refused CONNECT:"
+    assert f"via proxy http://{auth_proxy.address}: ProxyError: {verb} 401 Unauthorized" in output, output
+    assert "h:t@" not in output and "<html" not in output and "Basic " not in output, output
