@@ -317,3 +317,17 @@ async def test_the_services_answers_pass_through_a_forwarding_proxy() -> None:
     ):
         response = await client.post([], b"x")
     assert (response.status, response.headers["x-amzn-requestid"]) == (500, "r-1")
+
+
+async def test_forwarding_over_tls_to_an_https_proxy(tls: TlsPair) -> None:
+    server_context, client_context = tls
+    async with (
+        serve(tls=server_context) as proxy_server,
+        client_via(proxy_for(proxy_server, context=client_context), E) as client,
+    ):
+        assert (await client.post([], b"x")).status == 200
+        assert (await client.post([], b"x")).status == 200
+    assert len(proxy_server.peers) == 1
+    assert all(
+        raw.startswith(b"POST http://e:8787/events HTTP/1.1\r\nHost: e:8787\r\n") for raw in proxy_server.requests
+    )

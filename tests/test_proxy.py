@@ -11,29 +11,25 @@ never the password, retried as a connection error with an alarm); `check` and `r
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import getpass
 import os
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
-from urllib.parse import urlsplit
+from typing import Any
 
-import aioboto3
 import pytest
 import pytest_asyncio
-from aiobotocore.config import AioConfig
 
-from tests.proxy_support import PROXY_VARIABLES, Tinyproxy, TinyproxyFactory, make_certificates
+from tests.proxy_support import Tinyproxy, TinyproxyFactory, make_certificates
 from tests.test_http import serve
 from tests.test_http_proxy import tunnelling
 from worker.check import check_personalize
 from worker.config import PersonalizeSettings, Settings
 from worker.emulator import RunningEmulator, run_emulator
 from worker.metrics import Metrics
-from worker.proxy import ProxyError, client_options, resolve_proxy
+from worker.proxy import ProxyError
 from worker.retry import Action, Backoff, classify
 from worker.sink import PutEventsClient, Sink
 
@@ -309,65 +305,6 @@ async def test_check_and_run_agree(
     assert (run_ok, bool(run_requests)) == (expected_ok, expected_via_proxy), output
     assert (f"via proxy http://{used.address}" in output) == expected_via_proxy, output
     assert PASSWORD not in output and "wrong-one" not in output, output
-
-
-@pytest.fixture
-def botocore_environ(environment: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    yield environment
-    for name in PROXY_VARIABLES:
-        environment.delenv(name, raising=False)
-
-
-@pytest.mark.parametrize(
-    ("variables", "config_proxies", "endpoint"),
-    [
-        ({}, None, "https://personalize-events.us-east-1.amazonaws.com"),
-        (
-            {"HTTPS_PROXY": "http://u:p%40ss@proxy.corp:3128"},
-            None,
-            "https://personalize-events.us-east-1.amazonaws.com",
-        ),
-        ({"https_proxy": "proxy.corp:3128"}, None, "https://personalize-events.us-east-1.amazonaws.com"),
-        ({"HTTP_PROXY": "http://proxy.corp:3128"}, None, "https://personalize-events.us-east-1.amazonaws.com"),
-        ({"HTTP_PROXY": "http://proxy.corp:3128"}, None, "http://10.1.2.3:8787"),
-        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": ".amazonaws.com"}, None, "https://x.us-east-1.amazonaws.com"),
-        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "amazonaws.com"}, None, "https://x.us-east-1.amazonaws.com"),
-        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "other.com"}, None, "https://x.us-east-1.amazonaws.com"),
-        ({"HTTP_PROXY": "http://p:1", "no_proxy": "emulator:8787"}, None, "http://emulator:8787"),
-        ({"HTTPS_PROXY": "http://p:1"}, {}, "https://x.us-east-1.amazonaws.com"),
-        ({"HTTPS_PROXY": "http://p:1"}, {"https": "https://tls-proxy:8443"}, "https://x.amazonaws.com"),
-        ({}, {"http": "http://[::1]:3128"}, "http://emulator:8787"),
-        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "*"}, {"https": "http://q:2"}, "https://x.amazonaws.com"),
-    ],
-)
-async def test_resolution_is_the_one_aiobotocore_uses(
-    botocore_environ: pytest.MonkeyPatch,
-    variables: dict[str, str],
-    config_proxies: dict[str, str] | None,
-    endpoint: str,
-) -> None:
-    for name, value in variables.items():
-        botocore_environ.setenv(name, value)
-    settings = PersonalizeSettings.model_validate(
-        {"tracking_id": "trk", "endpoint_url": endpoint, "proxies": config_proxies}
-    )
-    config = AioConfig(**client_options(settings))
-    async with aioboto3.Session().client(
-        "personalize-events", region_name="us-east-1", endpoint_url=endpoint, config=config
-    ) as client:
-        theirs = cast(Any, client)._endpoint.http_session._proxy_config  # what aiobotocore connects through
-        expected = theirs.proxy_url_for(client.meta.endpoint_url)
-        ours = resolve_proxy(client.meta.endpoint_url, client.meta.config)
-    if not expected:
-        assert ours is None
-        return
-    assert ours is not None
-    parts = urlsplit(expected)
-    assert (ours.host, ours.port) == (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-    assert ours.url.startswith(f"{parts.scheme}://")
-    assert (ours.ssl_context is not None) == (parts.scheme == "https")
-    if parts.password:
-        assert ours.authorization == "Basic " + base64.b64encode(b"u:p@ss").decode()
 
 
 async def test_an_https_proxy_with_its_own_ca_for_check_and_run(

@@ -79,16 +79,19 @@ def resolve_proxy(endpoint_url: str, config: Any, default_cafile: str | None = N
     proxy_url = botocore_view.proxy_url_for(endpoint_url)
     if not proxy_url:
         return None
+    # botocore reads "socks5://p" as "http://socks5://p" (host "socks5"): refused here instead.
+    given = str(proxies.get(urlsplit(endpoint_url).scheme, ""))
+    scheme = given.split("://", 1)[0] if "://" in given else "http"
     parts = urlsplit(proxy_url)
     try:
         port = parts.port
     except ValueError:
         port = -1
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+    if scheme not in ("http", "https") or not parts.hostname or port == -1:
         # The URL itself is not shown: it may carry credentials.
         raise ConfigError(
             f"the proxy for {endpoint_url} must be an http:// or https:// URL with a host and a valid port"
-            f" (scheme {parts.scheme!r})"
+            f" (scheme {scheme!r})"
         )
     host = parts.hostname
     port = port or (443 if parts.scheme == "https" else 80)
