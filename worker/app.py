@@ -56,6 +56,8 @@ class Worker:
             return False, "waiting for a partition assignment"
         if self.dead_letters.blocked_reason:
             return False, self.dead_letters.blocked_reason
+        if self.sink.refused:
+            return False, self.sink.refused
         if self._stalled_reason:
             return False, self._stalled_reason
         return True, "ready"
@@ -175,6 +177,8 @@ class Worker:
     def _why_stalled(self) -> str:
         if self.dead_letters.blocked_reason:
             return self.dead_letters.blocked_reason
-        if self.sink.last_error:
+        if self.sink.refused:
+            return self.sink.refused
+        if self.sink.last_error:  # a code, never the service's message: this reason is served on /readyz
             return f"PutEvents failing: {self.sink.last_error}"
         return "nothing fetched and no offsets committed"
