@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -359,7 +360,10 @@ async def test_with_no_other_traffic_nothing_is_blamed() -> None:
     assert [(r.position, r.reason) for r in rejected] == [(0, "retries_exhausted")]
 
 
-async def test_request_level_refusals_are_retried_with_the_alarm_never_dead_lettered() -> None:
+async def test_request_level_refusals_are_retried_with_the_alarm_never_dead_lettered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="worker.sink")
     sink, client, metrics = fake_sink(max_event_attempts=1)
     client.down, client.down_sessions = DENIED, {"main"}  # even while other calls are accepted
     refused = "personalize_worker_put_events_refused"
@@ -375,6 +379,10 @@ async def test_request_level_refusals_are_retried_with_the_alarm_never_dead_lett
         assert await sink.deliver("main", None, batch("main", 10), 0.0) == []
     assert {len(ids) for session, ids in client.calls if session == "main"} == {10}, "never split"
     assert sink.refused is None and metrics.registry.get_sample_value(refused) == 0
+    # The alarm came and went with every call (the others' were accepted): still one line each way.
+    messages = [r.getMessage() for r in caplog.records if r.name == "worker.sink"]
+    assert messages.count("PutEvents refuses the request itself; retrying, nothing is dead-lettered") == 1
+    assert messages.count("PutEvents accepts requests again") == 1
 
 
 async def test_the_same_refusal_for_every_event_is_about_the_request() -> None:

@@ -274,6 +274,9 @@ def request_body(tracking_id: str, session_id: str, user_id: str | None, events:
     return b"".join((orjson.dumps(head)[:-1], b',"eventList":[', ",".join(events).encode(), b"]}"))
 
 
+ALARM_LOG_SECONDS = 60.0
+
+
 class Sink:
     """Delivers one session's batch: retries, isolating the events that fail, and the request-level alarm."""
 
@@ -288,6 +291,8 @@ class Sink:
         """The latest unresolved call error's code (never the service's message), for the stall reason."""
         self.refused: str | None = None
         """While PutEvents refuses the request itself: the /readyz reason. Cleared by the next accepted call."""
+        self._alarm_logged: dict[str, float] = {}
+        self._episode_logged = False
         self.in_flight = 0
         metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time, not kept per call
 
@@ -377,9 +382,7 @@ class Sink:
             health.accepted += 1
             self.last_error = None
             if self.refused is not None:
-                log.info("PutEvents accepts requests again", extra={"was": self.refused})
-                self.refused = None
-                metrics.refused.set(0)
+                self._alarm_over()
             metrics.calls_ok.inc()
             metrics.events_sent.inc(len(events))
             metrics.events_per_call.observe(len(events))
@@ -398,14 +401,28 @@ class Sink:
         self.last_error = verdict.code
 
     def _alarm(self, verdict: Verdict) -> None:
-        """One log line per new reason; /readyz and the metric carry it while it lasts."""
-        if self.refused != verdict.alarm:
+        """/readyz and the metric carry the alarm while it lasts; one log line when it starts — at most one a
+        minute per reason, should it come and go (one session's calls refused while others are accepted)."""
+        if self.refused == verdict.alarm:
+            return
+        self.refused = verdict.alarm
+        self._metrics.refused.set(1)
+        now = time.monotonic()
+        self._episode_logged = now - self._alarm_logged.get(verdict.alarm, -ALARM_LOG_SECONDS) >= ALARM_LOG_SECONDS
+        if self._episode_logged:
+            if len(self._alarm_logged) >= 100:  # reasons include codes from the wire: keep this bounded
+                self._alarm_logged.clear()
+            self._alarm_logged[verdict.alarm] = now
             log.error(
                 "PutEvents refuses the request itself; retrying, nothing is dead-lettered",
                 extra={"reason": verdict.alarm, "error": verdict.message},
             )
-            self.refused = verdict.alarm
-            self._metrics.refused.set(1)
+
+    def _alarm_over(self) -> None:
+        if self._episode_logged:
+            log.info("PutEvents accepts requests again", extra={"was": self.refused})
+        self.refused = None
+        self._metrics.refused.set(0)
 
     @staticmethod
     def _rejection(offset: int, verdict: Verdict, tries: Tries) -> Rejection:
