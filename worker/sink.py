@@ -274,7 +274,10 @@ def request_body(tracking_id: str, session_id: str, user_id: str | None, events:
     return b"".join((orjson.dumps(head)[:-1], b',"eventList":[', ",".join(events).encode(), b"]}"))
 
 
+WARN_LOG_SECONDS = 10.0
 ALARM_LOG_SECONDS = 60.0
+"""A failure's log line repeats at most this often per reason (the alarm's at most once a minute): an error
+that comes and goes, or alternates with throttling, must not flood the logs."""
 
 
 class Sink:
@@ -292,6 +295,7 @@ class Sink:
         self.refused: str | None = None
         """While PutEvents refuses the request itself: the /readyz reason. Cleared by the next accepted call."""
         self._alarm_logged: dict[str, float] = {}
+        self._warned: dict[str, float] = {}
         self._episode_logged = False
         self.in_flight = 0
         metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time, not kept per call
@@ -396,7 +400,7 @@ class Sink:
         elif verdict.kind is Kind.THROTTLED:
             self.limiter.throttled()
             self._metrics.rate_limit.set(self.limiter.rate)
-        elif self.last_error != verdict.code:
+        elif self._due(self._warned, verdict.code, WARN_LOG_SECONDS):
             log.warning("PutEvents failed, retrying", extra={"error": verdict.message})
         self.last_error = verdict.code
 
@@ -407,16 +411,23 @@ class Sink:
             return
         self.refused = verdict.alarm
         self._metrics.refused.set(1)
-        now = time.monotonic()
-        self._episode_logged = now - self._alarm_logged.get(verdict.alarm, -ALARM_LOG_SECONDS) >= ALARM_LOG_SECONDS
+        self._episode_logged = self._due(self._alarm_logged, verdict.alarm, ALARM_LOG_SECONDS)
         if self._episode_logged:
-            if len(self._alarm_logged) >= 100:  # reasons include codes from the wire: keep this bounded
-                self._alarm_logged.clear()
-            self._alarm_logged[verdict.alarm] = now
             log.error(
                 "PutEvents refuses the request itself; retrying, nothing is dead-lettered",
                 extra={"reason": verdict.alarm, "error": verdict.message},
             )
+
+    @staticmethod
+    def _due(logged: dict[str, float], key: str, interval: float) -> bool:
+        """Whether `key` was last logged over `interval` seconds ago; if so, it counts as logged now."""
+        now = time.monotonic()
+        if now - logged.get(key, -interval) < interval:
+            return False
+        if len(logged) >= 100:  # keys include codes from the wire: keep this bounded
+            logged.clear()
+        logged[key] = now
+        return True
 
     def _alarm_over(self) -> None:
         if self._episode_logged:
