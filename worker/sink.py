@@ -32,7 +32,19 @@ from worker import __version__
 from worker.config import PersonalizeSettings
 from worker.http import HttpClient, host_header
 from worker.metrics import Metrics
-from worker.retry import EXHAUSTED, Action, Backoff, Health, Kind, Rejection, Tries, Verdict, about_content, classify
+from worker.retry import (
+    EXHAUSTED,
+    Action,
+    Backoff,
+    Health,
+    Kind,
+    Mark,
+    Rejection,
+    Tries,
+    Verdict,
+    about_content,
+    classify,
+)
 
 log = logging.getLogger(__name__)
 
@@ -314,43 +326,67 @@ class Sink:
         content, or when it keeps failing while the service is healthy for other calls (`retry.Health`);
         down to one event, that is a dead letter. Refusals that prove the same for every event while nothing
         is accepted anywhere are about the request: the whole call is retried with the alarm instead."""
+        start = self.health.mark()
+        tries = Tries(len(events), start, self._settings.max_event_attempts)
+        verdict = await self._send_until_final(session_id, user_id, events, sent_at, tries)
+        if verdict is None:
+            return []
+        return await self._isolate(session_id, user_id, events, sent_at, start, tries, verdict)
+
+    async def _isolate(
+        self,
+        session_id: str,
+        user_id: str | None,
+        events: list[str],
+        sent_at: float,
+        start: Mark,
+        tries: Tries,
+        verdict: Verdict | None,
+    ) -> list[Rejection]:
+        """The rest of `deliver` once the whole call has failed for good: its halves, theirs, ... in order."""
         health = self.health
         limit = self._settings.max_event_attempts
-        suspect: str | None = None
         rounds = 0
         while True:
-            start = health.mark()
-            pending = [(0, events, Tries(len(events), start, limit, suspect))]
+            pending: list[tuple[int, list[str], Tries]] = []
             rejected: list[Rejection] = []
             refusal: Verdict | None = None
             accepted_any = False
             own_failures = 0
-            while pending:
-                offset, chunk, tries = pending.pop(0)
-                verdict = await self._send_until_final(session_id, user_id, chunk, sent_at, tries)
+            offset, chunk = 0, events
+            while True:
                 own_failures += tries.attempt
                 if verdict is None:
                     accepted_any = True
                 elif len(chunk) > 1:
                     half = len(chunk) // 2
                     pending[:0] = [
-                        (offset, chunk[:half], Tries(half, tries.since, limit, suspect)),
-                        (offset + half, chunk[half:], Tries(len(chunk) - half, tries.since, limit, suspect)),
+                        (offset, chunk[:half], Tries(half, tries.since, limit, tries.suspect)),
+                        (offset + half, chunk[half:], Tries(len(chunk) - half, tries.since, limit, tries.suspect)),
                     ]
                 else:
                     rejected.append(self._rejection(offset, verdict, tries))
                     if verdict.kind is Kind.INVALID or verdict.kind is Kind.TOO_LARGE:
                         refusal = verdict
+                if not pending:
+                    break
+                offset, chunk, tries = pending.pop(0)
+                verdict = await self._send_until_final(session_id, user_id, chunk, sent_at, tries)
             refusals = [r.message for r in rejected if r.reason != EXHAUSTED]
             if refusal is None or about_content(
                 refusals, accepted_any or len(refusals) < len(rejected), health.healthy_since(start, own_failures)
             ):
                 return rejected
-            suspect = refusal.message
+            # Every event refused alike, nothing accepted anywhere: the request, not the events. Again, whole.
             self._alarm(refusal)
             rounds += 1
             self._metrics.retries.inc()
             await asyncio.sleep(self._backoff.delay(rounds))
+            start = health.mark()
+            tries = Tries(len(events), start, limit, suspect=refusal.message)
+            verdict = await self._send_until_final(session_id, user_id, events, sent_at, tries)
+            if verdict is None:
+                return []
 
     async def _send_until_final(
         self, session_id: str, user_id: str | None, events: list[str], sent_at: float, tries: Tries
