@@ -115,7 +115,82 @@ def test_alert_rules_pass_promtool() -> None:
         "PersonalizeWorkerCallErrors",
         "PersonalizeWorkerStalled",
         "PersonalizeWorkerDeadLetterBlocked",
+        "PersonalizeWorkerPutEventsRefused",
+        "PersonalizeWorkerEventsRetriesExhausted",
     } <= alerts
+
+
+@needs_promtool
+def test_request_level_and_retries_exhausted_alerts_fire(tmp_path: Path) -> None:
+    """promtool's rule unit test: the two alerts of the retry policy fire on the series the worker exports."""
+    assert PROMTOOL is not None
+    rules = {rule["alert"]: rule for group in documents(ALERTS)[0]["groups"] for rule in group["rules"]}
+    instance = {"job": "personalize-worker", "instance": "w:9108"}
+    refused = rules["PersonalizeWorkerPutEventsRefused"]
+    exhausted = rules["PersonalizeWorkerEventsRetriesExhausted"]
+    spec = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": 'personalize_worker_put_events_refused{job="personalize-worker",instance="w:9108"}',
+                        "values": "0 1 1 1 1 1 0 0",
+                    },
+                    {
+                        "series": 'personalize_worker_records_invalid_total{job="personalize-worker",'
+                        'instance="w:9108",reason="retries_exhausted"}',
+                        "values": "0 0 1 1 1 1 1 1",
+                    },
+                    {
+                        "series": 'personalize_worker_records_invalid_total{job="personalize-worker",'
+                        'instance="w:9108",reason="rejected"}',
+                        "values": "0 5 10 15 20 25 30 35",
+                    },
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "2m", "alertname": "PersonalizeWorkerPutEventsRefused", "exp_alerts": []},
+                    {
+                        "eval_time": "4m",
+                        "alertname": "PersonalizeWorkerPutEventsRefused",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "instance": instance["instance"]},
+                                "exp_annotations": {
+                                    "summary": refused["annotations"]["summary"].replace(
+                                        "{{ $labels.instance }}", instance["instance"]
+                                    ),
+                                    "description": refused["annotations"]["description"],
+                                },
+                            }
+                        ],
+                    },
+                    {"eval_time": "7m", "alertname": "PersonalizeWorkerPutEventsRefused", "exp_alerts": []},
+                    {
+                        "eval_time": "4m",
+                        "alertname": "PersonalizeWorkerEventsRetriesExhausted",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "job": instance["job"]},
+                                "exp_annotations": {
+                                    "summary": exhausted["annotations"]["summary"].replace(
+                                        "{{ $value | humanize }}", "1"
+                                    ),
+                                    "description": exhausted["annotations"]["description"],
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "retry-alerts.test.yml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @needs_promtool

@@ -41,6 +41,9 @@ NO_FAULTS: dict[str, Any] = {
     "outage": False,
     "tracking_ids": None,
     "reject_item_ids": None,
+    "fail_item_ids": None,
+    "access_denied": False,
+    "max_body_bytes": None,
 }
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MISSING: Any = object()  # marks a member to leave out of a request
@@ -560,6 +563,47 @@ async def test_faults_come_before_validation_in_order(emu: RunningEmulator, clie
 
     assert (error_code(outage.value), status_of(outage.value)) == ("ServiceUnavailable", 503)
     assert error_code(failure.value) == "InternalFailure"
+
+
+async def test_failing_items_get_500_every_time_while_the_rest_is_accepted(emu: RunningEmulator, client: Any) -> None:
+    emu.emulator.configure(fail_item_ids=["poison"])
+    for _ in range(3):
+        with pytest.raises(ClientError) as caught:
+            await client.put_events(**put_events(eventList=[event(eventId="a"), event(eventId="b", itemId="poison")]))
+        assert (error_code(caught.value), status_of(caught.value)) == ("InternalFailure", 500)
+    await client.put_events(**put_events(eventList=[event(eventId="a")]))
+
+    assert [e["eventId"] for e in emu.emulator.events()] == ["a"]
+    assert emu.emulator.snapshot()["rejected"] == {"InternalFailure": 3}
+    with pytest.raises(ValueError, match="fail_item_ids"):
+        emu.emulator.configure(fail_item_ids="poison")
+
+
+async def test_access_denied_names_the_account_like_aws(emu: RunningEmulator, client: Any) -> None:
+    emu.emulator.configure(access_denied=True)
+    with pytest.raises(ClientError) as caught:
+        await client.put_events(**put_events())
+    emu.emulator.configure(access_denied=False)
+    await client.put_events(**put_events())
+
+    assert (error_code(caught.value), status_of(caught.value)) == ("AccessDeniedException", 403)
+    assert "arn:aws:sts::123456789012:assumed-role/" in caught.value.response["Error"]["Message"]
+    assert emu.emulator.snapshot()["calls"] == 1
+
+
+async def test_a_proxy_size_limit_answers_413_without_an_error_code(emu: RunningEmulator) -> None:
+    emu.emulator.configure(max_body_bytes=100)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(emu.url + "/events", data=b"x" * 101) as response:
+            status, headers, body = response.status, response.headers, await response.read()
+        async with session.post(emu.url + "/events", data=b"x" * 100) as response:
+            within = response.status
+
+    assert (status, "x-amzn-ErrorType" in headers) == (413, False)
+    assert body.startswith(b"<html>")
+    assert within == 403, "within the limit, the request goes on to authentication"
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        emu.emulator.configure(max_body_bytes=-1)
 
 
 async def test_random_throttling(emu: RunningEmulator, client: Any) -> None:

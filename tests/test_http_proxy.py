@@ -148,7 +148,7 @@ async def test_refused_connect_is_a_proxy_error_naming_the_proxy(answer: bytes, 
     message = str(caught.value)
     assert message.startswith(f"proxy http://127.0.0.1:{proxy_server.port} refused CONNECT to localhost:1: {expected}")
     assert AUTH.split()[1] not in message and "internal-acl" not in message and "upstream" not in message
-    assert classify(caught.value, 1).outcome == "connection"
+    assert classify(caught.value).outcome == "connection"
 
 
 async def hang_up(peer: Peer) -> None:

@@ -21,7 +21,8 @@ from worker.config import Settings
 from worker.deadletter import DeadLetter
 from worker.metrics import Metrics
 from worker.pipeline import Flag, Pipeline
-from worker.sink import RateLimiter, Rejection
+from worker.retry import Rejection
+from worker.sink import RateLimiter
 from worker.source import Source
 
 
@@ -391,3 +392,33 @@ async def test_a_partition_being_revoked_takes_no_more_of_a_poll() -> None:
     assert fetched == 200, "only the slice handed over before the revocation began"
     assert len(sink.delivered) == 200
     assert consumer.commits[-1] == {tp: 200}
+
+
+class RejectingSink:
+    """Refuses the second event of every call with the reason it is given."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    async def deliver(self, session_id: str, user_id: str | None, events: list[str], sent_at: float) -> list[Rejection]:
+        return [Rejection(1, self.reason, "failed alone 10 times ...; last error: InternalFailure: boom")]
+
+
+@pytest.mark.parametrize("reason", ["retries_exhausted", "rejected", "too_large"])
+async def test_a_rejection_becomes_a_dead_letter_with_its_reason_then_a_commit(reason: str) -> None:
+    settings = Settings.model_validate({"personalize": {"tracking_id": "t"}, "batching": {"linger_ms": 0}})
+    metrics, letters = Metrics(), Letters()
+    pipeline = Pipeline(settings, RejectingSink(reason), letters, metrics, quota=RateLimiter(1000))
+    tp = TopicPartition("t", 0)
+    pipeline.ingest(tp, records(0, 3))
+    tasks = [asyncio.create_task(pipeline.run_dispatcher()), asyncio.create_task(pipeline.run_dead_letters())]
+    try:
+        await wait_for(lambda: pipeline.outstanding == 0)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert [(x.offset, x.stage, x.reason) for x in letters.written] == [(1, "personalize", reason)]
+    assert "InternalFailure" in letters.written[0].message
+    assert metrics.registry.get_sample_value("personalize_worker_records_invalid_total", {"reason": reason}) == 1
+    assert pipeline.tracker.to_commit() == {tp: 3}

@@ -168,9 +168,7 @@ async def test_a_refusing_proxy_is_a_loud_alarm_and_loses_nothing(
             status, reason = _get(readyz)
         except OSError:
             return False
-        return (
-            status == 503 and f"PutEvents failing: ProxyError: proxy http://{proxy.address} refused CONNECT" in reason
-        )
+        return status == 503 and "PutEvents failing: ProxyError" in reason
 
     assert await asyncio.to_thread(wait_until, alarmed, 60), worker.log_tail()
     _, reason = await asyncio.to_thread(_get, readyz)

@@ -1,12 +1,15 @@
 """The sink's PutEvents fast path against the emulator: the same request botocore's client makes,
-the same errors, signatures that verify, and the retry / split behaviour on top."""
+the same errors, signatures that verify, and the retry / split behaviour on top; the isolation of
+failing events and the request-level alarm against a fake client whose loop turns are the clock."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import aioboto3
 import orjson
@@ -19,7 +22,7 @@ from worker.config import PersonalizeSettings
 from worker.emulator import RunningEmulator, run_emulator
 from worker.metrics import Metrics
 from worker.retry import Backoff, classify
-from worker.sink import Sink
+from worker.sink import Sink, request_body
 
 KEY, SECRET = "AKIDTEST", "secret-for-tests"
 MINIMAL = b'{"trackingId":"trk","sessionId":"s","eventList":[{"eventType":"x","sentAt":1}]}'
@@ -104,7 +107,7 @@ async def test_wrong_secret_is_refused_and_classified(
     finally:
         await sink.close()
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
-    assert classify(caught.value, 1).outcome == "client_error"
+    assert classify(caught.value).outcome == "client_error"
 
 
 @pytest.mark.parametrize(
@@ -131,7 +134,7 @@ async def test_error_answers_become_botocore_errors(
         running.emulator.configure(max_tps=0, error_rate=0.0, outage=False, tracking_ids=None)
     assert caught.value.response["Error"]["Code"] == code
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == status
-    assert classify(caught.value, 1).outcome == outcome
+    assert classify(caught.value).outcome == outcome
 
 
 async def test_invalid_events_are_split_out_and_the_rest_delivered(running: RunningEmulator, sink: Sink) -> None:
@@ -143,8 +146,8 @@ async def test_invalid_events_are_split_out_and_the_rest_delivered(running: Runn
         rejected = await sink.deliver("sess-2", None, *as_sent(events))
     finally:
         running.emulator.configure(reject_item_ids=None)
-    assert [index for index, _ in rejected] == [3, 8]
-    assert all("itemId" in message for _, message in rejected)
+    assert [(r.position, r.reason) for r in rejected] == [(3, "rejected"), (8, "rejected")]
+    assert all("itemId" in r.message for r in rejected)
     delivered = [e["eventId"] for e in running.emulator.events()]
     assert delivered == [e["eventId"] for i, e in enumerate(events) if i not in (3, 8)], "order kept"
 
@@ -208,3 +211,237 @@ def test_signing_clock_is_botocores_to_the_second(monkeypatch: pytest.MonkeyPatc
         expected = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime(SIGV4_TIMESTAMP)
         assert signer.timestamp() == expected
         assert dict(signer.headers(b"{}"))["X-Amz-Date"] == expected
+
+
+# --------------------------------------------------------------------------- isolating failures (fake client)
+
+
+def failure(code: str, status: int, message: str = "boom") -> ClientError:
+    response: Any = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return ClientError(response, "PutEvents")
+
+
+SERVER_ERROR = failure("InternalFailure", 500, "The request processing has failed because of an unknown error.")
+DENIED = failure("AccessDeniedException", 403, "User: arn:aws:sts::123456789012:assumed-role/w/i-1 is not authorized")
+
+
+class FakeClient:
+    """PutEvents decided by the body, instantly: calls carrying a poison itemId fail with `poison_error`;
+    while `down` is set, every call (or every call of `down_sessions`) fails with it."""
+
+    def __init__(self) -> None:
+        self.poison: set[str] = set()
+        self.poison_error: Exception = SERVER_ERROR
+        self.down: Exception | None = None
+        self.down_sessions: set[str] | None = None
+        self.calls: list[tuple[str, list[str]]] = []
+        self.accepted: list[str] = []
+        self.on_call: Any = None
+
+    async def put_events(self, body: bytes) -> None:
+        await asyncio.sleep(0)  # one turn of the loop, as a network call would take
+        doc = orjson.loads(body)
+        ids = [e["eventId"] for e in doc["eventList"]]
+        self.calls.append((doc["sessionId"], ids))
+        if self.on_call is not None:
+            self.on_call(self)
+        if self.down is not None and (self.down_sessions is None or doc["sessionId"] in self.down_sessions):
+            raise self.down
+        if any(e.get("itemId") in self.poison for e in doc["eventList"]):
+            raise self.poison_error
+        self.accepted.extend(ids)
+
+    def calls_of(self, event_id: str) -> list[int]:
+        """Sizes of the calls that carried this event, in order."""
+        return [len(ids) for _, ids in self.calls if event_id in ids]
+
+
+def fake_sink(max_event_attempts: int = 10) -> tuple[Sink, FakeClient, Metrics]:
+    settings = PersonalizeSettings(
+        tracking_id="trk", max_requests_per_second=1e9, max_event_attempts=max_event_attempts
+    )
+    metrics = Metrics()
+    sink = Sink(settings, metrics, Backoff(rng=lambda low, high: 0.0))  # no waiting: the loop's turns are the clock
+    client = FakeClient()
+    sink.client = cast(Any, client)
+    return sink, client, metrics
+
+
+def batch(prefix: str, count: int, poison_at: int | None = None) -> list[str]:
+    return [
+        orjson.dumps(
+            {"eventId": f"{prefix}-{n}", "eventType": "click", "sentAt": 1, "itemId": "bad" if n == poison_at else "ok"}
+        ).decode()
+        for n in range(count)
+    ]
+
+
+@contextlib.asynccontextmanager
+async def other_traffic(sink: Sink) -> AsyncIterator[list[int]]:
+    """Other sessions' calls, one after another, for as long as the block runs: what 'healthy for other
+    calls' is measured against."""
+    sent = [0]
+
+    async def run() -> None:
+        while True:
+            assert await sink.deliver(f"other-{sent[0]}", None, batch(f"o{sent[0]}", 1), 0.0) == []
+            sent[0] += 1
+
+    task = asyncio.create_task(run())
+    try:
+        yield sent
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize(
+    "error",
+    [SERVER_ERROR, failure("400", 400, "<html>Bad Request</html>"), TimeoutError(), failure("Teapot", 418)],
+    ids=["5xx", "uncoded-4xx", "timeout", "unknown-4xx"],
+)
+async def test_a_poison_event_is_isolated_and_dead_lettered_while_others_succeed(error: Exception) -> None:
+    sink, client, _ = fake_sink(max_event_attempts=4)
+    client.poison, client.poison_error = {"bad"}, error
+    events = batch("main", 10, poison_at=3)
+    async with other_traffic(sink), asyncio.timeout(30):
+        rejected = await sink.deliver("main", None, events, 0.0)
+    assert [(r.position, r.reason) for r in rejected] == [(3, "retries_exhausted")]
+    assert "failed alone 4 times" in rejected[0].message
+    assert rejected[0].message.endswith(classify(error).message), "the last error, code and cut message"
+    assert [i for i in client.accepted if i.startswith("main")] == [f"main-{n}" for n in range(10) if n != 3]
+    # Halved in order after two isolated failures per level (10 → 5 → 3 → 2), then alone max_event_attempts
+    # times; a failure before any other call got through (the very first, say) is not isolated.
+    sizes = client.calls_of("main-3")
+    assert sizes == sorted(sizes, reverse=True) and set(sizes) == {10, 5, 3, 2, 1}
+    assert sizes.count(1) == 4 and all(sizes.count(n) >= 2 for n in (10, 5, 3, 2))
+    assert len(sizes) <= 12 + 2
+    assert sink.refused is None
+
+
+async def test_an_outage_for_everyone_counts_nothing_then_the_poison_is_isolated() -> None:
+    sink, client, _ = fake_sink(max_event_attempts=3)
+    client.poison = {"bad"}
+    client.down = failure("ServiceUnavailable", 503, "Service Unavailable")
+    events = batch("main", 10, poison_at=9)
+
+    def outage_ends_after_300_calls(fake: FakeClient) -> None:
+        if len(fake.calls) == 300:
+            fake.down = None
+
+    client.on_call = outage_ends_after_300_calls
+    async with other_traffic(sink) as others, asyncio.timeout(30):
+        rejected = await sink.deliver("main", None, events, 0.0)
+    outage = client.calls[:300]
+    assert all(len(ids) == 10 for session, ids in outage if session == "main"), "never split in the outage"
+    assert sum(1 for session, _ in outage if session == "main") > 100
+    assert others[0] > 0
+    assert [(r.position, r.reason) for r in rejected] == [(9, "retries_exhausted")]
+    assert "ServiceUnavailable" not in rejected[0].message and "InternalFailure" in rejected[0].message
+    assert client.calls_of("main-9")[-3:] == [1, 1, 1], "only failures after the outage counted"
+    assert len(set(client.accepted)) == len(client.accepted), "everything else exactly once"
+
+
+async def test_with_no_other_traffic_nothing_is_blamed() -> None:
+    """Nothing tells a poison event from an outage when it is the only call: it keeps retrying (the stall
+    watchdog says so) until other calls go through, then it is isolated."""
+    sink, client, _ = fake_sink(max_event_attempts=2)
+    client.poison = {"bad"}
+    two_hundred = asyncio.Event()
+    client.on_call = lambda fake: two_hundred.set() if len(fake.calls) >= 200 else None
+    delivering = asyncio.create_task(sink.deliver("main", None, batch("main", 4, poison_at=0), 0.0))
+    await two_hundred.wait()
+    assert not delivering.done()
+    assert {len(ids) for _, ids in client.calls} == {4}
+    assert sink.last_error == "InternalFailure"
+    async with other_traffic(sink), asyncio.timeout(30):
+        rejected = await delivering
+    assert [(r.position, r.reason) for r in rejected] == [(0, "retries_exhausted")]
+
+
+async def test_request_level_refusals_are_retried_with_the_alarm_never_dead_lettered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="worker.sink")
+    sink, client, metrics = fake_sink(max_event_attempts=1)
+    client.down, client.down_sessions = DENIED, {"main"}  # even while other calls are accepted
+    refused = "personalize_worker_put_events_refused"
+
+    def recovers_after_200_calls(fake: FakeClient) -> None:
+        if len(fake.calls) == 200:
+            assert sink.refused == "PutEvents refused: AccessDeniedException (credentials or permissions)"
+            assert metrics.registry.get_sample_value(refused) == 1
+            fake.down = None
+
+    client.on_call = recovers_after_200_calls
+    async with other_traffic(sink), asyncio.timeout(30):
+        assert await sink.deliver("main", None, batch("main", 10), 0.0) == []
+    assert {len(ids) for session, ids in client.calls if session == "main"} == {10}, "never split"
+    assert sink.refused is None and metrics.registry.get_sample_value(refused) == 0
+    # The alarm came and went with every call (the others' were accepted): still one line each way.
+    messages = [r.getMessage() for r in caplog.records if r.name == "worker.sink"]
+    assert messages.count("PutEvents refuses the request itself; retrying, nothing is dead-lettered") == 1
+    assert messages.count("PutEvents accepts requests again") == 1
+
+
+async def test_the_same_refusal_for_every_event_is_about_the_request() -> None:
+    """A refusal that names no event, the same for every piece, nothing accepted anywhere: not the content."""
+    sink, client, _ = fake_sink()
+    client.down = failure("InvalidInputException", 400, "The event tracker is not active.")
+
+    def recovers_after_100_calls(fake: FakeClient) -> None:
+        if len(fake.calls) == 100:
+            fake.down = None
+
+    client.on_call = recovers_after_100_calls
+    async with asyncio.timeout(30):
+        assert await sink.deliver("main", None, batch("main", 4), 0.0) == []
+    sizes = [len(ids) for _, ids in client.calls]
+    assert sizes[:7] == [4, 2, 1, 1, 2, 1, 1], "explored once"
+    assert set(sizes[7:]) == {4}, "then retried whole"
+    assert client.accepted == [f"main-{n}" for n in range(4)]
+
+
+async def test_the_same_refusal_while_others_are_accepted_is_about_the_events() -> None:
+    sink, client, _ = fake_sink()
+    client.down = failure("InvalidInputException", 400, "Properties do not match the schema.")
+    client.down_sessions = {"main"}
+    async with other_traffic(sink), asyncio.timeout(30):
+        rejected = await sink.deliver("main", None, batch("main", 4), 0.0)
+    assert [(r.position, r.reason) for r in rejected] == [(n, "rejected") for n in range(4)]
+
+
+async def test_an_event_too_large_for_a_proxy_is_dead_lettered(running: RunningEmulator, sink: Sink) -> None:
+    """A 413 without an error code, over real sockets: halved until the event that alone is too large."""
+    running.emulator.reset()
+    events = sample_events(6)
+    events[4]["properties"] = orjson.dumps({"note": "x" * 900}).decode()
+    events[4]["impression"] = [f"impression-{n:03d}" * 4 for n in range(25)]
+    serialized, sent_at = as_sent(events)
+    small = len(request_body("trk", "sess-413", None, [e for n, e in enumerate(serialized) if n != 4]))
+    running.emulator.configure(max_body_bytes=small)
+    try:
+        rejected = await sink.deliver("sess-413", None, serialized, sent_at)
+    finally:
+        running.emulator.configure(max_body_bytes=None)
+    assert [(r.position, r.reason) for r in rejected] == [(4, "too_large")]
+    assert rejected[0].message.startswith("HTTP 413: ")
+    assert [e["eventId"] for e in running.emulator.events()] == [f"e-{n}" for n in range(6) if n != 4]
+
+
+async def test_a_poison_event_at_the_emulator_is_isolated(running: RunningEmulator, sink: Sink) -> None:
+    """fail_item_ids over real sockets: the emulator answers 500 to every call carrying the event."""
+    running.emulator.reset()
+    events = sample_events(10)
+    events[6]["itemId"] = "poison"
+    running.emulator.configure(fail_item_ids=["poison"])
+    try:
+        async with other_traffic(sink), asyncio.timeout(120):
+            rejected = await sink.deliver("sess-poison", None, *as_sent(events))
+    finally:
+        running.emulator.configure(fail_item_ids=None)
+    assert [(r.position, r.reason) for r in rejected] == [(6, "retries_exhausted")]
+    assert "InternalFailure" in rejected[0].message
+    mine = [e["eventId"] for e in running.emulator.events() if e["sessionId"] == "sess-poison"]
+    assert mine == [f"e-{n}" for n in range(10) if n != 6]

@@ -74,6 +74,8 @@ class Worker:
             return False, "waiting for a partition assignment"
         if self.dead_letters.blocked_reason:
             return False, self.dead_letters.blocked_reason
+        if self.sink.refused:
+            return False, self.sink.refused
         if self.watchdog.reason:
             return False, self.watchdog.reason
         return True, "ready"
@@ -84,7 +86,9 @@ class Worker:
         return self.dead_letters.blocked_reason
 
     def calls_failing(self) -> str | None:
-        error = self.sink.last_error
+        if self.sink.refused:
+            return self.sink.refused
+        error = self.sink.last_error  # a code, never the service's message: this reason is served on /readyz
         return f"PutEvents failing: {error}" if error else None
 
     def is_retrying(self, batch: Batch[SessionKey, Item]) -> bool:

@@ -106,6 +106,11 @@ class PersonalizeSettings(_Section):
             raise ValueError("proxy_client_key needs proxy_client_cert")
         return self
 
+    # Attempts of an event failing alone (its call halved down to it) while other calls are accepted, before
+    # it is dead-lettered as retries_exhausted. 10 with the backoff's 10 s cap: at most ~35 s of waiting, about
+    # two minutes if every attempt also times out. Failures while the service fails for everyone never count.
+    max_event_attempts: int = Field(default=10, ge=1, le=20)
+
 
 SentAtFormat = Literal["auto", "iso8601", "epoch_s", "epoch_ms"]
 

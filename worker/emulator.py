@@ -453,6 +453,13 @@ class SigV4Verifier:
 # --------------------------------------------------------------------------- state
 
 
+ACCESS_DENIED = (
+    "User: arn:aws:sts::123456789012:assumed-role/personalize-worker/i-0123456789abcdef0 is not authorized to "
+    "perform: personalize:PutEvents on resource: arn:aws:personalize:us-east-1:123456789012:event-tracker/emulated"
+)
+PROXY_413 = b"<html><head><title>413 Request Entity Too Large</title></head><body>nginx</body></html>"
+
+
 @dataclass
 class FaultConfig:
     """What the emulator injects; mutable at run time through ``POST /_emulator/config``."""
@@ -468,6 +475,14 @@ class FaultConfig:
     reject_item_ids: list[str] | None = None
     """Events with these itemIds are refused as invalid: stands in for the service-side rejections
     (schema mismatches, say) that no client-side check can predict, so batch splitting can be tested."""
+    fail_item_ids: list[str] | None = None
+    """A call carrying an event with one of these itemIds is answered 500 InternalFailure, every time, while
+    the rest is accepted: a poison event, so isolating it by its repeated failures can be tested."""
+    access_denied: bool = False
+    """Answer every request 403 AccessDeniedException, its message naming an account and a role as AWS's
+    does: credentials without personalize:PutEvents (the message must never reach /readyz)."""
+    max_body_bytes: int | None = None
+    """Bodies over this size are answered 413 with an HTML page and no error code, as a proxy in front would."""
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a partial update, refusing unknown keys and wrong types (ValueError)."""
@@ -478,11 +493,17 @@ class FaultConfig:
 
 
 def _coerce_setting(key: str, value: Any) -> Any:
-    if key == "outage":
+    if key in ("outage", "access_denied"):
         if type(value) is not bool:
-            raise ValueError("outage must be a boolean")
+            raise ValueError(f"{key} must be a boolean")
         return value
-    if key in ("tracking_ids", "reject_item_ids"):
+    if key == "max_body_bytes":
+        if value is None or value == 0:
+            return None
+        if type(value) is not int or value < 0:
+            raise ValueError("max_body_bytes must be a positive integer or null")
+        return value
+    if key in ("tracking_ids", "reject_item_ids", "fail_item_ids"):
         if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise ValueError(f"{key} must be a list of strings or null")
         return value
@@ -651,6 +672,8 @@ class Emulator:
 
     def _inject_fault(self) -> Rejection | None:
         config = self.config
+        if config.access_denied:
+            return 403, "AccessDeniedException", ACCESS_DENIED
         if config.outage:
             return 503, "ServiceUnavailable", "Service Unavailable"
         if self._bucket is not None and not self._bucket.take():
@@ -698,6 +721,10 @@ class Emulator:
                             "failed to satisfy constraint: item is not accepted by this event tracker"
                         ),
                     )
+        failing_items = self.config.fail_item_ids
+        events = doc["eventList"] if operation.records_member == "eventList" else ()
+        if failing_items and any(event.get("itemId") in failing_items for event in events):
+            return 500, "InternalFailure", "The request processing has failed because of an unknown error."
         return doc
 
     def _accept(self, operation: Operation, body: bytes, doc: dict[str, Any], request_id: str) -> None:
@@ -744,10 +771,15 @@ class Emulator:
         )
 
     async def handle(self, request: web.Request, operation: Operation) -> web.Response:
-        """Auth, then faults in the documented order (outage, throttle, error, latency), then validation."""
+        """A proxy's size limit, auth, then faults in the documented order (access denied, outage, throttle,
+        error, latency), then validation and the per-item faults (reject, fail)."""
         self.stats.requests += 1
         request_id = self._next_request_id()
         body = await request.read()
+        limit = self.config.max_body_bytes
+        if limit is not None and len(body) > limit:
+            self.rejected["413"] += 1
+            return web.Response(status=413, body=PROXY_413, content_type="text/html")
         refused = self.auth.check(request, body) or self._inject_fault()
         if refused is not None:
             return self._reject(request_id, refused)

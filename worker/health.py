@@ -116,16 +116,9 @@ class Watchdog:
         causes = self._causes
         blocked = causes.dead_letters_blocked()
         failing = causes.calls_failing()
+        cause = blocked if blocked and (place == "dead_letter" or not failing) else failing
         if oldest is not None:
             _, offset, age = oldest
             where = f"oldest unfinished record (offset {offset}, {age:.0f}s old) waits on {place}"
-            if place == "dead_letter" and blocked:
-                return f"{where}: {blocked}"
-            if place in ("call", "retry") and failing:
-                return f"{where}: {failing}"
-            return where
-        if blocked:
-            return blocked
-        if failing:
-            return failing
-        return "nothing fetched and no offsets committed"
+            return f"{where}: {cause}" if cause else where
+        return cause or "nothing fetched and no offsets committed"

@@ -340,7 +340,9 @@ class HttpClient:
         """Forwarding, the connection is the proxy's: its failures and its own answers name it."""
         assert self.proxy is not None
         if status is not None:
-            return ProxyError(f"proxy {self.proxy.url} answered {status_text(status)} instead of {self._authority}")
+            return ProxyError(
+                f"proxy {self.proxy.url} answered {status_text(status)} instead of {self._authority}", status
+            )
         return ProxyError(f"proxy {self.proxy.url} failed the request to {self._authority}: {error}")
 
     def _idle_connection(self) -> _Connection | None:

@@ -112,6 +112,12 @@ class Metrics:
         self.stalled = Gauge(
             f"{p}_stalled", "1 while a partition is behind and its committed offset does not advance.", registry=r
         )
+        self.refused = Gauge(
+            f"{p}_put_events_refused",
+            "1 while PutEvents refuses the request itself (tracker, credentials, permissions): retried, never "
+            "dead-lettered; /readyz says why.",
+            registry=r,
+        )
         self.assigned = Gauge(f"{p}_assigned_partitions", "Partitions assigned to this worker.", registry=r)
         self.lag = Gauge(
             f"{p}_consumer_lag", "High watermark minus committed offset.", ["topic", "partition"], registry=r

@@ -25,7 +25,7 @@ from worker.dedup import NEW, SEEN, Dedup
 from worker.mapping import InvalidRecord, Mapper, SessionKey
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker, PartitionOffsets
-from worker.sink import Rejection
+from worker.retry import Rejection
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ class Pipeline:
 
     def _settle(self, items: list[Item], rejected: list[Rejection]) -> None:
         now = self._clock()
-        bad = dict(rejected)
+        bad = {rejection.position: rejection for rejection in rejected}
         delivered_ids = []
         owners = self.tracker.owners
         for index, item in enumerate(items):
@@ -395,14 +395,14 @@ class Pipeline:
             self._finish(copy)
         if duplicates:
             self._metrics.duplicates.inc(len(duplicates))
-        for index, message in bad.items():
+        for index, rejection in bad.items():
             item = items[index]
             owner = owners.get(item[OWNER])
             if owner is not None:  # a revoked partition's new owner dead-letters it itself
                 partition, state = owner
-                error = InvalidRecord("personalize", "rejected", message)
+                error = InvalidRecord("personalize", rejection.reason, rejection.message)
                 self._dead_letter(state, partition, item[OFFSET], item[KEY], item[VALUE], item[HEADERS], error)
-            self._metrics.invalid.labels("rejected").inc()
+            self._metrics.invalid.labels(rejection.reason).inc()
             for parked in self.dedup.failed(item[EVENT_ID]):
                 self._admit(parked, now)
         self.progress.set()

@@ -32,7 +32,11 @@ if TYPE_CHECKING:
 class ProxyError(ConnectionError):
     """The proxy did not open the way to the endpoint: unreachable, refused CONNECT, wants credentials,
     or answered in its own name. A connection error to the retry logic; the message names the proxy as
-    scheme://host:port, never its credentials."""
+    scheme://host:port, never its credentials. `status` is the proxy's HTTP status when it answered one."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,9 @@ async def _tunnel(
     except OSError as error:
         raise ProxyError(f"proxy {proxy.url} failed CONNECT to {authority}: {error}") from error
     if not 200 <= answer.status < 300:
-        raise ProxyError(f"proxy {proxy.url} refused CONNECT to {authority}: {status_text(answer.status)}")
+        raise ProxyError(
+            f"proxy {proxy.url} refused CONNECT to {authority}: {status_text(answer.status)}", answer.status
+        )
     if connection.closed:  # bytes before our TLS hello: not a clean tunnel
         raise ProxyError(f"proxy {proxy.url} sent data into the tunnel to {authority} before TLS")
     assert connection.transport is not None

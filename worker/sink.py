@@ -1,8 +1,10 @@
 """The Personalize side: one long-lived aioboto3 client, an AIMD rate limit, and delivering a batch.
 
-`deliver` returns only when every event is either accepted or rejected by the service as invalid;
-transient errors are retried without end (the caller pauses consumption meanwhile), so nothing is
-dropped. botocore's own retries are off: ours know about the quota and the batch.
+`deliver` returns only when every event is either accepted or final as a dead letter: refused as
+invalid, or failing alone while other calls are accepted (`retry.Health`). Everything else — outages,
+throttling, refusals of the request itself — is retried without end (the caller pauses consumption
+meanwhile, the alarm says why), so nothing is dropped. botocore's own retries are off: ours know about
+the quota and the batch.
 """
 
 from __future__ import annotations
@@ -31,7 +33,19 @@ from worker.config import PersonalizeSettings
 from worker.http import HttpClient, host_header
 from worker.metrics import Metrics
 from worker.proxy import Proxy, client_options, resolve_proxy
-from worker.retry import Action, Backoff, classify
+from worker.retry import (
+    EXHAUSTED,
+    Action,
+    Backoff,
+    Health,
+    Kind,
+    Mark,
+    Rejection,
+    Tries,
+    Verdict,
+    about_content,
+    classify,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +109,6 @@ class RateLimiter:
         # Re-space the queue at the new rate instead of letting reserved slots burst out.
         self._next_slot = max(self._next_slot, now + 1.0 / self.rate)
 
-
-Rejection = tuple[int, str]
-"""(index of the event in the batch, the service's message)."""
 
 USER_AGENT = f"personalize-worker/{__version__} aioboto3/{aioboto3.__version__}"
 
@@ -283,15 +294,29 @@ def request_body(tracking_id: str, session_id: str, user_id: str | None, events:
     return b"".join((orjson.dumps(head)[:-1], b',"eventList":[', ",".join(events).encode(), b"]}"))
 
 
+WARN_LOG_SECONDS = 10.0
+ALARM_LOG_SECONDS = 60.0
+"""A failure's log line repeats at most this often per reason (the alarm's at most once a minute): an error
+that comes and goes, or alternates with throttling, must not flood the logs."""
+
+
 class Sink:
+    """Delivers one session's batch: retries, isolating the events that fail, and the request-level alarm."""
+
     def __init__(self, settings: PersonalizeSettings, metrics: Metrics, backoff: Backoff | None = None) -> None:
         self._settings = settings
         self._metrics = metrics
         self._backoff = backoff or Backoff()
         self.limiter = RateLimiter(settings.max_requests_per_second)
         self.client = PutEventsClient(settings)
+        self.health = Health()
         self.last_error: str | None = None
-        """The latest unresolved call error, for /readyz and logs; cleared by the next success."""
+        """The latest unresolved call error's code (never the service's message), for the stall reason."""
+        self.refused: str | None = None
+        """While PutEvents refuses the request itself: the /readyz reason. Cleared by the next accepted call."""
+        self._alarm_logged: dict[str, float] = {}
+        self._warned: dict[str, float] = {}
+        self._episode_logged = False
         self.in_flight = 0
         metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time, not kept per call
 
@@ -302,30 +327,82 @@ class Sink:
         await self.client.close()
 
     async def deliver(self, session_id: str, user_id: str | None, events: list[str], sent_at: float) -> list[Rejection]:
-        """Send until every event (as JSON) is accepted or rejected as invalid; returns the rejected ones.
-        `sent_at` is the first event's: the age of the oldest event in the call."""
-        rejected: list[Rejection] = []
-        pending: list[tuple[int, list[str]]] = [(0, events)]
-        while pending:
-            offset, chunk = pending.pop(0)
-            verdict_message = await self._send_until_final(session_id, user_id, chunk, sent_at)
-            if verdict_message is None:
-                continue
-            if len(chunk) == 1:
-                rejected.append((offset, verdict_message))
-                continue
-            # Halves go first, in order, so the session's events keep their order.
-            half = len(chunk) // 2
-            pending[:0] = [(offset, chunk[:half]), (offset + half, chunk[half:])]
-        return rejected
+        """Send until every event (as JSON) is accepted or final as a dead letter; returns the latter.
+        `sent_at` is the first event's: the age of the oldest event in the call.
+
+        A call is halved — first half first, so the session keeps its order — when the service refuses its
+        content, or when it keeps failing while the service is healthy for other calls (`retry.Health`);
+        down to one event, that is a dead letter. Refusals that prove the same for every event while nothing
+        is accepted anywhere are about the request: the whole call is retried with the alarm instead."""
+        start = self.health.mark()
+        tries = Tries(len(events), start, self._settings.max_event_attempts)
+        verdict = await self._send_until_final(session_id, user_id, events, sent_at, tries)
+        if verdict is None:
+            return []
+        return await self._isolate(session_id, user_id, events, sent_at, start, tries, verdict)
+
+    async def _isolate(
+        self,
+        session_id: str,
+        user_id: str | None,
+        events: list[str],
+        sent_at: float,
+        start: Mark,
+        tries: Tries,
+        verdict: Verdict | None,
+    ) -> list[Rejection]:
+        """The rest of `deliver` once the whole call has failed for good: its halves, theirs, ... in order."""
+        health = self.health
+        limit = self._settings.max_event_attempts
+        rounds = 0
+        while True:
+            pending: list[tuple[int, list[str], Tries]] = []
+            rejected: list[Rejection] = []
+            refusal: Verdict | None = None
+            accepted_any = False
+            own_failures = 0
+            offset, chunk = 0, events
+            while True:
+                own_failures += tries.attempt
+                if verdict is None:
+                    accepted_any = True
+                elif len(chunk) > 1:
+                    half = len(chunk) // 2
+                    pending[:0] = [
+                        (offset, chunk[:half], Tries(half, tries.since, limit, tries.suspect)),
+                        (offset + half, chunk[half:], Tries(len(chunk) - half, tries.since, limit, tries.suspect)),
+                    ]
+                else:
+                    rejected.append(self._rejection(offset, verdict, tries))
+                    if verdict.kind is Kind.INVALID or verdict.kind is Kind.TOO_LARGE:
+                        refusal = verdict
+                if not pending:
+                    break
+                offset, chunk, tries = pending.pop(0)
+                verdict = await self._send_until_final(session_id, user_id, chunk, sent_at, tries)
+            refusals = [r.message for r in rejected if r.reason != EXHAUSTED]
+            if refusal is None or about_content(
+                refusals, accepted_any or len(refusals) < len(rejected), health.healthy_since(start, own_failures)
+            ):
+                return rejected
+            # Every event refused alike, nothing accepted anywhere: the request, not the events. Again, whole.
+            self._alarm(refusal)
+            rounds += 1
+            self._metrics.retries.inc()
+            await asyncio.sleep(self._backoff.delay(rounds))
+            start = health.mark()
+            tries = Tries(len(events), start, limit, suspect=refusal.message)
+            verdict = await self._send_until_final(session_id, user_id, events, sent_at, tries)
+            if verdict is None:
+                return []
 
     async def _send_until_final(
-        self, session_id: str, user_id: str | None, events: list[str], sent_at: float
-    ) -> str | None:
-        """None once accepted; the service's message when it rejects the content."""
+        self, session_id: str, user_id: str | None, events: list[str], sent_at: float, tries: Tries
+    ) -> Verdict | None:
+        """None once accepted; else the failure that ends the attempts: split the call, or dead-letter its event."""
         body = request_body(self._settings.tracking_id, session_id, user_id, events)
         metrics = self._metrics
-        attempt = 0
+        health = self.health
         while True:
             await self.limiter.acquire()
             started = time.perf_counter()
@@ -335,27 +412,82 @@ class Sink:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # every failure is classified; none escapes
-                verdict = classify(error, len(events))
+                verdict = classify(error)
+                healthy = health.healthy_since(tries.since)
+                health.failed += 1
+                tries.since = health.mark()
+                action = tries.failed(verdict, healthy)
                 metrics.calls.labels(verdict.outcome).inc()
-                if verdict.action is not Action.RETRY:
-                    return verdict.message
-                if verdict.outcome == "throttled":
-                    self.limiter.throttled()
-                    metrics.rate_limit.set(self.limiter.rate)
-                elif self.last_error != verdict.message:
-                    log.warning("PutEvents failed, retrying", extra={"error": verdict.message})
-                self.last_error = verdict.message
-                attempt += 1
+                if action is Action.SPLIT or action is Action.DEAD_LETTER:
+                    return verdict
+                self._retrying(verdict, action)
                 metrics.retries.inc()
-                await asyncio.sleep(self._backoff.delay(attempt))
+                await asyncio.sleep(self._backoff.delay(tries.attempt))
                 continue
             finally:
                 self.in_flight -= 1
                 metrics.call_latency.observe(time.perf_counter() - started)
+            health.accepted += 1
             self.last_error = None
+            if self.refused is not None:
+                self._alarm_over()
             metrics.calls_ok.inc()
             metrics.events_sent.inc(len(events))
             metrics.events_per_call.observe(len(events))
             # Once per call, for the first (in session order, the oldest) event: a bound for the rest.
             metrics.event_age.observe(time.time() - sent_at)
             return None
+
+    def _retrying(self, verdict: Verdict, action: Action) -> None:
+        if action is Action.ALARM:
+            self._alarm(verdict)
+        elif verdict.kind is Kind.THROTTLED:
+            self.limiter.throttled()
+            self._metrics.rate_limit.set(self.limiter.rate)
+        elif self._due(self._warned, verdict.code, WARN_LOG_SECONDS):
+            log.warning("PutEvents failed, retrying", extra={"error": verdict.message})
+        self.last_error = verdict.code
+
+    def _alarm(self, verdict: Verdict) -> None:
+        """/readyz and the metric carry the alarm while it lasts; one log line when it starts — at most one a
+        minute per reason, should it come and go (one session's calls refused while others are accepted)."""
+        if self.refused == verdict.alarm:
+            return
+        self.refused = verdict.alarm
+        self._metrics.refused.set(1)
+        self._episode_logged = self._due(self._alarm_logged, verdict.alarm, ALARM_LOG_SECONDS)
+        if self._episode_logged:
+            log.error(
+                "PutEvents refuses the request itself; retrying, nothing is dead-lettered",
+                extra={"reason": verdict.alarm, "error": verdict.message},
+            )
+
+    @staticmethod
+    def _due(logged: dict[str, float], key: str, interval: float) -> bool:
+        """Whether `key` was last logged over `interval` seconds ago; if so, it counts as logged now."""
+        now = time.monotonic()
+        if now - logged.get(key, -interval) < interval:
+            return False
+        if len(logged) >= 100:  # keys include codes from the wire: keep this bounded
+            logged.clear()
+        logged[key] = now
+        return True
+
+    def _alarm_over(self) -> None:
+        if self._episode_logged:
+            log.info("PutEvents accepts requests again", extra={"was": self.refused})
+        self.refused = None
+        self._metrics.refused.set(0)
+
+    @staticmethod
+    def _rejection(offset: int, verdict: Verdict, tries: Tries) -> Rejection:
+        if verdict.kind is Kind.INVALID:
+            return Rejection(offset, "rejected", verdict.message)
+        if verdict.kind is Kind.TOO_LARGE:
+            return Rejection(offset, "too_large", verdict.message)
+        log.warning(
+            "an event failed alone while other calls were accepted; dead-lettering it",
+            extra={"attempts": tries.isolated, "error": verdict.message},
+        )
+        message = f"failed alone {tries.isolated} times while other calls were accepted; last error: {verdict.message}"
+        return Rejection(offset, EXHAUSTED, message)
