@@ -64,6 +64,14 @@ class Metrics:
             f"{p}_rate_limit_requests_per_second", "Current client-side PutEvents rate (AIMD).", registry=r
         )
         self.paused = Gauge(f"{p}_consumption_paused", "1 while fetching is paused for backpressure.", registry=r)
+        self.partitions_held = Gauge(
+            f"{p}_partitions_held",
+            "Partitions paused because a session on them holds more than batching.max_session_events.",
+            registry=r,
+        )
+        self.sessions_crowded = Gauge(
+            f"{p}_sessions_crowded", "Sessions holding more than batching.max_session_events events.", registry=r
+        )
         self.dead_letter_blocked = Gauge(
             f"{p}_dead_letter_blocked", "1 while the dead-letter topic cannot be written.", registry=r
         )

@@ -164,7 +164,8 @@ class Pipeline:
         self._clock = clock
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self.dedup: Dedup[Item] = Dedup(settings.dedup.window_seconds, settings.dedup.max_ids, clock)
-        self.batcher: Batcher[SessionKey, Item] = Batcher(settings.batching.max_events)
+        b = settings.batching
+        self.batcher: Batcher[SessionKey, Item] = Batcher(b.max_events, b.max_calls_per_session, b.max_session_events)
         self._linger = settings.batching.linger_ms / 1000.0
         self._max_wait = MAX_WAIT_LINGERS * self._linger
         self._call_rate = 0.0
@@ -282,6 +283,17 @@ class Pipeline:
     def outstanding(self) -> int:
         """Records fetched but not yet final: the bounded-memory measure that pauses fetching."""
         return self.tracker.outstanding
+
+    def crowded_partitions(self) -> set[TopicPartition]:
+        """The owned partitions feeding a session over `batching.max_session_events`: the source pauses
+        them until the session's calls have worked its backlog down, while the others keep flowing.
+        Read off the session's held records (at most about its bound), and only while one is crowded."""
+        crowded = self.batcher.crowded
+        if not crowded:
+            return set()
+        serials = {item[OWNER] for key in crowded for item in self.batcher.held(key)}
+        owners = self.tracker.owners
+        return {owners[serial][0] for serial in serials if serial in owners}
 
     # --- dispatch -----------------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ from worker.pipeline import Pipeline
 log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_SECONDS = 10.0
+HELD_LOG_SECONDS = 60.0
+"""A hot session's partitions pause and resume many times a second: say so once a minute at most."""
 INGEST_SLICE = 200
 """Records mapped between two turns of the event loop (~4 ms of work)."""
 
@@ -118,6 +120,9 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         """Partitions whose revocation is under way: a poll being handed over gives them no more records."""
         self._handing_over = False
         """A poll is being handed to the pipeline a slice at a time (see `fetch_once`)."""
+        self._held: set[TopicPartition] = set()
+        """Partitions paused for a crowded session (see `_hold_crowded`)."""
+        self._held_logged = -HELD_LOG_SECONDS
 
     async def start(self) -> None:
         self.consumer.subscribe(topics=list(self._settings.kafka.topics), listener=self)
@@ -236,6 +241,36 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         elif full:
             # Newly assigned partitions start unpaused.
             self.consumer.pause(*self.consumer.assignment())
+        if not full:
+            self._hold_crowded()
+
+    def _hold_crowded(self) -> None:
+        """Pause the partitions feeding a session over `batching.max_session_events`, resume them once it
+        is back under half of it; the other partitions keep flowing. Paused again each time (a no-op when
+        they are) because a resume of the whole assignment above resumes them too."""
+        crowded = self._pipeline.crowded_partitions()
+        if not crowded and not self._held:
+            return
+        assignment = self.consumer.assignment()
+        crowded &= assignment
+        if crowded:
+            self.consumer.pause(*crowded)
+        released = (self._held - crowded) & assignment
+        if released:
+            self.consumer.resume(*released)
+        now = self._clock()
+        if crowded and not self._held and now - self._held_logged >= HELD_LOG_SECONDS:
+            self._held_logged = now
+            log.warning(
+                "a session holds more than batching.max_session_events; pausing its partitions until it catches up",
+                extra={
+                    "partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in crowded),
+                    "sessions": len(self._pipeline.batcher.crowded),
+                },
+            )
+        self._held = crowded
+        self._metrics.partitions_held.set(len(crowded))
+        self._metrics.sessions_crowded.set(len(self._pipeline.batcher.crowded))
 
     # --- committing -----------------------------------------------------------------------------
 

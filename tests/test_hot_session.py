@@ -1,0 +1,303 @@
+"""A hot session (a bot reusing one sessionId): several full calls in flight, oldest batches first, and a
+per-session bound that pauses only the partitions feeding it.
+
+The batcher with an explicit clock; the pipeline and the source with a fake sink and consumer; then the
+CLI against the real broker and the emulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+from worker.batching import Batch, Batcher
+from worker.config import Settings
+from worker.metrics import Metrics
+from worker.pipeline import Pipeline
+from worker.sink import RateLimiter, Rejection
+from worker.source import Source
+
+LINGER = 0.5
+MANY = 1000
+
+
+def items(batches: list[Batch[str, str]]) -> list[list[str]]:
+    return [batch.items for batch in batches]
+
+
+def fill(batcher: Batcher[str, str], key: str, count: int, now: float = 0.0, start: int = 0) -> None:
+    for n in range(start, start + count):
+        batcher.add(key, f"{key}{n}", now)
+
+
+# --- the batcher --------------------------------------------------------------------------------
+
+
+def test_a_busy_session_runs_up_to_max_calls_full_calls_at_once() -> None:
+    batcher: Batcher[str, str] = Batcher(max_events=2, max_calls=3)
+    fill(batcher, "hot", 9)
+    taken = batcher.take(now=0.0, linger=LINGER, limit=MANY)
+    assert items(taken) == [["hot0", "hot1"], ["hot2", "hot3"], ["hot4", "hot5"]], "three calls, in order"
+    assert batcher.take(now=0.0, linger=LINGER, limit=MANY) == [], "the fourth full batch waits for a call"
+    batcher.done("hot")  # any of the three: calls of one session may finish in any order
+    assert items(batcher.take(now=0.0, linger=LINGER, limit=MANY)) == [["hot6", "hot7"]]
+    assert batcher.buffered == 1, "hot8 keeps filling while the session has calls out"
+    assert batcher.take(now=10.0, linger=LINGER, limit=MANY) == []
+    batcher.done("hot")
+    batcher.done("hot")
+    assert batcher.take(now=10.0, linger=LINGER, limit=MANY) == [], "a partial batch waits for every call"
+    batcher.done("hot")
+    assert items(batcher.take(now=10.0, linger=LINGER, limit=MANY)) == [["hot8"]], "then lingers as usual"
+
+
+def test_a_quiet_session_still_sends_one_call_at_a_time() -> None:
+    """Extra calls are for full batches only: a trickle fills its next call while one is out."""
+    batcher: Batcher[str, str] = Batcher(max_events=10, max_calls=4)
+    batcher.add("s", "a", now=0.0)
+    assert items(batcher.take(now=0.0, linger=0.0, limit=MANY)) == [["a"]]
+    for n, item in enumerate("bcd"):
+        batcher.add("s", item, now=0.1 * n)
+    assert batcher.take(now=5.0, linger=0.0, limit=MANY) == [], "no second, partial call beside the first"
+    batcher.done("s")
+    assert items(batcher.take(now=5.0, linger=0.0, limit=MANY)) == [["b", "c", "d"]]
+
+
+def test_one_call_per_session_is_still_available() -> None:
+    batcher: Batcher[str, str] = Batcher(max_events=2, max_calls=1)
+    fill(batcher, "hot", 6)
+    assert items(batcher.take(now=0.0, linger=LINGER, limit=MANY)) == [["hot0", "hot1"]]
+    assert batcher.take(now=0.0, linger=LINGER, limit=MANY) == []
+
+
+def test_a_batch_that_waited_for_its_sessions_call_goes_before_batches_filled_since() -> None:
+    """Ready batches go oldest first: in a backlog that is arrival order, so a hot session whose next
+    batch waited for one of its calls keeps pace instead of queueing behind everything filled later."""
+    batcher: Batcher[str, str] = Batcher(max_events=2, max_calls=1)
+    fill(batcher, "hot", 4, now=1.0)  # hot0-1 ready, hot2-3 wait for its call
+    assert items(batcher.take(now=1.0, linger=LINGER, limit=1)) == [["hot0", "hot1"]]
+    for n in range(5):
+        fill(batcher, f"s{n}", 2, now=2.0 + n)  # five full batches of other sessions, younger
+    batcher.done("hot")
+    assert items(batcher.take(now=9.0, linger=LINGER, limit=2)) == [["hot2", "hot3"], ["s00", "s01"]]
+    assert items(batcher.take(now=9.0, linger=LINGER, limit=MANY)) == [[f"s{n}0", f"s{n}1"] for n in range(1, 5)]
+
+
+def test_a_session_over_its_bound_is_crowded_until_half_of_it() -> None:
+    batcher: Batcher[str, str] = Batcher(max_events=10, max_calls=2, max_held=40)
+    fill(batcher, "hot", 20)  # two calls' worth: ready, holding both calls
+    fill(batcher, "cold", 5)
+    fill(batcher, "hot", 40, start=20)
+    assert batcher.crowded == set(), "40 waiting: at the bound, not over it"
+    fill(batcher, "hot", 10, start=60)
+    assert batcher.crowded == {"hot"}
+    assert list(batcher.held("hot")) == [f"hot{n}" for n in range(20, 70)], "what waits beyond its calls"
+    assert list(batcher.held("cold")) == []
+    assert len(batcher.take(now=0.0, linger=LINGER, limit=MANY)) == 2
+    for _ in range(2):
+        batcher.done("hot")
+    assert batcher.crowded == {"hot"}, "30 waiting: still above half the bound"
+    assert len(batcher.take(now=0.0, linger=LINGER, limit=MANY)) == 2
+    batcher.done("hot")
+    assert batcher.crowded == set(), "20 waiting: half the bound, fed again"
+
+
+def test_dropping_a_crowded_sessions_records_releases_it() -> None:
+    batcher: Batcher[str, str] = Batcher(max_events=10, max_calls=1, max_held=20)
+    fill(batcher, "hot", 50)
+    assert batcher.crowded == {"hot"}
+    dropped = batcher.drop(lambda item: int(item[3:]) < 20)
+    assert len(dropped) == 30
+    assert batcher.crowded == set()
+    assert list(batcher.held("hot")) == [f"hot{n}" for n in range(10, 20)]
+
+
+def test_flush_sends_a_busy_sessions_partial_batch_at_once_when_it_has_a_call_to_spare() -> None:
+    batcher: Batcher[str, str] = Batcher(max_events=10, max_calls=2)
+    fill(batcher, "s", 10)
+    assert len(batcher.take(now=0.0, linger=LINGER, limit=MANY)) == 1
+    fill(batcher, "s", 3, start=10)
+    batcher.flush()
+    assert items(batcher.take(now=0.0, linger=LINGER, limit=MANY)) == [["s10", "s11", "s12"]]
+
+
+# --- the pipeline and the source ----------------------------------------------------------------
+
+
+class HeldSink:
+    """Every call waits until the test releases it; counts each session's calls in flight."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str], asyncio.Future[None]]] = []
+        self.in_flight: dict[str, int] = defaultdict(int)
+        self.most_in_flight: dict[str, int] = defaultdict(int)
+
+    async def deliver(self, session_id: str, user_id: str | None, events: list[str], sent_at: float) -> list[Rejection]:
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.calls.append((session_id, [orjson.loads(e)["eventId"] for e in events], gate))
+        self.in_flight[session_id] += 1
+        self.most_in_flight[session_id] = max(self.most_in_flight[session_id], self.in_flight[session_id])
+        try:
+            await gate
+        finally:
+            self.in_flight[session_id] -= 1
+        return []
+
+    def release_all(self) -> int:
+        waiting = [gate for _, _, gate in self.calls if not gate.done()]
+        for gate in waiting:
+            gate.set_result(None)
+        return len(waiting)
+
+
+class NothingCommitted:
+    async def fetch_committed_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, Any]:
+        return dict.fromkeys(partitions)
+
+
+@dataclass
+class PausingConsumer:
+    owned: set[TopicPartition]
+    paused: set[TopicPartition] = field(default_factory=set)
+    commits: list[dict[TopicPartition, int]] = field(default_factory=list)
+    _coordinator: NothingCommitted = field(default_factory=NothingCommitted)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.owned)
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused.update(partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        assert set(partitions) <= self.owned, "only assigned partitions can be resumed"
+        self.paused.difference_update(partitions)
+
+    async def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        self.commits.append({tp: meta.offset for tp, meta in offsets.items()})
+
+
+@dataclass(frozen=True)
+class FakeRecord:
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+def session_records(session: str, first: int, count: int, tag: str = "") -> list[FakeRecord]:
+    return [
+        FakeRecord(
+            offset,
+            session.encode(),
+            orjson.dumps(
+                {
+                    "session_id": session,
+                    "event_type": "click",
+                    "timestamp": 1_790_000_000 + offset,
+                    "event_id": f"{session}-{tag}{offset}",
+                }
+            ),
+        )
+        for offset in range(first, first + count)
+    ]
+
+
+class NoLetters:
+    async def write(self, letters: Sequence[Any]) -> None:
+        raise AssertionError("nothing here is invalid")
+
+
+async def until(condition: Any, what: str, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+async def test_a_hot_session_pauses_only_its_partition_until_its_calls_catch_up() -> None:
+    settings = Settings.model_validate(
+        {
+            "personalize": {"tracking_id": "t"},
+            "batching": {"linger_ms": 0, "max_calls_per_session": 3, "max_session_events": 50},
+        }
+    )
+    sink, metrics = HeldSink(), Metrics()
+    pipeline = Pipeline(settings, sink, NoLetters(), metrics, quota=RateLimiter(1000))
+    source = Source(settings, pipeline, metrics)
+    await source.consumer.stop()  # never started: closed only so it warns of nothing
+    hot_tp, cold_tp = TopicPartition("t", 0), TopicPartition("t", 1)
+    consumer = PausingConsumer({hot_tp, cold_tp})
+    source.consumer = consumer
+    await source.on_partitions_assigned([hot_tp, cold_tp])
+    pipeline.ingest(hot_tp, session_records("hot", 0, 200))
+    pipeline.ingest(cold_tp, session_records("cold", 0, 15))
+    dispatcher = asyncio.create_task(pipeline.run_dispatcher())
+    try:
+        await until(lambda: len(sink.calls) == 4, "three hot calls and a cold one in flight")
+        assert sink.most_in_flight == {"hot": 3, "cold": 1}, "the hot session runs three calls at once"
+        assert [ids for s, ids, _ in sink.calls if s == "hot"] == [
+            [f"hot-{n}" for n in range(start, start + 10)] for start in (0, 10, 20)
+        ], "each call in order, the calls started in order"
+
+        source._apply_backpressure()
+        assert consumer.paused == {hot_tp}, "170 hot events wait: over 50, its partition pauses, not the other"
+        assert metrics.partitions_held._value.get() == 1
+        assert metrics.sessions_crowded._value.get() == 1
+        assert pipeline.outstanding < settings.batching.max_buffered_events, "not a buffer-wide pause"
+
+        while pipeline.batcher.crowded:
+            sink.release_all()
+            await asyncio.sleep(0.01)
+        source._apply_backpressure()
+        assert consumer.paused == set(), "down to half its bound: fed again"
+        assert metrics.partitions_held._value.get() == 0
+
+        pipeline.ingest(hot_tp, session_records("hot", 200, 5))
+        while pipeline.outstanding:
+            sink.release_all()
+            await asyncio.sleep(0.01)
+        await source.commit()
+    finally:
+        dispatcher.cancel()
+        await asyncio.gather(dispatcher, return_exceptions=True)
+    hot_calls = [ids for s, ids, _ in sink.calls if s == "hot"]
+    assert [event for call in hot_calls for event in call] == [f"hot-{n}" for n in range(205)], (
+        "every hot event once, the calls started in arrival order"
+    )
+    assert all(len(call) == 10 for call in hot_calls[:-1])
+    assert max(sink.most_in_flight.values()) <= 3
+    assert consumer.commits[-1] == {hot_tp: 205, cold_tp: 15}
+
+
+@pytest.mark.parametrize("held_elsewhere", [False, True])
+async def test_a_revoked_partition_is_never_resumed(held_elsewhere: bool) -> None:
+    """A partition paused for a hot session and then revoked is no longer the consumer's to resume."""
+    settings = Settings.model_validate(
+        {"personalize": {"tracking_id": "t"}, "batching": {"max_calls_per_session": 1, "max_session_events": 10}}
+    )
+    metrics = Metrics()
+    pipeline = Pipeline(settings, HeldSink(), NoLetters(), metrics, quota=RateLimiter(1000))
+    source = Source(settings, pipeline, metrics)
+    await source.consumer.stop()
+    hot_tp, other_tp = TopicPartition("t", 0), TopicPartition("t", 1)
+    consumer = PausingConsumer({hot_tp, other_tp})
+    source.consumer = consumer
+    await source.on_partitions_assigned([hot_tp, other_tp])
+    pipeline.ingest(hot_tp, session_records("hot", 0, 40))
+    if held_elsewhere:
+        pipeline.ingest(other_tp, session_records("hot", 0, 40, tag="b"))
+    source._apply_backpressure()
+    assert hot_tp in consumer.paused
+    assert (other_tp in consumer.paused) is held_elsewhere, "every partition feeding the session pauses"
+    pipeline.forget([hot_tp])
+    consumer.owned.discard(hot_tp)
+    consumer.paused.discard(hot_tp)
+    source._apply_backpressure()  # would raise in resume() if it touched the revoked partition
+    assert (other_tp in consumer.paused) is held_elsewhere
