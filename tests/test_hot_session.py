@@ -8,6 +8,8 @@ CLI against the real broker and the emulator.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,10 +19,15 @@ import orjson
 import pytest
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
+from tests.kafka_support import TopicFactory, end_offsets
+from tests.stack import EmulatorProcess, WorkerFactory
+from tests.test_chaos import RssWatch, figures, log_lines, received, valid_ids
+from tests.test_e2e import load
 from worker.batching import Batch, Batcher
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline
+from worker.sample import HOT_SESSION_ID, generate
 from worker.sink import RateLimiter, Rejection
 from worker.source import Source
 
@@ -301,3 +308,109 @@ async def test_a_revoked_partition_is_never_resumed(held_elsewhere: bool) -> Non
     consumer.paused.discard(hot_tp)
     source._apply_backpressure()  # would raise in resume() if it touched the revoked partition
     assert (other_tp in consumer.paused) is held_elsewhere
+
+
+# --- the CLI, the real broker and the emulator ----------------------------------------------------
+
+LATENCY_S = 0.15
+
+
+def event_number(event_id: str) -> int:
+    return int(event_id.rsplit("-", 1)[1])
+
+
+@pytest.mark.kafka
+@pytest.mark.chaos
+async def test_a_hot_session_runs_calls_side_by_side_and_is_bounded_while_the_others_flow(
+    topic_factory: TopicFactory, worker_factory: WorkerFactory, emulator: EmulatorProcess
+) -> None:
+    """Half of the records belong to one session, all on one partition (keyed by session). At 150 ms a
+    call it needs several calls at once; over its bound its partition pauses while the others drain."""
+    bootstrap = worker_factory.broker.bootstrap
+    topic = await topic_factory(partitions=3)
+    dlq = await topic_factory(partitions=1)
+    stream = generate(
+        4_000, seed=1111, concurrent_sessions=30, duplicate_rate=0.0, malformed_rate=0.0, hot_session_share=0.5
+    )
+    placed = await load(bootstrap, topic, stream)
+    hot_partition = {p for m, p, _ in placed if m.source and m.source["session_id"] == HOT_SESSION_ID}
+    assert len(hot_partition) == 1
+    ends = await end_offsets(bootstrap, topic)
+    others = {p: end for p, end in ends.items() if p not in hot_partition}
+    await asyncio.to_thread(emulator.configure, latency_ms=LATENCY_S * 1000, jitter_ms=0)
+    bound, poll = 50, 100
+    sections = worker_factory.config(
+        topic,
+        dlq,
+        f"{topic}-group",
+        kafka={"max_poll_records": poll},
+        batching={"max_calls_per_session": 4, "max_session_events": bound},
+    )
+    samples: list[dict[str, float]] = []
+    async with RssWatch(worker_factory) as rss:
+        worker = worker_factory(sections, until_drained=True)
+
+        async def watch() -> None:
+            while worker.running:
+                with contextlib.suppress(OSError):
+                    samples.append(await asyncio.to_thread(worker.metrics))
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
+        assert await worker.await_exit(180) == 0
+        await watcher
+
+    events = await asyncio.to_thread(emulator.events)
+    counts = received(events)
+    assert set(counts) == valid_ids(stream) and max(counts.values()) == 1, "every event once"
+
+    calls: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for event in events:
+        if event["sessionId"] == HOT_SESSION_ID:
+            calls[event["request_id"]].append(event)
+    hot_calls = sorted(calls.values(), key=lambda call: event_number(call[0]["eventId"]))
+    numbers = [[event_number(e["eventId"]) for e in call] for call in hot_calls]
+    expected = sorted(
+        event_number(m.source["event_id"])
+        for m in stream.valid
+        if m.source and m.source["session_id"] == HOT_SESSION_ID
+    )
+    assert [n for call in numbers for n in call] == expected, "each call a run of the session in arrival order"
+    # One call at a time, the next call of the session reaches the emulator at least a round trip
+    # (150 ms of its latency) after the previous one; side by side, most arrive together.
+    arrivals = sorted(call[0]["received_at"] for call in hot_calls)
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    close = sum(gap < LATENCY_S / 2 for gap in gaps)
+    assert close >= len(gaps) / 4, f"{close} of {len(gaps)} hot calls arrived within half a round trip of another"
+
+    prefix = "personalize_worker_"
+    assert any(s.get(prefix + "partitions_held") == 1 for s in samples), "its partition was paused"
+    held = log_lines(
+        worker, "a session holds more than batching.max_session_events; pausing its partitions until it catches up"
+    )
+    assert len(held) == 1, "said once (a minute at most), not at every pause"
+    assert held[0]["partitions"] == [f"{topic}-{p}" for p in hot_partition]
+
+    def others_done(sample: dict[str, float]) -> bool:
+        return all(
+            sample.get(f'{prefix}committed_offset{{partition="{p}",topic="{topic}"}}') == end
+            for p, end in others.items()
+        )
+
+    after = [s for s in samples if others_done(s)]
+    hot_left = [s for s in after if s.get(prefix + "partitions_held") == 1]
+    assert hot_left, "the other partitions were drained while the hot one was still held"
+    # Then all that is buffered is the hot partition's: the hot session's bound, what one poll can add
+    # past it, its calls' batches and the few partial batches of the partition's other sessions.
+    most = max(s[prefix + "events_buffered"] for s in after)
+    assert most <= bound + poll + 4 * 10 + 150, f"{most} events buffered: the hot session was not bounded"
+    figures(
+        "hot session: 50% of records in one session, 150 ms calls",
+        len(stream.messages),
+        counts,
+        0,
+        rss.peak_kib,
+        hot_events=len(expected),
+        hot_calls=len(hot_calls),
+        most_buffered_after_the_others=most,
+    )
