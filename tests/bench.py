@@ -885,7 +885,11 @@ def hot_session_metrics(events: list[dict[str, Any]]) -> dict[str, Any]:
     span = max(hot_received) - min(hot_received)
     calls = len({e["request_id"] for e in hot})
     first, last = min(received), max(received)
+    rest = sorted(e["received_at"] for e in events if e.get("sessionId") != HOT_SESSION_ID)
     return {
+        # When 99 % of the other sessions' events were in, as a share of the drain's sending time: the
+        # rest is the tail the hot session (and its partition) added.
+        "others_p99_vs_drain": round((percentile(rest, 99) - first) / (last - first), 3) if last > first else 0.0,
         "hot_session_events": len(hot),
         "hot_session_calls": calls,
         "hot_session_events_per_call": round(len(hot) / calls, 2),

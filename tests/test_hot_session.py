@@ -1,5 +1,5 @@
 """A hot session (a bot reusing one sessionId): several full calls in flight, oldest batches first, and a
-per-session bound that pauses only the partitions feeding it.
+per-session bound that stops fetching only the partitions feeding it.
 
 The batcher with an explicit clock; the pipeline and the source with a fake sink and consumer; then the
 CLI against the real broker and the emulator.
@@ -169,8 +169,12 @@ class NothingCommitted:
 
 
 @dataclass
-class PausingConsumer:
+class FetchingConsumer:
+    """Records which partitions each getmany asks for; fetches nothing (the test ingests by hand)."""
+
     owned: set[TopicPartition]
+    asked: list[set[TopicPartition] | None] = field(default_factory=list)
+    """Per getmany, the partitions it was limited to (None: all assigned ones)."""
     paused: set[TopicPartition] = field(default_factory=set)
     commits: list[dict[TopicPartition, int]] = field(default_factory=list)
     _coordinator: NothingCommitted = field(default_factory=NothingCommitted)
@@ -178,11 +182,15 @@ class PausingConsumer:
     def assignment(self) -> set[TopicPartition]:
         return set(self.owned)
 
+    async def getmany(self, *partitions: TopicPartition, timeout_ms: int, max_records: int) -> dict[Any, Any]:
+        assert set(partitions) <= self.owned
+        self.asked.append(set(partitions) if partitions else None)
+        return {}
+
     def pause(self, *partitions: TopicPartition) -> None:
         self.paused.update(partitions)
 
     def resume(self, *partitions: TopicPartition) -> None:
-        assert set(partitions) <= self.owned, "only assigned partitions can be resumed"
         self.paused.difference_update(partitions)
 
     async def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
@@ -228,21 +236,34 @@ async def until(condition: Any, what: str, timeout: float = 10.0) -> None:
     raise AssertionError(f"{what}: not within {timeout}s")
 
 
-async def test_a_hot_session_pauses_only_its_partition_until_its_calls_catch_up() -> None:
+async def start(settings: Settings, sink: HeldSink, *partitions: TopicPartition) -> tuple[Pipeline, Source]:
+    metrics = Metrics()
+    pipeline = Pipeline(settings, sink, NoLetters(), metrics, quota=RateLimiter(1000))
+    source = Source(settings, pipeline, metrics)
+    await source.consumer.stop()  # never started: closed only so it warns of nothing
+    source.consumer = FetchingConsumer(set(partitions))
+    await source.on_partitions_assigned(list(partitions))
+    return pipeline, source
+
+
+def gauge(source: Source, name: str) -> float:
+    value = source._metrics.registry.get_sample_value(f"personalize_worker_{name}")
+    assert value is not None
+    return value
+
+
+async def test_a_hot_session_holds_only_its_partition_until_its_calls_catch_up() -> None:
     settings = Settings.model_validate(
         {
             "personalize": {"tracking_id": "t"},
             "batching": {"linger_ms": 0, "max_calls_per_session": 3, "max_session_events": 50},
         }
     )
-    sink, metrics = HeldSink(), Metrics()
-    pipeline = Pipeline(settings, sink, NoLetters(), metrics, quota=RateLimiter(1000))
-    source = Source(settings, pipeline, metrics)
-    await source.consumer.stop()  # never started: closed only so it warns of nothing
+    sink = HeldSink()
     hot_tp, cold_tp = TopicPartition("t", 0), TopicPartition("t", 1)
-    consumer = PausingConsumer({hot_tp, cold_tp})
-    source.consumer = consumer
-    await source.on_partitions_assigned([hot_tp, cold_tp])
+    pipeline, source = await start(settings, sink, hot_tp, cold_tp)
+    consumer = source.consumer
+    assert isinstance(consumer, FetchingConsumer)
     pipeline.ingest(hot_tp, session_records("hot", 0, 200))
     pipeline.ingest(cold_tp, session_records("cold", 0, 15))
     dispatcher = asyncio.create_task(pipeline.run_dispatcher())
@@ -253,18 +274,19 @@ async def test_a_hot_session_pauses_only_its_partition_until_its_calls_catch_up(
             [f"hot-{n}" for n in range(start, start + 10)] for start in (0, 10, 20)
         ], "each call in order, the calls started in order"
 
-        source._apply_backpressure()
-        assert consumer.paused == {hot_tp}, "170 hot events wait: over 50, its partition pauses, not the other"
-        assert metrics.partitions_held._value.get() == 1
-        assert metrics.sessions_crowded._value.get() == 1
-        assert pipeline.outstanding < settings.batching.max_buffered_events, "not a buffer-wide pause"
+        await source.fetch_once(timeout_ms=0)
+        assert consumer.asked[-1] == {cold_tp}, "170 hot events wait: over 50, its partition is left alone"
+        assert consumer.paused == set(), "not paused: its prefetched records keep their place"
+        assert gauge(source, "partitions_held") == 1
+        assert gauge(source, "sessions_crowded") == 1
+        assert gauge(source, "consumption_paused") == 0, "not a buffer-wide pause"
 
         while pipeline.batcher.crowded:
             sink.release_all()
             await asyncio.sleep(0.01)
-        source._apply_backpressure()
-        assert consumer.paused == set(), "down to half its bound: fed again"
-        assert metrics.partitions_held._value.get() == 0
+        await source.fetch_once(timeout_ms=0)
+        assert consumer.asked[-1] is None, "down to half its bound: every partition fetched again"
+        assert gauge(source, "partitions_held") == 0
 
         pipeline.ingest(hot_tp, session_records("hot", 200, 5))
         while pipeline.outstanding:
@@ -283,31 +305,26 @@ async def test_a_hot_session_pauses_only_its_partition_until_its_calls_catch_up(
     assert consumer.commits[-1] == {hot_tp: 205, cold_tp: 15}
 
 
-@pytest.mark.parametrize("held_elsewhere", [False, True])
-async def test_a_revoked_partition_is_never_resumed(held_elsewhere: bool) -> None:
-    """A partition paused for a hot session and then revoked is no longer the consumer's to resume."""
+async def test_when_every_partition_feeds_a_crowded_session_nothing_is_fetched() -> None:
+    """getmany() without partitions would fetch them all: with none wanted, no getmany at all."""
     settings = Settings.model_validate(
         {"personalize": {"tracking_id": "t"}, "batching": {"max_calls_per_session": 1, "max_session_events": 10}}
     )
-    metrics = Metrics()
-    pipeline = Pipeline(settings, HeldSink(), NoLetters(), metrics, quota=RateLimiter(1000))
-    source = Source(settings, pipeline, metrics)
-    await source.consumer.stop()
-    hot_tp, other_tp = TopicPartition("t", 0), TopicPartition("t", 1)
-    consumer = PausingConsumer({hot_tp, other_tp})
-    source.consumer = consumer
-    await source.on_partitions_assigned([hot_tp, other_tp])
-    pipeline.ingest(hot_tp, session_records("hot", 0, 40))
-    if held_elsewhere:
-        pipeline.ingest(other_tp, session_records("hot", 0, 40, tag="b"))
-    source._apply_backpressure()
-    assert hot_tp in consumer.paused
-    assert (other_tp in consumer.paused) is held_elsewhere, "every partition feeding the session pauses"
-    pipeline.forget([hot_tp])
-    consumer.owned.discard(hot_tp)
-    consumer.paused.discard(hot_tp)
-    source._apply_backpressure()  # would raise in resume() if it touched the revoked partition
-    assert (other_tp in consumer.paused) is held_elsewhere
+    first, second = TopicPartition("t", 0), TopicPartition("t", 1)
+    pipeline, source = await start(settings, HeldSink(), first, second)
+    consumer = source.consumer
+    assert isinstance(consumer, FetchingConsumer)
+    pipeline.ingest(first, session_records("hot", 0, 40))
+    await source.fetch_once(timeout_ms=0)
+    assert consumer.asked == [{second}]
+    pipeline.ingest(second, session_records("hot", 0, 40, tag="b"))
+    assert await source.fetch_once(timeout_ms=0) == 0
+    assert consumer.asked == [{second}], "both partitions feed it: nothing asked for"
+    pipeline.forget([first])  # revoked: its records leave the session, which is still over its bound
+    consumer.owned.discard(first)
+    assert pipeline.crowded_partitions() == {second}, "a revoked partition is never named"
+    assert await source.fetch_once(timeout_ms=0) == 0
+    assert consumer.asked == [{second}]
 
 
 # --- the CLI, the real broker and the emulator ----------------------------------------------------
@@ -325,7 +342,7 @@ async def test_a_hot_session_runs_calls_side_by_side_and_is_bounded_while_the_ot
     topic_factory: TopicFactory, worker_factory: WorkerFactory, emulator: EmulatorProcess
 ) -> None:
     """Half of the records belong to one session, all on one partition (keyed by session). At 150 ms a
-    call it needs several calls at once; over its bound its partition pauses while the others drain."""
+    call it needs several calls at once; over its bound its partition is held while the others drain."""
     bootstrap = worker_factory.broker.bootstrap
     topic = await topic_factory(partitions=3)
     dlq = await topic_factory(partitions=1)
@@ -384,11 +401,11 @@ async def test_a_hot_session_runs_calls_side_by_side_and_is_bounded_while_the_ot
     assert close >= len(gaps) / 4, f"{close} of {len(gaps)} hot calls arrived within half a round trip of another"
 
     prefix = "personalize_worker_"
-    assert any(s.get(prefix + "partitions_held") == 1 for s in samples), "its partition was paused"
+    assert any(s.get(prefix + "partitions_held") == 1 for s in samples), "its partition was held"
     held = log_lines(
-        worker, "a session holds more than batching.max_session_events; pausing its partitions until it catches up"
+        worker, "a session holds more than batching.max_session_events; holding its partitions until it catches up"
     )
-    assert len(held) == 1, "said once (a minute at most), not at every pause"
+    assert len(held) == 1, "said once (a minute at most), not at every hold"
     assert held[0]["partitions"] == [f"{topic}-{p}" for p in hot_partition]
 
     def others_done(sample: dict[str, float]) -> bool:

@@ -14,7 +14,7 @@ session's events can reach Personalize out of arrival order; with 1 they never d
 session's interactions by `sentAt`, not by arrival, and an eventId keeps a replay harmless.
 
 Bound: a session whose waiting batches hold more than `max_held` events is `crowded` until they hold
-half of that; the caller stops feeding it meanwhile (the pipeline pauses its partitions), so one hot
+half of that; the caller stops feeding it meanwhile (the source stops fetching its partitions), so one hot
 session cannot take the whole buffer while its calls work through its backlog.
 """
 

@@ -66,7 +66,7 @@ class Metrics:
         self.paused = Gauge(f"{p}_consumption_paused", "1 while fetching is paused for backpressure.", registry=r)
         self.partitions_held = Gauge(
             f"{p}_partitions_held",
-            "Partitions paused because a session on them holds more than batching.max_session_events.",
+            "Partitions not fetched because a session on them holds more than batching.max_session_events.",
             registry=r,
         )
         self.sessions_crowded = Gauge(

@@ -285,8 +285,8 @@ class Pipeline:
         return self.tracker.outstanding
 
     def crowded_partitions(self) -> set[TopicPartition]:
-        """The owned partitions feeding a session over `batching.max_session_events`: the source pauses
-        them until the session's calls have worked its backlog down, while the others keep flowing.
+        """The owned partitions feeding a session over `batching.max_session_events`: the source leaves
+        them unfetched until the session's calls have worked its backlog down, while the others keep flowing.
         Read off the session's held records (at most about its bound), and only while one is crowded."""
         crowded = self.batcher.crowded
         if not crowded:
