@@ -194,7 +194,7 @@ def owned_unless(residue: int) -> Callable[[tuple[str, int]], bool]:
 
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("add"), st.sampled_from(KEYS)),
+        st.tuples(st.just("add"), st.sampled_from([f"{key}{order}" for key in KEYS for order in range(3)])),
         st.tuples(st.just("take"), st.integers(0, 4)),
         st.tuples(st.just("done"), st.integers(0, 5)),
         st.tuples(st.just("tick"), st.integers(0, 3)),
@@ -234,9 +234,10 @@ def test_random_operations_keep_count_order_and_calls_per_session(
     for op, arg in ops:
         if op == "add":
             assert isinstance(arg, str)
+            key, order = arg[0], now + int(arg[1:])  # the order an event's sentAt gives: not monotonic
             serial += 1
-            batcher.add(arg, (arg, serial), now)
-            added[arg].append(serial)
+            batcher.add(key, (key, serial), now, order)
+            added[key].append(serial)
         elif op == "take":
             assert isinstance(arg, int)
             take(arg)

@@ -84,7 +84,7 @@ def test_one_call_per_session_is_still_available() -> None:
 
 
 def test_a_batch_that_waited_for_its_sessions_call_goes_before_batches_filled_since() -> None:
-    """Ready batches go oldest first: in a backlog that is arrival order, so a hot session whose next
+    """Ready batches go lowest order first (here the default, creation time): a hot session whose next
     batch waited for one of its calls keeps pace instead of queueing behind everything filled later."""
     batcher: Batcher[str, str] = Batcher(max_events=2, max_calls=1)
     fill(batcher, "hot", 4, now=1.0)  # hot0-1 ready, hot2-3 wait for its call
@@ -94,6 +94,26 @@ def test_a_batch_that_waited_for_its_sessions_call_goes_before_batches_filled_si
     batcher.done("hot")
     assert items(batcher.take(now=9.0, linger=LINGER, limit=2)) == [["hot2", "hot3"], ["s00", "s01"]]
     assert items(batcher.take(now=9.0, linger=LINGER, limit=MANY)) == [[f"s{n}0", f"s{n}1"] for n in range(1, 5)]
+
+
+def test_ready_batches_go_in_the_order_of_their_first_event() -> None:
+    """The pipeline passes sentAt: in a backlog every session advances through time together."""
+    batcher: Batcher[str, str] = Batcher(max_events=1, max_calls=1)
+    batcher.add("late", "l", now=0.0, order=1_790_000_050.0)
+    batcher.add("early", "e", now=1.0, order=1_790_000_010.0)
+    batcher.add("middle", "m", now=2.0, order=1_790_000_030.0)
+    assert items(batcher.take(now=2.0, linger=LINGER, limit=MANY)) == [["e"], ["m"], ["l"]]
+
+
+def test_a_sessions_calls_start_in_arrival_order_whatever_their_events_times() -> None:
+    """A later batch whose first event is older (clock skew, a replay) still goes after the earlier one."""
+    batcher: Batcher[str, str] = Batcher(max_events=2, max_calls=3)
+    for n, order in enumerate((50.0, 51.0, 10.0, 11.0, 60.0, 61.0)):
+        batcher.add("s", f"s{n}", now=0.0, order=order)
+    batcher.add("t", "t0", now=0.0, order=40.0)
+    batcher.add("t", "t1", now=0.0, order=40.0)
+    taken = items(batcher.take(now=0.0, linger=LINGER, limit=MANY))
+    assert taken == [["t0", "t1"], ["s0", "s1"], ["s2", "s3"], ["s4", "s5"]]
 
 
 def test_a_session_over_its_bound_is_crowded_until_half_of_it() -> None:

@@ -31,11 +31,13 @@ T = TypeVar("T")
 
 
 class Batch(Generic[K, T]):
-    __slots__ = ("created_at", "items", "key")
+    __slots__ = ("created_at", "items", "key", "order")
 
-    def __init__(self, key: K, created_at: float) -> None:
+    def __init__(self, key: K, created_at: float, order: float) -> None:
         self.key = key
         self.created_at = created_at
+        self.order = order
+        """Where it goes among ready batches, lowest first: its first item's `order` (see `Batcher.take`)."""
         self.items: list[T] = []
 
 
@@ -53,8 +55,10 @@ class Batcher(Generic[K, T]):
         self._calls: dict[K, int] = {}
         """Per busy session, its calls in flight or ready to go (a ready batch holds its call)."""
         self._ready: list[tuple[float, int, Batch[K, T]]] = []
-        """Batches that hold a call and wait only for the quota: a heap, oldest first (see `take`)."""
+        """Batches that hold a call and wait only for the quota: a heap by order (see `take`)."""
         self._serial = itertools.count()
+        self._floor: dict[K, float] = {}
+        """Per busy session, the order of its last ready batch: its next one never goes before it."""
         self.buffered = 0
         """Events held here (open, filling, waiting or ready), not counting batches in flight."""
         held = max_held if max_held is not None else 1 << 62
@@ -64,11 +68,12 @@ class Batcher(Generic[K, T]):
         self.crowded: set[K] = set()
         """Sessions over their bound: whoever feeds them should hold back until they leave the set."""
 
-    def add(self, key: K, item: T, now: float) -> None:
+    def add(self, key: K, item: T, now: float, order: float | None = None) -> None:
+        """`order` places the batch this item opens among ready ones (default `now`: creation order)."""
         batches = self._filling if key in self._calls else self._open
         batch = batches.get(key)
         if batch is None:
-            batch = batches[key] = Batch(key, now)
+            batch = batches[key] = Batch(key, now, now if order is None else order)
         batch.items.append(item)
         self.buffered += 1
         if len(batch.items) >= self.max_events:
@@ -90,7 +95,11 @@ class Batcher(Generic[K, T]):
             self.crowded.add(key)
 
     def _make_ready(self, batch: Batch[K, T]) -> None:
-        heapq.heappush(self._ready, (batch.created_at, next(self._serial), batch))
+        order, floor = batch.order, self._floor.get(batch.key)
+        if floor is not None and order < floor:
+            order = floor  # an earlier batch of the session is still ready: it goes first
+        self._floor[batch.key] = order
+        heapq.heappush(self._ready, (order, next(self._serial), batch))
 
     def held(self, key: K) -> Iterator[T]:
         """The items of a session's waiting batches: what a crowded session holds beyond its calls."""
@@ -110,9 +119,10 @@ class Batcher(Generic[K, T]):
         """Up to `limit` batches to send now, in this order:
 
         1. partial batches open for `max_wait` or more: even at the quota nothing waits longer,
-        2. full batches, oldest first: while calls are scarce, each one carries the most events; and
-           oldest first is arrival order, so a busy session's batch that waited for one of its calls
-           goes ahead of the batches filled meanwhile, and a hot session keeps pace with the others,
+        2. full batches, lowest order first (the pipeline's order is the first event's sentAt, at most
+           its fetch time): while calls are scarce, each one carries the most events; and in a backlog
+           every session and partition advances through time together, so a hot session's next batch,
+           older than what the others have reached, goes first and its partition is no tail,
         3. partial batches open for `linger` or more, oldest first.
 
         The caller's `limit` is what the quota and the in-flight cap allow right now, and its `linger`
@@ -158,6 +168,7 @@ class Batcher(Generic[K, T]):
             self._calls[key] = calls
             return
         del self._calls[key]
+        self._floor.pop(key, None)
         filling = self._filling.pop(key, None)
         if filling is not None:
             self._open[key] = filling

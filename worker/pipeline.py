@@ -166,6 +166,9 @@ class Pipeline:
         self.dedup: Dedup[Item] = Dedup(settings.dedup.window_seconds, settings.dedup.max_ids, clock)
         b = settings.batching
         self.batcher: Batcher[SessionKey, Item] = Batcher(b.max_events, b.max_calls_per_session, b.max_session_events)
+        self._fetched_at = time.time()
+        """Wall time of the last intake: caps a batch's order (its sentAt) so a future sentAt goes no later
+        than its fetch would put it."""
         self._linger = settings.batching.linger_ms / 1000.0
         self._max_wait = MAX_WAIT_LINGERS * self._linger
         self._call_rate = 0.0
@@ -191,6 +194,7 @@ class Pipeline:
         mapper_map = self._mapper.map
         dumps = orjson.dumps
         now = self._clock()
+        self._fetched_at = time.time()
         filtered = duplicates = 0
         invalid: Counter[str] | None = None
         skip = state.skip
@@ -244,7 +248,9 @@ class Pipeline:
         """True when the item is a duplicate (finished here)."""
         verdict = self.dedup.admit(item[EVENT_ID], item)
         if verdict == NEW:
-            self.batcher.add(item[SESSION], item, now)
+            # Ready batches go in event time (see Batcher.take): a backlog drains evenly across sessions.
+            sent_at, fetched_at = item[SENT_AT], self._fetched_at
+            self.batcher.add(item[SESSION], item, now, sent_at if sent_at < fetched_at else fetched_at)
         elif verdict == SEEN:
             self._finish(item)
             return True
