@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_SECONDS = 10.0
 HELD_LOG_SECONDS = 60.0
+"""A hot session is held and released many times a second while draining: say so once a minute at most."""
 HELD_POLL_SECONDS = 0.05
 """With every partition held for crowded sessions, look again this often whether one is released."""
 INGEST_SLICE = 200
