@@ -915,8 +915,9 @@ def mode_hot_session(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
             "events_per_call",
             "share_of_ceiling",
             "cpu_us_per_event",
-            "peak_rss_mb",
         )
+        # Not peak_rss_mb: the second worker's ru_maxrss includes this process's own peak (Linux records
+        # the pre-exec image's high-water mark in the child's), here after the first run's event list.
         results.update({f"{name}_{key}": drained[key] for key in keys})
         if share:
             results.update(hot_session_metrics(events))
