@@ -1,6 +1,6 @@
 """`make bench`: the issue-5 benchmark of the worker on the real local stack.
 
-    python -m tests.bench [--mode drain|shared-quota|memory] [options]      (see --help)
+    python -m tests.bench [--mode drain|shared-quota|memory|hot-session] [options]      (see --help)
 
 Everything runs as real processes: a Kafka broker of its own (``deploy/local/kafka`` on a free port
 in a temp dir), the Personalize Events emulator (``python -m worker.emulator``) and the worker CLI
@@ -33,8 +33,14 @@ Modes (each runs on its own):
     the worker's peak RSS. Plus the dedup window's bytes per id, measured in this process with
     tracemalloc on ``worker.dedup.Dedup`` filled with that many realistic eventIds.
 
-Results are printed as a table and written as JSON to ``.bench/results.json`` (drain),
-``.bench/results-shared-quota.json`` or ``.bench/results-memory.json``.
+``hot-session``
+    Issue 11: the drain of ``drain`` twice, on two topics: the backlog as generated, then the same
+    backlog with ``--hot-share`` (5 %) of its events moved to one session (a bot reusing one sessionId;
+    all its records keyed alike, so on one partition). The drain rate with the hot session as a share of
+    the rate without it (target >= 90 %), and how fast the hot session's own events went.
+
+Results are printed as a table and written as JSON to ``.bench/results.json`` (drain), or
+``.bench/results-MODE.json``.
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.kafka_support import KafkaBroker, create_topic, free_port
 from worker.dedup import Dedup
-from worker.sample import generate, optimal_calls
+from worker.sample import HOT_SESSION_ID, generate, optimal_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / ".bench"
@@ -110,16 +116,23 @@ class Chunk:
     optimal_calls: int
 
 
-def _make_chunk(records: int, seed: int, sessions: int, start: float, min_session_events: int) -> Chunk:
+def _make_chunk(
+    records: int, seed: int, sessions: int, start: float, min_session_events: int, hot_share: float
+) -> Chunk:
     stream = generate(
-        records, seed=seed, concurrent_sessions=sessions, start=start, min_session_events=min_session_events
+        records,
+        seed=seed,
+        concurrent_sessions=sessions,
+        start=start,
+        min_session_events=min_session_events,
+        hot_session_share=hot_share,
     )
     counts = Counter(m.kind for m in stream.messages)
     return Chunk([(m.key, m.value) for m in stream.messages], dict(counts), optimal_calls(stream))
 
 
 def generate_chunks(
-    total: int, chunk: int, sessions: int, seed: int, jobs: int, min_session_events: int
+    total: int, chunk: int, sessions: int, seed: int, jobs: int, min_session_events: int, hot_share: float = 0.0
 ) -> Iterator[Chunk]:
     """`generate()` in independent chunks (distinct seeds, so distinct session and event ids) on
     `jobs` processes: one 1M-record stream would hold ~1 GB."""
@@ -137,6 +150,7 @@ def generate_chunks(
                     sessions,
                     1_790_000_000.0 + index * span,
                     min_session_events,
+                    hot_share,
                 )
             )
             while len(futures) > window:
@@ -158,7 +172,9 @@ class Loaded:
         return self.counts["valid"]
 
 
-async def load_topic(bootstrap: str, topic: str, args: argparse.Namespace, total: int) -> Loaded:
+async def load_topic(
+    bootstrap: str, topic: str, args: argparse.Namespace, total: int, hot_share: float = 0.0
+) -> Loaded:
     loaded = Loaded(topic)
     started = time.monotonic()
     producer = AIOKafkaProducer(
@@ -166,7 +182,10 @@ async def load_topic(bootstrap: str, topic: str, args: argparse.Namespace, total
     )
     await producer.start()
     try:
-        for chunk in generate_chunks(total, args.chunk, args.sessions, args.seed, args.jobs, args.min_session_events):
+        chunks = generate_chunks(
+            total, args.chunk, args.sessions, args.seed, args.jobs, args.min_session_events, hot_share
+        )
+        for chunk in chunks:
             futures = [await producer.send(topic, value, key=key) for key, value in chunk.records]
             await asyncio.gather(*futures)
             loaded.records += len(chunk.records)
@@ -412,11 +431,17 @@ def worker_sections(
         "kafka": {"bootstrap_servers": bootstrap, "topics": [topic], "group_id": group},
         "personalize": {"tracking_id": TRACKING_ID, "endpoint_url": endpoint},
         "mapping": {"properties": PROPERTIES},
-        "batching": {"linger_ms": args.linger_ms},
+        "batching": {"linger_ms": args.linger_ms, **batching_overrides(args)},
         "dedup": {"max_ids": args.dedup_ids},
         "dead_letter": {"topic": f"{topic}.dlq"},
         "worker": {"log_format": "json", "commit_interval_seconds": 0.5},
     }
+
+
+def batching_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The [batching] keys given on the command line; the worker's defaults otherwise."""
+    keys = ("max_buffered_events", "max_calls_per_session", "max_session_events")
+    return {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
 
 
 @dataclass
@@ -747,7 +772,7 @@ def drain_metrics(
 
 
 def drain_once(
-    bench: Stack, args: argparse.Namespace, name: str
+    bench: Stack, args: argparse.Namespace, name: str, hot_share: float = 0.0
 ) -> tuple[Loaded, WorkerResult, dict[str, Any], list[dict[str, Any]]]:
     bootstrap = bench.broker.bootstrap
     topic = f"bench-{name}-{uuid.uuid4().hex[:6]}"
@@ -756,7 +781,7 @@ def drain_once(
         f"generating and producing {args.records:,} records to {topic!r} "
         f"({args.partitions} partitions, {args.sessions} concurrent sessions)"
     )
-    loaded = asyncio.run(load_topic(bootstrap, topic, args, args.records))
+    loaded = asyncio.run(load_topic(bootstrap, topic, args, args.records, hot_share))
     log(
         f"loaded in {loaded.seconds:.0f}s: {loaded.valid:,} valid, {loaded.counts['duplicate']:,} duplicates, "
         f"{loaded.counts['malformed']:,} malformed; optimal calls {loaded.optimal_calls:,}"
@@ -850,6 +875,61 @@ def mode_shared_quota(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def hot_session_metrics(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the hot session's own events went, next to the whole drain's sending time."""
+    received = [e["received_at"] for e in events]
+    hot = [e for e in events if e.get("sessionId") == HOT_SESSION_ID]
+    if not hot or not received:
+        return {"hot_session_events": 0}
+    hot_received = [e["received_at"] for e in hot]
+    span = max(hot_received) - min(hot_received)
+    calls = len({e["request_id"] for e in hot})
+    first, last = min(received), max(received)
+    rest = sorted(e["received_at"] for e in events if e.get("sessionId") != HOT_SESSION_ID)
+    return {
+        # When 99 % of the other sessions' events were in, as a share of the drain's sending time: the
+        # rest is the tail the hot session (and its partition) added.
+        "others_p99_vs_drain": round((percentile(rest, 99) - first) / (last - first), 3) if last > first else 0.0,
+        "hot_session_events": len(hot),
+        "hot_session_calls": calls,
+        "hot_session_events_per_call": round(len(hot) / calls, 2),
+        "hot_session_events_per_second": round(len(hot) / span, 1) if span else 0.0,
+        # 1.0: its last event went with the drain's last; more: it held the drain's end back.
+        "hot_session_end_vs_drain": round((max(hot_received) - first) / (last - first), 3) if last > first else 0.0,
+    }
+
+
+def mode_hot_session(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name, share in (("plain", 0.0), ("hot", args.hot_share)):
+        loaded, result, stats, events = drain_once(bench, args, name, share)
+        drained = drain_metrics(loaded, result, stats, events, args)
+        keys = (
+            "records",
+            "worker_exit",
+            "wall_seconds",
+            "events",
+            "duplicate_events_at_emulator",
+            "events_per_second",
+            "events_per_second_active",
+            "events_per_call",
+            "share_of_ceiling",
+            "cpu_us_per_event",
+        )
+        # Not peak_rss_mb: the second worker's ru_maxrss includes this process's own peak (Linux records
+        # the pre-exec image's high-water mark in the child's), here after the first run's event list.
+        results.update({f"{name}_{key}": drained[key] for key in keys})
+        if share:
+            results.update(hot_session_metrics(events))
+        del events
+        gc.collect()
+    plain, hot = results["plain_events_per_second"], results["hot_events_per_second"]
+    results["hot_vs_plain"] = round(hot / plain, 3) if plain else 0.0
+    plain, hot = results["plain_events_per_second_active"], results["hot_events_per_second_active"]
+    results["hot_vs_plain_active"] = round(hot / plain, 3) if plain else 0.0
+    return results
+
+
 def dedup_bytes_per_id(count: int) -> dict[str, Any]:
     """tracemalloc over a Dedup filled like the worker fills it (admit, then delivered in calls of 10)."""
     out: dict[str, Any] = {}
@@ -912,6 +992,8 @@ def report(mode: str, results: dict[str, Any], args: argparse.Namespace) -> None
         targets = {"quota_utilization": ">= 0.9", "throttled_share": "<= 0.05"}
     if mode == "memory":
         targets = {"peak_rss_mb": "<= 400"}
+    if mode == "hot-session":
+        targets = {"hot_vs_plain": ">= 0.90"}
     print(f"\nresults ({mode})")
     print(f"  {'metric':<34} {'value':>14}  {'target':<18} verdict")
     for key, value in results.items():
@@ -935,7 +1017,7 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--mode", choices=("drain", "shared-quota", "memory"), default="drain")
+    parser.add_argument("--mode", choices=("drain", "shared-quota", "memory", "hot-session"), default="drain")
     parser.add_argument(
         "--records", type=int, default=None, help="backlog size (drain/shared-quota 200,000; memory 1,000,000)"
     )
@@ -965,6 +1047,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--realtime-seconds", type=float, default=30.0)
     parser.add_argument("--realtime-sessions", type=int, default=3000)
     parser.add_argument("--replicas", type=int, default=3, help="workers in shared-quota mode")
+    parser.add_argument("--hot-share", type=float, default=0.05, help="hot-session mode: the hot session's share")
+    parser.add_argument("--max-buffered-events", type=int, default=None, help="worker batching.max_buffered_events")
+    parser.add_argument("--max-calls-per-session", type=int, default=None, help="worker batching.max_calls_per_session")
+    parser.add_argument("--max-session-events", type=int, default=None, help="worker batching.max_session_events")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default .bench/results[-MODE].json)")
     return parser
 
@@ -986,6 +1072,8 @@ def main(argv: list[str] | None = None) -> int:
                 results = mode_drain(bench, args)
             elif args.mode == "shared-quota":
                 results = mode_shared_quota(bench, args)
+            elif args.mode == "hot-session":
+                results = mode_hot_session(bench, args)
             else:
                 results = mode_memory(bench, args)
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Batcher: full and lingered batches, one call in flight per session, flush and drop."""
+"""Batcher: full and lingered batches, calls in flight per session, flush and drop (more in test_hot_session)."""
 
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ def owned_unless(residue: int) -> Callable[[tuple[str, int]], bool]:
 
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("add"), st.sampled_from(KEYS)),
+        st.tuples(st.just("add"), st.sampled_from([f"{key}{order}" for key in KEYS for order in range(3)])),
         st.tuples(st.just("take"), st.integers(0, 4)),
         st.tuples(st.just("done"), st.integers(0, 5)),
         st.tuples(st.just("tick"), st.integers(0, 3)),
@@ -205,47 +205,53 @@ operations = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
-@given(ops=operations, max_events=st.integers(1, 4))
-def test_random_operations_keep_count_order_and_one_call_per_session(
-    ops: list[tuple[str, int | str]], max_events: int
+@settings(max_examples=400, deadline=None)
+@given(ops=operations, max_events=st.integers(1, 4), max_calls=st.integers(1, 3), max_held=st.integers(1, 12))
+def test_random_operations_keep_count_order_and_calls_per_session(
+    ops: list[tuple[str, int | str]], max_events: int, max_calls: int, max_held: int
 ) -> None:
-    batcher: Batcher[str, tuple[str, int]] = Batcher(max_events)
+    batcher: Batcher[str, tuple[str, int]] = Batcher(max_events, max_calls, max_held)
     now = 0.0
     serial = 0
     added: dict[str, list[int]] = {k: [] for k in KEYS}
     sent: dict[str, list[int]] = {k: [] for k in KEYS}
     dropped: set[tuple[str, int]] = set()
-    in_flight: dict[str, Batch[str, tuple[str, int]]] = {}
+    in_flight: dict[str, list[Batch[str, tuple[str, int]]]] = {k: [] for k in KEYS}
+    flushed = False
 
     def take(limit: int) -> None:
         taken = batcher.take(now, LINGER, limit)
         assert len(taken) <= limit
         for batch in taken:
-            assert batch.key not in in_flight, "two calls in flight for one session"
+            assert len(in_flight[batch.key]) < max_calls, "more calls in flight for one session than allowed"
             assert 1 <= len(batch.items) <= max_events
             assert all(key == batch.key for key, _ in batch.items)
-            in_flight[batch.key] = batch
+            if in_flight[batch.key] and not flushed:
+                assert len(batch.items) == max_events, "a busy session's extra calls are full ones (until a flush)"
+            in_flight[batch.key].append(batch)
             sent[batch.key].extend(n for _, n in batch.items)
 
     for op, arg in ops:
         if op == "add":
             assert isinstance(arg, str)
+            key, order = arg[0], now + int(arg[1:])  # the order an event's sentAt gives: not monotonic
             serial += 1
-            batcher.add(arg, (arg, serial), now)
-            added[arg].append(serial)
+            batcher.add(key, (key, serial), now, order)
+            added[key].append(serial)
         elif op == "take":
             assert isinstance(arg, int)
             take(arg)
-        elif op == "done" and in_flight:
+        elif op == "done" and any(in_flight.values()):
             assert isinstance(arg, int)
-            key = sorted(in_flight)[arg % len(in_flight)]
-            del in_flight[key]
-            batcher.done(key)
+            busy = [batch for key in KEYS for batch in in_flight[key]]
+            finished = busy[arg % len(busy)]  # calls of one session may finish in any order
+            in_flight[finished.key].remove(finished)
+            batcher.done(finished.key)
         elif op == "tick":
             now += 0.25 * int(arg)
         elif op == "flush":
             batcher.flush()
+            flushed = True
         elif op == "drop":
             assert isinstance(arg, int)
             out = batcher.drop(owned_unless(arg))
@@ -254,19 +260,28 @@ def test_random_operations_keep_count_order_and_one_call_per_session(
             dropped.update(out)
         held = sum(len(v) for v in added.values()) - sum(len(v) for v in sent.values()) - len(dropped)
         assert batcher.buffered == held
+        for key in KEYS:
+            waiting = len(list(batcher.held(key)))
+            if waiting > max(max_events, max_held):
+                assert key in batcher.crowded, "over its bound, the session says so"
+            if key in batcher.crowded:
+                assert waiting > 0
 
-    # Drain: everything left goes out, one call per session at a time.
+    # Drain: everything left goes out, at most max_calls per session at a time.
     batcher.flush()
+    flushed = True
     for _ in range(sum(len(v) for v in added.values()) + 1):
         take(MANY)
-        for key in list(in_flight):
-            del in_flight[key]
-            batcher.done(key)
+        for key in KEYS:
+            while in_flight[key]:
+                in_flight[key].pop()
+                batcher.done(key)
     assert batcher.buffered == 0
     assert len(batcher) == 0
+    assert not batcher.crowded
     for key in KEYS:
         expected = [n for n in added[key] if (key, n) not in dropped]
-        assert sent[key] == expected, f"order or loss in session {key}"
+        assert sent[key] == expected, f"calls start in arrival order, or loss, in session {key}"
 
 
 def test_busy_session_keeps_filling_instead_of_sending_small_calls() -> None:

@@ -179,6 +179,12 @@ class BatchingSettings(_Section):
     max_events: int = Field(default=limits.EVENTS_PER_CALL[1], ge=1, le=limits.EVENTS_PER_CALL[1])
     linger_ms: int = Field(default=500, ge=0, le=60_000)
     max_buffered_events: int = Field(default=50_000, ge=10)
+    # A busy session runs up to this many full calls at once (they may land in any order; Personalize
+    # orders a session by sentAt); 1 keeps every session's calls strictly one after the other.
+    max_calls_per_session: int = Field(default=4, ge=1, le=64)
+    # Events one session may hold waiting for its calls before its partitions are no longer fetched
+    # (a hot session must not fill the buffer); they are again at half of it.
+    max_session_events: int = Field(default=1_000, ge=10)
 
 
 class DedupSettings(_Section):

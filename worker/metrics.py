@@ -106,6 +106,14 @@ class Metrics:
             "Delivery tasks that failed with a bug: their records stay unfinished until a restart.",
             registry=r,
         )
+        self.partitions_held = Gauge(
+            f"{p}_partitions_held",
+            "Partitions not fetched because a session on them holds more than batching.max_session_events.",
+            registry=r,
+        )
+        self.sessions_crowded = Gauge(
+            f"{p}_sessions_crowded", "Sessions holding more than batching.max_session_events events.", registry=r
+        )
         self.dead_letter_blocked = Gauge(
             f"{p}_dead_letter_blocked", "1 while the dead-letter topic cannot be written.", registry=r
         )

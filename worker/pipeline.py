@@ -164,7 +164,11 @@ class Pipeline:
         self._clock = clock
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self.dedup: Dedup[Item] = Dedup(settings.dedup.window_seconds, settings.dedup.max_ids, clock)
-        self.batcher: Batcher[SessionKey, Item] = Batcher(settings.batching.max_events)
+        b = settings.batching
+        self.batcher: Batcher[SessionKey, Item] = Batcher(b.max_events, b.max_calls_per_session, b.max_session_events)
+        self._fetched_at = time.time()
+        """Wall time of the last intake: caps a batch's order (its sentAt) so a future sentAt goes no later
+        than its fetch would put it."""
         self._linger = settings.batching.linger_ms / 1000.0
         self._max_wait = MAX_WAIT_LINGERS * self._linger
         self._call_rate = 0.0
@@ -194,6 +198,7 @@ class Pipeline:
         state.track((r.offset for r in records), now)
         mapper_map = self._mapper.map
         dumps = orjson.dumps
+        self._fetched_at = time.time()
         filtered = duplicates = 0
         invalid: Counter[str] | None = None
         skip = state.skip
@@ -247,7 +252,9 @@ class Pipeline:
         """True when the item is a duplicate (finished here)."""
         verdict = self.dedup.admit(item[EVENT_ID], item)
         if verdict == NEW:
-            self.batcher.add(item[SESSION], item, now)
+            # Ready batches go in event time (see Batcher.take): a backlog drains evenly across sessions.
+            sent_at, fetched_at = item[SENT_AT], self._fetched_at
+            self.batcher.add(item[SESSION], item, now, sent_at if sent_at < fetched_at else fetched_at)
         elif verdict == SEEN:
             self._finish(item)
             return True
@@ -307,6 +314,17 @@ class Pipeline:
         look(self.dedup.parked(), "parked")
         look(self.batcher.items(), "batch")
         return found
+
+    def crowded_partitions(self) -> set[TopicPartition]:
+        """The owned partitions feeding a session over `batching.max_session_events`: the source leaves
+        them unfetched until the session's calls have worked its backlog down, while the others keep flowing.
+        Read off the session's held records (at most about its bound), and only while one is crowded."""
+        crowded = self.batcher.crowded
+        if not crowded:
+            return set()
+        serials = {item[OWNER] for key in crowded for item in self.batcher.held(key)}
+        owners = self.tracker.owners
+        return {owners[serial][0] for serial in serials if serial in owners}
 
     # --- dispatch -----------------------------------------------------------------------------
 

@@ -17,6 +17,9 @@ import orjson
 EVENT_TYPES = ("click", "view", "add_to_cart", "purchase")
 EVENT_TYPE_WEIGHTS = (50, 35, 10, 5)
 CATEGORIES = ("shoes", "shirts", "bags", "watches", "hats", "socks")
+HOT_SESSION_ID = "sess-hot"
+HOT_USER_ID = "user-hot"
+"""The one session (and user) `generate(hot_session_share=...)` gives a share of the events."""
 
 
 @dataclass(slots=True)
@@ -76,14 +79,20 @@ def generate(
     events_per_second: float = 200.0,
     with_event_ids: bool = True,
     min_session_events: int = 1,
+    hot_session_share: float = 0.0,
 ) -> Clickstream:
     """`records` messages in total, duplicates and malformed ones included.
 
     Session lengths are Pareto-distributed (heavy tail) from `min_session_events` up to 20 times
     that (at least 200): 1 gives the short sessions of browsing traffic, where most calls carry few
     events; 40 gives sessions long enough that nearly every call can be full.
+
+    `hot_session_share` of the events are moved to one session, `HOT_SESSION_ID` whatever the seed (a
+    bot reusing one sessionId and userId). Which ones is drawn from a random stream of its own, so the
+    backlog is otherwise the one the same seed gives without it.
     """
     rng = random.Random(seed)
+    hot_rng = random.Random(f"hot-{seed}")
     cumulative = list(accumulate(1.0 / (rank**1.1) for rank in range(1, items + 1)))
     longest = max(200, 20 * min_session_events)
     item_ids = [f"item-{n}" for n in range(items)]
@@ -112,6 +121,8 @@ def generate(
         session[2] -= 1
         if session[2] <= 0:
             sessions[slot] = new_session()
+        if hot_session_share and hot_rng.random() < hot_session_share:
+            session = [HOT_SESSION_ID, HOT_USER_ID, 0]
         obj: dict[str, Any] = {
             "session_id": session[0],
             "event_type": rng.choices(EVENT_TYPES, EVENT_TYPE_WEIGHTS)[0],

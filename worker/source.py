@@ -23,6 +23,10 @@ from worker.pipeline import Pipeline
 log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_SECONDS = 10.0
+HELD_LOG_SECONDS = 60.0
+"""A hot session is held and released many times a second while draining: say so once a minute at most."""
+HELD_POLL_SECONDS = 0.05
+"""With every partition held for crowded sessions, look again this often whether one is released."""
 INGEST_SLICE = 200
 """Records mapped between two turns of the event loop (~4 ms of work)."""
 
@@ -118,6 +122,9 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         """Partitions whose revocation is under way: a poll being handed over gives them no more records."""
         self._handing_over = False
         """A poll is being handed to the pipeline a slice at a time (see `fetch_once`)."""
+        self._held: set[TopicPartition] = set()
+        """Partitions left out of fetching for a crowded session (see `_getmany`)."""
+        self._held_logged = -HELD_LOG_SECONDS
 
     async def start(self) -> None:
         self.consumer.subscribe(topics=list(self._settings.kafka.topics), listener=self)
@@ -206,7 +213,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         # Never fetch past the cap: a full poll on top of a nearly full buffer would overshoot it by a poll.
         room = self._settings.batching.max_buffered_events - self._pipeline.outstanding
         limit = max(1, min(self._settings.kafka.max_poll_records, room))
-        batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=limit)
+        batches = await self._getmany(timeout_ms, limit)
         tracker = self._pipeline.tracker
         # Ownership as it was when these records were fetched: a partition being revoked, or revoked (and
         # perhaps assigned again, to a new state) while the loop was let go takes no more of them; its
@@ -256,6 +263,41 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             self._paused = wanted
             self._metrics.paused.set(int(bool(wanted)))
             self._metrics.paused_partitions.set(len(wanted))
+
+    async def _getmany(self, timeout_ms: int, limit: int) -> dict[TopicPartition, list[Any]]:
+        """getmany, leaving alone the partitions that feed a session over `batching.max_session_events`
+        until it is back under half of it, while the others keep flowing.
+
+        Not a pause: pausing drops the partition's prefetched records, and once resumed its next fetch
+        queues behind every other partition's (aiokafka hands fetched partitions out in arrival order),
+        so at a full buffer a hot session ran dry for seconds. Left out of getmany, its prefetched
+        records wait in place (one fetch, `max_partition_fetch_bytes`, at most) and go first when wanted."""
+        crowded = self._pipeline.crowded_partitions()
+        if crowded or self._held:
+            self._hold(crowded)
+        if not crowded:
+            return await self.consumer.getmany(timeout_ms=timeout_ms, max_records=limit)  # type: ignore[no-any-return]
+        wanted = self.consumer.assignment() - crowded
+        if not wanted:
+            await asyncio.sleep(HELD_POLL_SECONDS)  # getmany() without partitions would take them all
+            return {}
+        return await self.consumer.getmany(*wanted, timeout_ms=timeout_ms, max_records=limit)  # type: ignore[no-any-return]
+
+    def _hold(self, crowded: set[TopicPartition]) -> None:
+        """Metrics, and one log line when holding starts (once a minute at most: it flaps while draining)."""
+        now = self._clock()
+        if crowded and not self._held and now - self._held_logged >= HELD_LOG_SECONDS:
+            self._held_logged = now
+            log.warning(
+                "a session holds more than batching.max_session_events; holding its partitions until it catches up",
+                extra={
+                    "partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in crowded),
+                    "sessions": len(self._pipeline.batcher.crowded),
+                },
+            )
+        self._held = crowded
+        self._metrics.partitions_held.set(len(crowded))
+        self._metrics.sessions_crowded.set(len(self._pipeline.batcher.crowded))
 
     # --- committing -----------------------------------------------------------------------------
 
