@@ -48,8 +48,15 @@ class Worker:
             **kafka_security(settings.kafka),
         )
         self.dead_letters = DeadLetterWriter(self.producer, settings.dead_letter.topic, self.metrics)
-        self.pipeline = Pipeline(settings, self.sink, self.dead_letters, self.metrics, quota=self.sink.limiter)
-        self.source = Source(settings, self.pipeline, self.metrics)
+        self.schemas = None
+        if settings.mapping.format != "json":
+            from worker.schemas import Schemas  # Avro and Protobuf runtimes only for those who use them
+
+            self.schemas = Schemas(settings, self.metrics)
+        self.pipeline = Pipeline(
+            settings, self.sink, self.dead_letters, self.metrics, quota=self.sink.limiter, schemas=self.schemas
+        )
+        self.source = Source(settings, self.pipeline, self.metrics, schemas=self.schemas)
         self.server = MetricsServer(self.metrics, self.readiness)
         self.watchdog = Watchdog(self.pipeline, self.metrics, self, settings.worker.stall_timeout_seconds)
         self.stop_requested = asyncio.Event()
@@ -59,6 +66,8 @@ class Worker:
             return False, "waiting for a partition assignment"
         if self.dead_letters.blocked_reason:
             return False, self.dead_letters.blocked_reason
+        if self.schemas is not None and self.schemas.blocked_reason:
+            return False, self.schemas.blocked_reason
         if self.watchdog.reason:
             return False, self.watchdog.reason
         return True, "ready"
@@ -151,6 +160,8 @@ class Worker:
         await self.source.stop()
         await self.producer.stop()
         await self.sink.close()
+        if self.schemas is not None:
+            await self.schemas.close()
         await self.server.stop()
         log.info("stopped", extra={"clean": clean, "totals": self.metrics.totals()})
         return clean

@@ -22,6 +22,7 @@ retried, waiting for its dead-letter write, parked behind a copy of its eventId 
 over from a poll, or nowhere (a bug: see `personalize_worker_delivery_task_failures`)."""
 WAITING_AFTER_SECONDS = 5.0
 CALL_OUTCOMES = ("ok", "throttled", "invalid", "server_error", "client_error", "connection", "error")
+REGISTRY_OUTCOMES = ("ok", "not_found", "unavailable")
 
 
 class Metrics:
@@ -105,6 +106,18 @@ class Metrics:
         self.stalled = Gauge(
             f"{p}_stalled", "1 while a partition is behind and its committed offset does not advance.", registry=r
         )
+        self.registry_unavailable = Gauge(
+            f"{p}_schema_registry_unavailable",
+            "1 while the schema registry cannot be reached and a poll waits for its schemas (consumption held).",
+            registry=r,
+        )
+        self.registry_requests = Counter(
+            f"{p}_schema_registry_requests",
+            "Schema registry lookups by outcome: ok, not_found (records dead-lettered), unavailable (retried).",
+            ["outcome"],
+            registry=r,
+        )
+        self.schemas_cached = Gauge(f"{p}_schemas_cached", "Writer schemas decoded and cached, by id.", registry=r)
         self.assigned = Gauge(f"{p}_assigned_partitions", "Partitions assigned to this worker.", registry=r)
         self.lag = Gauge(
             f"{p}_consumer_lag", "High watermark minus committed offset.", ["topic", "partition"], registry=r
@@ -117,6 +130,8 @@ class Metrics:
         self.calls_ok = self.calls.labels("ok")
         for outcome in CALL_OUTCOMES:
             self.calls.labels(outcome)
+        for outcome in REGISTRY_OUTCOMES:
+            self.registry_requests.labels(outcome)
 
     def forget_partition(self, topic: str, partition: int) -> None:
         """A revoked partition's series go away with it."""
