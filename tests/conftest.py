@@ -2,3 +2,4 @@
 
 from tests.kafka_support import *  # noqa: F403  (re-exports the Kafka broker fixtures)
 from tests.stack import *  # noqa: F403  (re-exports the emulator and worker fixtures)
+from tests.registry_support import *  # noqa: F403  (re-exports the schema registry fixture)

@@ -1,0 +1,220 @@
+"""End to end with a real schema registry: Avro, Protobuf and JSON Schema topics through `run --until-drained`.
+
+Producers use confluent-kafka's official serializers against Apicurio Registry; the worker decodes with
+the writer's schema from the same registry and delivers to the emulator. Every record is accounted for:
+delivered field for field, or dead-lettered with stage `decode`, its reason and its schema id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.formats_support import (
+    AVRO_V1,
+    AVRO_V2,
+    CLICK_PROTO,
+    COMMON_PROTO,
+    JSON_SCHEMA,
+    avro_object,
+    avro_serializer,
+    check_event,
+    click_message,
+    click_pb2,
+    context,
+    frame,
+    json_serializer,
+    protobuf_serializer,
+)
+from tests.kafka_support import TopicFactory, committed_offsets, consume_all, end_offsets, produce
+from tests.registry_support import SchemaRegistry
+from tests.stack import EmulatorProcess, WorkerFactory
+from worker.sample import generate
+
+pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
+
+UNKNOWN_ID = 987_654
+
+
+def header(record: Any, name: str) -> str:
+    value: bytes = dict(record.headers)[name]
+    return value.decode()
+
+
+def sources(count: int, seed: int) -> list[dict[str, Any]]:
+    stream = generate(count, seed=seed, concurrent_sessions=60, duplicate_rate=0.0, malformed_rate=0.0)
+    return [m.source for m in stream.messages if m.source is not None]
+
+
+def registry_config(factory: WorkerFactory, topic: str, dlq: str, fmt: str, url: str) -> dict[str, dict[str, Any]]:
+    return factory.config(
+        topic, dlq, f"{topic}-group", mapping={"format": fmt}, schema_registry={"url": url, "retry_max_seconds": 1}
+    )
+
+
+async def drain(factory: WorkerFactory, sections: dict[str, dict[str, Any]], topic: str) -> None:
+    worker = factory(sections, until_drained=True)
+    assert await worker.await_exit(180) == 0, worker.log_tail()
+    bootstrap = factory.broker.bootstrap
+    assert await committed_offsets(bootstrap, f"{topic}-group", topic) == await end_offsets(bootstrap, topic)
+
+
+async def dead_letters(bootstrap: str, dlq: str, expected: int) -> dict[tuple[int, int], Any]:
+    records = await consume_all(bootstrap, dlq, timeout=30, min_records=expected)
+    assert len(records) == expected
+    for record in records:
+        assert header(record, "dlq.error.stage") == "decode"
+    return {(int(header(r, "dlq.source.partition")), int(header(r, "dlq.source.offset"))): r for r in records}
+
+
+async def test_avro_with_schema_evolution_mid_stream_and_bad_frames(
+    topic_factory: TopicFactory,
+    worker_factory: WorkerFactory,
+    emulator: EmulatorProcess,
+    schema_registry: SchemaRegistry,
+) -> None:
+    """v1 records, then v2 (a field added with a default) on the same topic: each decodes with its writer's
+    schema, so v1 events carry no eventValue and v2 purchases do. Corrupt frames, an unknown schema id, an
+    unframed value and a schema of the wrong type are dead-lettered with stage decode and the schema id."""
+    bootstrap = worker_factory.broker.bootstrap
+    topic, dlq = await topic_factory(partitions=3), await topic_factory(partitions=1)
+    objects = sources(1200, seed=21)
+    first, second = objects[:600], objects[600:]
+    with schema_registry.client() as client:
+        v1, v2 = avro_serializer(client, AVRO_V1), avro_serializer(client, AVRO_V2)
+        values = [v1(avro_object(s, with_value=False), context(topic)) for s in first]
+        values += [v2(avro_object(s, with_value=True), context(topic)) for s in second]
+        json_value = json_serializer(client)(first[3], context(f"{topic}-other"))
+    assert values[0] is not None and values[-1] is not None and json_value is not None
+    v1_id, v2_id = int.from_bytes(values[0][1:5], "big"), int.from_bytes(values[-1][1:5], "big")
+    assert v1_id != v2_id
+    good = [(s["session_id"].encode(), v) for s, v in zip(objects, values, strict=True)]
+    bad = {
+        "bad_payload": frame(v1_id, values[0][5:-3]),  # cut short
+        "unknown_schema": frame(UNKNOWN_ID, values[1][5:]),
+        "not_framed": orjson.dumps(first[2]),
+        "wrong_schema_type": json_value,
+    }
+    placed = await produce(bootstrap, topic, [*good[:300], *((b"bad", v) for v in bad.values()), *good[300:]])
+    bad_at = {reason: (md.partition, md.offset) for reason, md in zip(bad, placed[300:304], strict=True)}
+
+    await drain(worker_factory, registry_config(worker_factory, topic, dlq, "avro", schema_registry.url), topic)
+
+    events = await asyncio.to_thread(emulator.events)
+    assert Counter(e["eventId"] for e in events) == Counter(s["event_id"] for s in objects)
+    by_id = {e["eventId"]: e for e in events}
+    for source in first:
+        check_event(by_id[source["event_id"]], source, with_value=False)
+    for source in second:
+        check_event(by_id[source["event_id"]], source, with_value=True)
+    assert any("eventValue" in by_id[s["event_id"]] for s in second), "the data must exercise the new field"
+
+    letters = await dead_letters(bootstrap, dlq, len(bad))
+    for reason, where in bad_at.items():
+        letter = letters[where]
+        assert header(letter, "dlq.error.reason") == reason
+        assert letter.value == bad[reason]
+    assert f"schema id {v1_id}" in header(letters[bad_at["bad_payload"]], "dlq.error.message")
+    assert f"schema id {UNKNOWN_ID} is not in the schema registry" in header(
+        letters[bad_at["unknown_schema"]], "dlq.error.message"
+    )
+    assert "is a JSON schema" in header(letters[bad_at["wrong_schema_type"]], "dlq.error.message")
+
+
+async def test_protobuf_registered_by_the_serializer_and_as_proto_text(
+    topic_factory: TopicFactory,
+    worker_factory: WorkerFactory,
+    emulator: EmulatorProcess,
+    schema_registry: SchemaRegistry,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """One topic, two producers of the same message: confluent's ProtobufSerializer (base64 descriptors, its
+    import registered as a reference) and a producer that registered .proto text through the REST API, as
+    Java and Go tools do (Apicurio returns it as text). The message is the file's second, so every frame
+    carries the message index [1]; a nested-message index and a bad index list are checked too."""
+    bootstrap = worker_factory.broker.bootstrap
+    topic, dlq = await topic_factory(partitions=3), await topic_factory(partitions=1)
+    module = click_pb2(tmp_path_factory.mktemp("proto"))
+    common_id = await asyncio.to_thread(schema_registry.register, f"{topic}-common", COMMON_PROTO, "PROTOBUF")
+    assert common_id > 0
+    reference = {"name": "shop/common.proto", "subject": f"{topic}-common", "version": 1}
+    text_id = await asyncio.to_thread(
+        schema_registry.register, f"{topic}-text-value", CLICK_PROTO, "PROTOBUF", [reference]
+    )
+    objects = sources(800, seed=22)
+    values = []
+    with schema_registry.client() as client:
+        serializer = protobuf_serializer(client, module)
+        for n, source in enumerate(objects):
+            message = click_message(module, source)
+            if n % 2:
+                values.append(frame(text_id, message.SerializeToString(), indexes=b"\x02\x02"))
+            else:
+                value = serializer(message, context(topic))
+                assert value is not None and value[5:7] == b"\x02\x02", "the serializer frames index [1]"
+                values.append(value)
+    serialized_id = int.from_bytes(values[0][1:5], "big")
+    assert serialized_id != text_id
+    debug = module.Click.Debug(note="n").SerializeToString()
+    bad = {
+        # [1, 0] is Click.Debug: it decodes, and has no sessionId to map.
+        "missing_field": frame(text_id, debug, indexes=b"\x04\x02\x00"),
+        "bad_frame": frame(serialized_id, b"", indexes=b"\x02\x0e"),  # index 7: no such message
+    }
+    good = [(s["session_id"].encode(), v) for s, v in zip(objects, values, strict=True)]
+    placed = await produce(bootstrap, topic, [*good[:100], *((b"bad", v) for v in bad.values()), *good[100:]])
+    bad_at = {reason: (md.partition, md.offset) for reason, md in zip(bad, placed[100:102], strict=True)}
+
+    await drain(worker_factory, registry_config(worker_factory, topic, dlq, "protobuf", schema_registry.url), topic)
+
+    events = await asyncio.to_thread(emulator.events)
+    assert Counter(e["eventId"] for e in events) == Counter(s["event_id"] for s in objects)
+    by_id = {e["eventId"]: e for e in events}
+    for source in objects:
+        check_event(by_id[source["event_id"]], source)
+    records = await consume_all(bootstrap, dlq, timeout=30, min_records=len(bad))
+    letters = {(int(header(r, "dlq.source.partition")), int(header(r, "dlq.source.offset"))): r for r in records}
+    assert len(letters) == len(bad)
+    assert header(letters[bad_at["missing_field"]], "dlq.error.stage") == "mapping"
+    frame_letter = letters[bad_at["bad_frame"]]
+    assert header(frame_letter, "dlq.error.stage") == "decode"
+    assert header(frame_letter, "dlq.error.reason") == "bad_frame"
+    assert f"schema id {serialized_id}" in header(frame_letter, "dlq.error.message")
+
+
+async def test_json_schema_topic(
+    topic_factory: TopicFactory,
+    worker_factory: WorkerFactory,
+    emulator: EmulatorProcess,
+    schema_registry: SchemaRegistry,
+) -> None:
+    bootstrap = worker_factory.broker.bootstrap
+    topic, dlq = await topic_factory(partitions=2), await topic_factory(partitions=1)
+    objects = sources(500, seed=23)
+    with schema_registry.client() as client:
+        serializer = json_serializer(client)
+        values = [serializer(s, context(topic)) for s in objects]
+    assert values[0] is not None
+    schema_id = int.from_bytes(values[0][1:5], "big")
+    bad = {"not_json": frame(schema_id, b'{"session_id": '), "unknown_schema": frame(UNKNOWN_ID, b"{}")}
+    good = [(s["session_id"].encode(), v) for s, v in zip(objects, values, strict=True)]
+    placed = await produce(bootstrap, topic, [*((b"bad", v) for v in bad.values()), *good])
+    bad_at = {reason: (md.partition, md.offset) for reason, md in zip(bad, placed[:2], strict=True)}
+
+    await drain(worker_factory, registry_config(worker_factory, topic, dlq, "json_schema", schema_registry.url), topic)
+
+    events = await asyncio.to_thread(emulator.events)
+    assert Counter(e["eventId"] for e in events) == Counter(s["event_id"] for s in objects)
+    by_id = {e["eventId"]: e for e in events}
+    for source in objects:
+        check_event(by_id[source["event_id"]], source)
+    letters = await dead_letters(bootstrap, dlq, len(bad))
+    for reason, where in bad_at.items():
+        assert header(letters[where], "dlq.error.reason") == reason
+    assert f"schema id {schema_id}" in header(letters[bad_at["not_json"]], "dlq.error.message")
+    assert JSON_SCHEMA["title"] == "Click"
