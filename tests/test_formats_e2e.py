@@ -8,6 +8,10 @@ delivered field for field, or dead-lettered with stage `decode`, its reason and 
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ from tests.formats_support import (
     json_serializer,
     protobuf_serializer,
 )
-from tests.kafka_support import TopicFactory, committed_offsets, consume_all, end_offsets, produce
+from tests.kafka_support import TopicFactory, committed_offsets, consume_all, end_offsets, free_port, produce
 from tests.registry_support import SchemaRegistry
 from tests.stack import EmulatorProcess, WorkerFactory
 from worker.sample import generate
@@ -218,3 +222,91 @@ async def test_json_schema_topic(
         assert header(letters[where], "dlq.error.reason") == reason
     assert f"schema id {schema_id}" in header(letters[bad_at["not_json"]], "dlq.error.message")
     assert JSON_SCHEMA["title"] == "Click"
+
+
+def readyz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.mark.chaos
+async def test_registry_outage_holds_consumption_and_loses_nothing(
+    topic_factory: TopicFactory, worker_factory: WorkerFactory, emulator: EmulatorProcess, tmp_path: Path
+) -> None:
+    """The registry stops for 20 s while records with a schema id the worker has not seen arrive: the poll
+    is held (nothing dead-lettered, nothing committed past it), /readyz says why with a 503 and the metric is
+    up; once the registry is back, every record is delivered exactly once."""
+    bootstrap = worker_factory.broker.bootstrap
+    registry = SchemaRegistry(port=free_port(), dir=tmp_path / "registry", persistent=True)
+    await registry.astart()
+    try:
+        topic, dlq = await topic_factory(partitions=3), await topic_factory(partitions=1)
+        objects = sources(900, seed=24)
+        first, second = objects[:400], objects[400:]
+        with registry.client() as client:
+            v1, v2 = avro_serializer(client, AVRO_V1), avro_serializer(client, AVRO_V2)
+            before = [(s["session_id"].encode(), v1(avro_object(s, with_value=False), context(topic))) for s in first]
+            after = [(s["session_id"].encode(), v2(avro_object(s, with_value=True), context(topic))) for s in second]
+        await produce(bootstrap, topic, before)
+        sections = registry_config(worker_factory, topic, dlq, "avro", registry.url)
+        sections["schema_registry"]["request_timeout_seconds"] = 2
+        worker = worker_factory(sections)
+        group = f"{topic}-group"
+        first_ends = await wait_committed(bootstrap, group, topic, timeout=120)
+
+        await registry.astop()
+        stopped = time.monotonic()
+        await produce(bootstrap, topic, after)
+        deadline = stopped + 30
+        status, reason = await asyncio.to_thread(readyz, worker.metrics_port)
+        while status != 503 and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            status, reason = await asyncio.to_thread(readyz, worker.metrics_port)
+        assert status == 503 and "schema registry unavailable" in reason, (status, reason)
+        metrics = await asyncio.to_thread(worker.metrics)
+        assert metrics["personalize_worker_schema_registry_unavailable"] == 1
+        while metrics["personalize_worker_consumption_paused"] != 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)  # the partitions pause once the poll's wait for its schemas ends
+            metrics = await asyncio.to_thread(worker.metrics)
+        assert metrics["personalize_worker_consumption_paused"] == 1
+        while time.monotonic() < stopped + 20:  # the outage: held, nothing lost, nothing dead-lettered
+            await asyncio.sleep(2)
+            assert await committed_offsets(bootstrap, group, topic) == first_ends
+            assert (await asyncio.to_thread(readyz, worker.metrics_port))[0] == 503
+        assert await consume_all(bootstrap, dlq, timeout=5) == []
+        assert len(await asyncio.to_thread(emulator.events)) == len(first)
+
+        await registry.astart()
+        await wait_committed(bootstrap, group, topic, timeout=120)
+        assert (await asyncio.to_thread(readyz, worker.metrics_port))[0] == 200
+        metrics = await asyncio.to_thread(worker.metrics)
+        assert metrics["personalize_worker_schema_registry_unavailable"] == 0
+        worker.signal(signal.SIGTERM)
+        assert await worker.await_exit(60) == 0
+    finally:
+        await registry.astop()
+
+    events = await asyncio.to_thread(emulator.events)
+    assert Counter(e["eventId"] for e in events) == Counter(s["event_id"] for s in objects)
+    by_id = {e["eventId"]: e for e in events}
+    for source in second:
+        check_event(by_id[source["event_id"]], source)
+    assert await consume_all(bootstrap, dlq, timeout=5) == []
+    log = worker.log_text()
+    assert log.count("schema registry unavailable; holding the poll") == 1, "one log line for the outage"
+    assert log.count("schema registry reachable again") == 1
+
+
+async def wait_committed(bootstrap: str, group: str, topic: str, timeout: float) -> dict[int, int]:
+    ends = await end_offsets(bootstrap, topic)
+    deadline = time.monotonic() + timeout
+    committed: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        committed = await committed_offsets(bootstrap, group, topic)
+        if committed == ends:
+            return committed
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"committed {committed} never reached end offsets {ends}")

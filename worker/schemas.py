@@ -163,7 +163,7 @@ class Schemas:
             except RegistryUnavailable as error:
                 self._metrics.registry_requests.labels("unavailable").inc()
                 attempt += 1
-                self._alarm(str(error), attempt)
+                self._alarm(str(error))
                 await asyncio.sleep(self._backoff.delay(attempt))
                 continue
             self._wanted.discard(schema_id)
@@ -172,17 +172,15 @@ class Schemas:
             self.blocked_reason = None
             self._metrics.registry_unavailable.set(0)
 
-    def _alarm(self, why: str, attempt: int) -> None:
-        reason = f"schema registry unavailable, consumption held: {why}"
+    def _alarm(self, why: str) -> None:
+        """One log line per outage; the /readyz reason follows the latest error."""
         if self.blocked_reason is None:
             log.error(
                 "schema registry unavailable; holding the poll and retrying (nothing is dead-lettered)",
                 extra={"error": why, "url": self.client.url},
             )
             self._metrics.registry_unavailable.set(1)
-        self.blocked_reason = reason
-        if attempt % 50 == 0:
-            log.warning("schema registry still unavailable", extra={"error": why, "attempts": attempt})
+        self.blocked_reason = f"schema registry unavailable, consumption held: {why}"
 
     async def _fetch(self, schema_id: int) -> None:
         try:

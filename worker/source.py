@@ -231,6 +231,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         self._held = None
         if self._schemas is not None and batches and not await self._schemas.resolve(batches, timeout_ms / 1000):
             self._held = (batches, owned)  # not mapped, not tracked: nothing can commit past it
+            self._apply_backpressure()
             return 0
         count = 0
         self._handing_over = True  # the position is past records the pipeline has not seen yet
