@@ -112,8 +112,8 @@ def _rewrite(schema: Any) -> Any:
     if isinstance(kind, (dict, list)):  # {"type": {"type": "long", ...}}: a wrapped type
         return {**schema, "type": _rewrite(kind)}
     out = dict(schema)
-    if kind in {"record", "error"}:
-        out["fields"] = [{**field, "type": _rewrite(field["type"])} for field in schema.get("fields", ())]
+    if kind in {"record", "error"} and isinstance(schema.get("fields"), list):
+        out["fields"] = [{**field, "type": _rewrite(field.get("type"))} for field in schema["fields"]]
     elif kind == "array":
         out["items"] = _rewrite(schema["items"])
     elif kind == "map":

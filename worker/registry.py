@@ -10,6 +10,7 @@ registry's numeric error code.
 
 from __future__ import annotations
 
+import base64
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -99,14 +100,14 @@ class RegistryClient:
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             s = self._settings
-            auth = None
+            headers = {"Accept": ACCEPT}
             if s.username and s.password is not None:
-                auth = aiohttp.BasicAuth(s.username, s.password.get_secret_value())
+                token = f"{s.username}:{s.password.get_secret_value()}".encode()
+                headers["Authorization"] = "Basic " + base64.b64encode(token).decode("ascii")
             context = ssl.create_default_context(cafile=str(s.ssl_cafile)) if s.ssl_cafile else None
             self._session = aiohttp.ClientSession(
-                auth=auth,
                 timeout=aiohttp.ClientTimeout(total=s.request_timeout_seconds),
-                headers={"Accept": ACCEPT},
+                headers=headers,
                 connector=aiohttp.TCPConnector(ssl=context if context is not None else True, limit=8),
             )
         return self._session
