@@ -95,7 +95,8 @@ def context(topic: str) -> SerializationContext:
 
 
 def avro_serializer(client: SchemaRegistryClient, schema: dict[str, Any]) -> AvroSerializer:
-    return AvroSerializer(client, orjson.dumps(schema).decode())
+    serializer: AvroSerializer = AvroSerializer(client, orjson.dumps(schema).decode())
+    return serializer
 
 
 def avro_object(source: dict[str, Any], *, with_value: bool) -> dict[str, Any]:
@@ -115,7 +116,8 @@ def avro_object(source: dict[str, Any], *, with_value: bool) -> dict[str, Any]:
 
 
 def json_serializer(client: SchemaRegistryClient) -> JSONSerializer:
-    return JSONSerializer(orjson.dumps(JSON_SCHEMA).decode(), client)
+    serializer: JSONSerializer = JSONSerializer(orjson.dumps(JSON_SCHEMA).decode(), client)
+    return serializer
 
 
 _modules: dict[str, ModuleType] = {}
@@ -158,7 +160,14 @@ def click_message(module: ModuleType, source: dict[str, Any]) -> Any:
 
 
 def protobuf_serializer(client: SchemaRegistryClient, module: ModuleType) -> ProtobufSerializer:
-    return ProtobufSerializer(module.Click, client, {"use.deprecated.format": False})
+    serializer: ProtobufSerializer = ProtobufSerializer(module.Click, client, {"use.deprecated.format": False})
+    return serializer
+
+
+def produced(value: bytes | None) -> bytes:
+    """A serializer's output (None only for a None input)."""
+    assert value is not None
+    return value
 
 
 def frame(schema_id: int, payload: bytes, indexes: bytes = b"") -> bytes:

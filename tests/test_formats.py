@@ -38,7 +38,17 @@ LOGICAL = {
         {"name": "day", "type": {"type": "int", "logicalType": "date"}},
         {"name": "time", "type": {"type": "int", "logicalType": "time-millis"}},
         {"name": "price", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}},
-        {"name": "amount", "type": {"type": "fixed", "name": "Amount", "size": 8, "logicalType": "decimal", "precision": 12, "scale": 3}},
+        {
+            "name": "amount",
+            "type": {
+                "type": "fixed",
+                "name": "Amount",
+                "size": 8,
+                "logicalType": "decimal",
+                "precision": 12,
+                "scale": 3,
+            },
+        },
         {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
         {"name": "raw", "type": "bytes"},
         {"name": "tag", "type": {"type": "fixed", "name": "Tag", "size": 2}},
@@ -145,7 +155,10 @@ def test_avro_field_paths_for_check() -> None:
                 "name": "A",
                 "fields": [
                     {"name": "a", "type": "string"},
-                    {"name": "ctx", "type": ["null", {"type": "record", "name": "C", "fields": [{"name": "x", "type": "int"}]}]},
+                    {
+                        "name": "ctx",
+                        "type": ["null", {"type": "record", "name": "C", "fields": [{"name": "x", "type": "int"}]}],
+                    },
                 ],
             }
         ).decode()
@@ -215,7 +228,7 @@ def test_malformed_message_indexes_are_frame_errors(frame: bytes) -> None:
 def test_protobuf_from_text_with_references_converts_every_kind_of_field() -> None:
     decoder = text_decoder()
     click = message_factory.GetMessageClass(decoder.descriptor((1,)))
-    message = click(session_id="s", kind=1, raw=b"\x01\x02", items=["a", "b"], value=0.0)
+    message: Any = click(session_id="s", kind=1, raw=b"\x01\x02", items=["a", "b"], value=0.0)
     message.at.FromMilliseconds(1_790_000_000_123)
     message.took.FromMilliseconds(1500)
     message.user.value = "u"
@@ -249,7 +262,7 @@ def test_protobuf_from_text_with_references_converts_every_kind_of_field() -> No
 def test_protobuf_odd_values() -> None:
     decoder = text_decoder()
     click = message_factory.GetMessageClass(decoder.descriptor((1,)))
-    message = click(kind=5)  # a number the schema does not name
+    message: Any = click(kind=5)  # a number the schema does not name
     message.at.seconds, message.at.nanos = 1_790_000_000, 1_500_000
     assert decoder.decode(b"\x02\x02" + message.SerializeToString(), 0) == {"kind": 5, "at": 1_790_000_000_001.5}
     inner = message_factory.GetMessageClass(decoder.descriptor((1, 0)))(note="deep")

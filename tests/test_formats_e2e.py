@@ -8,7 +8,10 @@ delivered field for field, or dead-lettered with stage `decode`, its reason and 
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -33,11 +36,12 @@ from tests.formats_support import (
     context,
     frame,
     json_serializer,
+    produced,
     protobuf_serializer,
 )
 from tests.kafka_support import TopicFactory, committed_offsets, consume_all, end_offsets, free_port, produce
 from tests.registry_support import SchemaRegistry
-from tests.stack import EmulatorProcess, WorkerFactory
+from tests.stack import AWS_ENV, EmulatorProcess, WorkerFactory, write_config
 from worker.sample import generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
@@ -91,10 +95,9 @@ async def test_avro_with_schema_evolution_mid_stream_and_bad_frames(
     first, second = objects[:600], objects[600:]
     with schema_registry.client() as client:
         v1, v2 = avro_serializer(client, AVRO_V1), avro_serializer(client, AVRO_V2)
-        values = [v1(avro_object(s, with_value=False), context(topic)) for s in first]
-        values += [v2(avro_object(s, with_value=True), context(topic)) for s in second]
-        json_value = json_serializer(client)(first[3], context(f"{topic}-other"))
-    assert values[0] is not None and values[-1] is not None and json_value is not None
+        values = [produced(v1(avro_object(s, with_value=False), context(topic))) for s in first]
+        values += [produced(v2(avro_object(s, with_value=True), context(topic))) for s in second]
+        json_value = produced(json_serializer(client)(first[3], context(f"{topic}-other")))
     v1_id, v2_id = int.from_bytes(values[0][1:5], "big"), int.from_bytes(values[-1][1:5], "big")
     assert v1_id != v2_id
     good = [(s["session_id"].encode(), v) for s, v in zip(objects, values, strict=True)]
@@ -310,3 +313,78 @@ async def wait_committed(bootstrap: str, group: str, topic: str, timeout: float)
             return committed
         await asyncio.sleep(0.5)
     raise AssertionError(f"committed {committed} never reached end offsets {ends}")
+
+
+def run_cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        capture_output=True,
+        timeout=timeout,
+        env={**AWS_ENV, "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+
+
+async def test_map_shows_decoded_records_and_check_compares_the_mapping(
+    topic_factory: TopicFactory, worker_factory: WorkerFactory, schema_registry: SchemaRegistry, tmp_path: Path
+) -> None:
+    bootstrap = worker_factory.broker.bootstrap
+    topic = await topic_factory(partitions=1)
+    objects = sources(4, seed=25)
+    with schema_registry.client() as client:
+        serializer = avro_serializer(client, AVRO_V1)
+        values = [produced(serializer(avro_object(s, with_value=False), context(topic))) for s in objects]
+    schema_id = int.from_bytes(values[0][1:5], "big")
+    await produce(bootstrap, topic, values)
+    sections = registry_config(worker_factory, topic, f"{topic}.dlq", "avro", schema_registry.url)
+    config = str(write_config(tmp_path / "w.toml", sections))
+
+    lines = [b"# one record value per line", *(base64.b64encode(v) for v in values[:2])]
+    lines.append(base64.b64encode(frame(UNKNOWN_ID, values[2][5:])))
+    (tmp_path / "records.b64").write_bytes(b"\n".join(lines) + b"\n")
+    result = await asyncio.to_thread(run_cli, "map", "--config", config, "--input", str(tmp_path / "records.b64"))
+    assert result.returncode == 0, result.stderr
+    out = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert out[0]["schema_id"] == schema_id
+    assert out[0]["decoded"] == avro_object(objects[0], with_value=False)
+    assert out[0]["event"]["eventId"] == objects[0]["event_id"]
+    assert out[2]["dead_letter"]["reason"] == "unknown_schema" and out[2]["schema_id"] == UNKNOWN_ID
+    assert out[-1]["summary"]["events"] == 2 and out[-1]["summary"]["dead_lettered"] == 1
+
+    (tmp_path / "records.hex").write_bytes(values[3].hex().encode() + b"\n")
+    hexed = await asyncio.to_thread(
+        run_cli, "map", "--config", config, "--input", str(tmp_path / "records.hex"), "--encoding", "hex"
+    )
+    assert orjson.loads(hexed.stdout.splitlines()[0])["event"]["eventId"] == objects[3]["event_id"]
+
+    result = await asyncio.to_thread(
+        run_cli, "map", "--config", config, "--topic", topic, "--offset", "1", "--count", "9"
+    )
+    assert result.returncode == 0, result.stderr
+    out = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert [entry["offset"] for entry in out[:-1]] == [1, 2, 3]
+    assert [entry["event"]["eventId"] for entry in out[:-1]] == [s["event_id"] for s in objects[1:]]
+
+    result = await asyncio.to_thread(run_cli, "check", "--config", config)
+    text = result.stdout.decode()
+    assert f"[ok  ] subject '{topic}-value': latest schema id {schema_id}, version 1, AVRO" in text, text
+    assert "[ok  ] mapping vs" in text and "not in it (unmapped): event_value, impression, recommendation_id" in text
+    assert result.returncode == 0, text
+
+    missing = registry_config(worker_factory, f"{topic}-none", "x.dlq", "avro", schema_registry.url)
+    result = await asyncio.to_thread(run_cli, "check", "--config", str(write_config(tmp_path / "m.toml", missing)))
+    assert result.returncode == 1
+    assert f"[FAIL] subject '{topic}-none-value': not registered" in result.stdout.decode()
+
+    down = registry_config(worker_factory, topic, "x.dlq", "avro", f"http://127.0.0.1:{free_port()}")
+    down["schema_registry"]["request_timeout_seconds"] = 1
+    result = await asyncio.to_thread(
+        run_cli,
+        "map",
+        "--config",
+        str(write_config(tmp_path / "d.toml", down)),
+        "--input",
+        str(tmp_path / "records.b64"),
+    )
+    assert result.returncode == 1
+    assert b"schema registry unavailable" in result.stderr

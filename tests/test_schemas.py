@@ -116,7 +116,9 @@ async def test_ids_are_fetched_once_then_records_map_like_json() -> None:
     assert key == ("s1", None)
     assert event == {"eventType": "click", "sentAt": 1_790_000_000.123, "eventId": "e2"}
     assert metrics.registry.get_sample_value("personalize_worker_schemas_cached") == 1
-    assert metrics.registry.get_sample_value("personalize_worker_schema_registry_requests_total", {"outcome": "ok"}) == 1
+    assert (
+        metrics.registry.get_sample_value("personalize_worker_schema_registry_requests_total", {"outcome": "ok"}) == 1
+    )
 
 
 async def test_what_is_wrong_with_a_record_is_a_decode_dead_letter_naming_the_schema_id() -> None:
@@ -207,7 +209,12 @@ async def test_references_are_fetched_once_for_every_schema_that_imports_them() 
     money = {"type": "record", "name": "Money", "fields": [{"name": "cents", "type": "long"}]}
     click = {**AVRO, "fields": [*AVRO["fields"], {"name": "price", "type": "Money"}]}
     ref = (Reference("Money", "money", 1),)
-    fake = FakeRegistry({3: RawSchema("AVRO", orjson.dumps(click).decode(), ref), 4: RawSchema("AVRO", orjson.dumps(click).decode(), ref)})
+    fake = FakeRegistry(
+        {
+            3: RawSchema("AVRO", orjson.dumps(click).decode(), ref),
+            4: RawSchema("AVRO", orjson.dumps(click).decode(), ref),
+        }
+    )
     fake.versions[("money", 1)] = avro_schema(money)
     schemas, _ = make(fake)
     named: dict[str, Any] = {}
@@ -281,7 +288,7 @@ async def test_client_tells_not_found_from_unavailable(fake_server: tuple[str, d
                 await client.schema_by_id(1)
             assert "detail" not in str(info.value) and "boom" not in str(info.value), "never the body"
         state.update(status=200, body={"schema": "x"}, delay=2.0)
-        with pytest.raises(RegistryUnavailable, match="no answer within 0.5s"):
+        with pytest.raises(RegistryUnavailable, match=r"no answer within 0\.5s"):
             await client.schema_by_id(1)
     finally:
         await client.close()
@@ -307,7 +314,7 @@ async def test_client_against_the_real_registry(schema_registry: SchemaRegistry)
             await client.schema_by_id(999_999)
         with pytest.raises(SchemaNotFound):
             await client.schema_version("no-such-subject", 1)
-        with pytest.raises(RegistryUnavailable, match="is schema_registry.url the API's base URL"):
+        with pytest.raises(RegistryUnavailable, match=r"is schema_registry\.url the API's base URL"):
             await root.schema_by_id(schema_id)
     finally:
         await client.close()

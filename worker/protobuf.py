@@ -254,9 +254,9 @@ class ProtobufDecoder:
         return desc
 
     @property
-    def first(self) -> Descriptor | None:
-        """The file's first message: what `check` compares the mapping with."""
-        return self.descriptor((0,)) if self._proto.message_type else None
+    def message_count(self) -> int:
+        """Top-level messages in the file (`check` compares the mapping with each)."""
+        return len(self._proto.message_type)
 
     def decode(self, value: bytes, start: int) -> Any:
         path, start = message_indexes(value, start)

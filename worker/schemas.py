@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+import orjson
+
 from worker.avro import AvroDecoder, AvroSchemaError
 from worker.config import Settings
 from worker.mapping import InvalidRecord, Mapper, SessionKey
@@ -231,6 +233,24 @@ class Schemas:
                 if item not in found:
                     found.append(item)
         return found
+
+    async def compile(self, raw: RawSchema) -> Decoder:
+        """A decoder for a schema fetched by subject (for `check`); raises what the schema's fault is."""
+        references = await self._references_of(raw, 0)
+        return await self._decoder(raw.schema_id or 0, raw, references)
+
+    schema_id_of = staticmethod(schema_id_of)
+
+    def decoded(self, value: bytes) -> Any:
+        """What a framed value decodes to, for `map` to show; None when it does not decode."""
+        schema_id = schema_id_of(value)
+        decoder = self.decoders.get(schema_id) if schema_id is not None else None
+        try:
+            if isinstance(decoder, JsonDecoder):
+                return orjson.loads(value[HEADER:])
+            return None if decoder is None else decoder.decode(value, HEADER)
+        except Exception:  # the dead-letter entry beside it says why
+            return None
 
     async def _decoder(self, schema_id: int, raw: RawSchema, references: list[tuple[str, str]]) -> Decoder:
         if self.format == "avro":
