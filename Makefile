@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 KAFKA := deploy/local/kafka
+SCHEMA_REGISTRY := deploy/local/schema-registry
 
-.PHONY: venv kafka-jars prometheus-tools test lint fmt demo bench chaos clean
+.PHONY: venv kafka-jars schema-registry prometheus-tools test lint fmt demo bench chaos clean
 
 venv: $(STAMP)
 
@@ -19,6 +20,10 @@ $(STAMP): pyproject.toml
 kafka-jars:
 	$(KAFKA) fetch
 
+# Apicurio Registry (Maven Central, ~140 MB, into .cache/): the real schema registry of the format tests.
+schema-registry:
+	$(SCHEMA_REGISTRY) fetch
+
 # promtool and prometheus (Debian's `prometheus` package) for the alert-rule and scrape tests.
 # Installed only when missing and only as root; the tests start the binary themselves, so the
 # packaged service is stopped and disabled if the package's install script started it.
@@ -30,10 +35,10 @@ prometheus-tools:
 	else echo "promtool not found and not root: the Prometheus tests will skip (apt-get install prometheus)" >&2; fi
 
 # pytest exits 5 when it collected nothing: that must fail, never pass quietly.
-test: venv kafka-jars prometheus-tools
+test: venv kafka-jars schema-registry prometheus-tools
 	$(BIN)/pytest -m "not slow_chaos" $(PYTEST_ARGS)
 
-chaos: venv kafka-jars
+chaos: venv kafka-jars schema-registry
 	$(BIN)/pytest -m "chaos" $(PYTEST_ARGS)
 
 lint: venv
@@ -53,4 +58,5 @@ bench: venv kafka-jars
 
 clean:
 	-$(KAFKA) stop
+	-$(SCHEMA_REGISTRY) stop
 	rm -rf $(VENV) .cache .bench .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,6 @@
 """`make bench`: the issue-5 benchmark of the worker on the real local stack.
 
-    python -m tests.bench [--mode drain|shared-quota|memory] [options]      (see --help)
+    python -m tests.bench [--mode drain|shared-quota|memory|decode] [options]      (see --help)
 
 Everything runs as real processes: a Kafka broker of its own (``deploy/local/kafka`` on a free port
 in a temp dir), the Personalize Events emulator (``python -m worker.emulator``) and the worker CLI
@@ -32,6 +32,9 @@ Modes (each runs on its own):
     A 1,000,000-record backlog drained with a dedup window of ``--dedup-ids`` (1,000,000) ids:
     the worker's peak RSS. Plus the dedup window's bytes per id, measured in this process with
     tracemalloc on ``worker.dedup.Dedup`` filled with that many realistic eventIds.
+
+``decode``
+    No stack: CPU per record of decoding schema-registry framed values (tests/bench_decode.py).
 
 Results are printed as a table and written as JSON to ``.bench/results.json`` (drain),
 ``.bench/results-shared-quota.json`` or ``.bench/results-memory.json``.
@@ -912,6 +915,10 @@ def report(mode: str, results: dict[str, Any], args: argparse.Namespace) -> None
         targets = {"quota_utilization": ">= 0.9", "throttled_share": "<= 0.05"}
     if mode == "memory":
         targets = {"peak_rss_mb": "<= 400"}
+    if mode == "decode":
+        from tests.bench_decode import TARGETS
+
+        targets = dict(TARGETS)
     print(f"\nresults ({mode})")
     print(f"  {'metric':<34} {'value':>14}  {'target':<18} verdict")
     for key, value in results.items():
@@ -935,7 +942,7 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--mode", choices=("drain", "shared-quota", "memory"), default="drain")
+    parser.add_argument("--mode", choices=("drain", "shared-quota", "memory", "decode"), default="drain")
     parser.add_argument(
         "--records", type=int, default=None, help="backlog size (drain/shared-quota 200,000; memory 1,000,000)"
     )
@@ -965,6 +972,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--realtime-seconds", type=float, default=30.0)
     parser.add_argument("--realtime-sessions", type=int, default=3000)
     parser.add_argument("--replicas", type=int, default=3, help="workers in shared-quota mode")
+    parser.add_argument("--decode-calls", type=int, default=20_000, help="decode mode: calls per timed repeat")
+    parser.add_argument("--decode-repeats", type=int, default=7, help="decode mode: repeats (the best counts)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default .bench/results[-MODE].json)")
     return parser
 
@@ -981,13 +990,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM cleans up like Ctrl-C
     started = time.monotonic()
     try:
-        with stack(args) as bench:
-            if args.mode == "drain":
-                results = mode_drain(bench, args)
-            elif args.mode == "shared-quota":
-                results = mode_shared_quota(bench, args)
-            else:
-                results = mode_memory(bench, args)
+        if args.mode == "decode":
+            from tests.bench_decode import mode_decode
+
+            results = mode_decode(args)
+        else:
+            results = run_stack(args)
     except KeyboardInterrupt:
         print("bench: interrupted; everything started was stopped", file=sys.stderr)
         return 130
@@ -1001,6 +1009,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     log(f"wrote {out}")
     return 0
+
+
+def run_stack(args: argparse.Namespace) -> dict[str, Any]:
+    with stack(args) as bench:
+        if args.mode == "drain":
+            return mode_drain(bench, args)
+        if args.mode == "shared-quota":
+            return mode_shared_quota(bench, args)
+        return mode_memory(bench, args)
 
 
 if __name__ == "__main__":
