@@ -41,7 +41,7 @@ from tests.formats_support import (
 )
 from tests.kafka_support import TopicFactory, committed_offsets, consume_all, end_offsets, free_port, produce
 from tests.registry_support import SchemaRegistry
-from tests.stack import AWS_ENV, EmulatorProcess, WorkerFactory, write_config
+from tests.stack import AWS_ENV, EmulatorProcess, WorkerFactory, wait_until, write_config
 from worker.sample import generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
@@ -301,6 +301,30 @@ async def test_registry_outage_holds_consumption_and_loses_nothing(
     log = worker.log_text()
     assert log.count("schema registry unavailable; holding the poll") == 1, "one log line for the outage"
     assert log.count("schema registry reachable again") == 1
+
+
+async def test_until_drained_never_counts_a_held_poll_as_drained(
+    topic_factory: TopicFactory, worker_factory: WorkerFactory, schema_registry: SchemaRegistry
+) -> None:
+    """`run --until-drained` with the registry out of reach: the consumer's position is at the end of the
+    topic, but the poll is held, unmapped: the worker must neither commit past it nor exit as drained."""
+    bootstrap = worker_factory.broker.bootstrap
+    topic, dlq = await topic_factory(partitions=1), await topic_factory(partitions=1)
+    with schema_registry.client() as client:
+        serializer = avro_serializer(client, AVRO_V1)
+        values = [produced(serializer(avro_object(s, with_value=False), context(topic))) for s in sources(20, 26)]
+    await produce(bootstrap, topic, values)
+    sections = registry_config(worker_factory, topic, dlq, "avro", f"http://127.0.0.1:{free_port()}")
+    worker = worker_factory(sections, until_drained=True)
+    alarmed = await asyncio.to_thread(wait_until, lambda: "schema registry unavailable" in worker.log_text(), 60)
+    assert alarmed, worker.log_tail()
+    await asyncio.sleep(5)  # several drain checks (every 0.1 s) while held
+    assert worker.running, worker.log_tail()
+    assert await committed_offsets(bootstrap, f"{topic}-group", topic) in ({}, {0: 0})
+    worker.signal(signal.SIGTERM)
+    assert await worker.await_exit(60) == 0
+    assert await committed_offsets(bootstrap, f"{topic}-group", topic) in ({}, {0: 0})
+    assert await consume_all(bootstrap, dlq, timeout=5) == []
 
 
 async def wait_committed(bootstrap: str, group: str, topic: str, timeout: float) -> dict[int, int]:

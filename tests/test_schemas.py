@@ -227,6 +227,23 @@ async def test_references_are_fetched_once_for_every_schema_that_imports_them() 
     assert schemas.mapping(Mapper(settings().mapping))(out.getvalue()) is not None
 
 
+async def test_a_schema_whose_reference_is_missing_cannot_be_used() -> None:
+    click = {**AVRO, "fields": [*AVRO["fields"], {"name": "price", "type": "Money"}]}
+    fake = FakeRegistry({3: RawSchema("AVRO", orjson.dumps(click).decode(), (Reference("Money", "money", 4),))})
+    fake.versions = {}
+    schemas, _ = make(fake)
+
+    async def missing(subject: str, version: int | str) -> RawSchema:
+        raise SchemaNotFound("error code 40402")
+
+    fake.schema_version = missing  # type: ignore[method-assign]
+    assert await schemas.resolve({"p": [Rec(framed(3))]}, wait=5)
+    with pytest.raises(InvalidRecord) as info:
+        schemas.mapping(Mapper(settings().mapping))(framed(3))
+    assert info.value.reason == "bad_schema"
+    assert "schema id 3 cannot be used: its reference 'Money' (subject 'money' version 4)" in info.value.message
+
+
 async def test_json_schema_payloads_map_as_json_and_errors_name_the_schema_id() -> None:
     fake = FakeRegistry({8: RawSchema("JSON", '{"type": "object"}')})
     schemas, _ = make(fake, fmt="json_schema")

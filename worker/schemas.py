@@ -116,8 +116,6 @@ class Schemas:
         self._task: asyncio.Task[None] | None = None
         self.blocked_reason: str | None = None
         """Set while the registry cannot be reached: the worker is not ready, and holds its poll."""
-        self.latest: dict[int, RawSchema] = {}
-        """The raw schemas just fetched (for `map`, which shows them); emptied by each `resolve`."""
 
     # --- before intake -------------------------------------------------------------------------------
 
@@ -187,7 +185,11 @@ class Schemas:
     async def _fetch(self, schema_id: int) -> None:
         try:
             raw = await self.client.schema_by_id(schema_id)
-            references = await self._references_of(raw, 0)
+            try:
+                references = await self._references_of(raw, 0)
+            except SchemaNotFound as error:
+                self._fail(schema_id, "bad_schema", f"schema id {schema_id} cannot be used: {error}")
+                return
         except SchemaNotFound as error:
             self._metrics.registry_requests.labels("not_found").inc()
             self._fail(schema_id, "unknown_schema", f"schema id {schema_id} is not in the schema registry ({error})")
@@ -197,7 +199,6 @@ class Schemas:
         except Exception as error:  # a client bug must not end the retry loop silently: loud, and retried
             raise RegistryUnavailable(f"unexpected {type(error).__name__}: {error}"[:300]) from error
         self._metrics.registry_requests.labels("ok").inc()
-        self.latest[schema_id] = raw
         if raw.schema_type != self._expected_type:
             self._fail(
                 schema_id,
@@ -225,7 +226,12 @@ class Schemas:
             key = (ref.subject, ref.version)
             target = self._references.get(key)
             if target is None:
-                target = await self.client.schema_version(ref.subject, ref.version)
+                try:
+                    target = await self.client.schema_version(ref.subject, ref.version)
+                except SchemaNotFound:
+                    self._metrics.registry_requests.labels("not_found").inc()
+                    where = f"subject {ref.subject!r} version {ref.version}"
+                    raise SchemaNotFound(f"its reference {ref.name!r} ({where}) is not in the registry") from None
                 if len(self._references) >= self._max:
                     self._references.pop(next(iter(self._references)))
                 self._references[key] = target

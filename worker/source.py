@@ -228,11 +228,14 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             # perhaps assigned again, to a new state) while the loop was let go takes no more of them; its
             # next owner reads them.
             owned = {tp: tracker.get(tp) for tp in batches}
+        if self._schemas is not None and batches:
+            # Held (not mapped, not tracked) until its schemas are in hand: `drained` must not take the
+            # consumer's position for done meanwhile, and nothing commits past it.
+            self._held = (batches, owned)
+            if not await self._schemas.resolve(batches, timeout_ms / 1000):
+                self._apply_backpressure()
+                return 0
         self._held = None
-        if self._schemas is not None and batches and not await self._schemas.resolve(batches, timeout_ms / 1000):
-            self._held = (batches, owned)  # not mapped, not tracked: nothing can commit past it
-            self._apply_backpressure()
-            return 0
         count = 0
         self._handing_over = True  # the position is past records the pipeline has not seen yet
         try:
