@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 KAFKA := deploy/local/kafka
 SCHEMA_REGISTRY := deploy/local/schema-registry
 
-.PHONY: venv kafka-jars schema-registry prometheus-tools test lint fmt demo bench chaos clean
+.PHONY: venv kafka-jars schema-registry prometheus-tools proxy-tools test lint fmt demo bench chaos clean
 
 venv: $(STAMP)
 
@@ -34,8 +34,19 @@ prometheus-tools:
 	  && { systemctl disable --now prometheus >/dev/null 2>&1 || true; }; \
 	else echo "promtool not found and not root: the Prometheus tests will skip (apt-get install prometheus)" >&2; fi
 
+# tinyproxy (Debian's package) for the HTTP proxy tests, which start their own on a free loopback port
+# with their own config. Installed only when missing and only as root, like prometheus-tools; the
+# packaged service (port 8888 on every interface) is stopped and disabled if the install started it.
+proxy-tools:
+	@if command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's tinyproxy for the proxy tests" >&2; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends tinyproxy \
+	  && { systemctl disable --now tinyproxy >/dev/null 2>&1 || service tinyproxy stop >/dev/null 2>&1 || true; }; \
+	else echo "tinyproxy not found and not root: the proxy tests will skip (apt-get install tinyproxy)" >&2; fi
+
 # pytest exits 5 when it collected nothing: that must fail, never pass quietly.
-test: venv kafka-jars schema-registry prometheus-tools
+test: venv kafka-jars schema-registry prometheus-tools proxy-tools
 	$(BIN)/pytest -m "not slow_chaos" $(PYTEST_ARGS)
 
 chaos: venv kafka-jars schema-registry
