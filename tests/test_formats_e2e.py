@@ -388,6 +388,8 @@ async def test_map_shows_decoded_records_and_check_compares_the_mapping(
     out = [orjson.loads(line) for line in result.stdout.splitlines()]
     assert [entry["offset"] for entry in out[:-1]] == [1, 2, 3]
     assert [entry["event"]["eventId"] for entry in out[:-1]] == [s["event_id"] for s in objects[1:]]
+    result = await asyncio.to_thread(run_cli, "map", "--config", config, "--topic", topic, "--partition", "3")
+    assert result.returncode == 1 and f"{topic}-3 does not exist".encode() in result.stderr
 
     result = await asyncio.to_thread(run_cli, "check", "--config", config)
     text = result.stdout.decode()

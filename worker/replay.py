@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import IO, Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from worker.config import Settings
 from worker.source import kafka_security
@@ -43,14 +44,20 @@ async def read_kafka(
     settings: Settings, topic: str, partition: int, offset: int, count: int
 ) -> list[tuple[int, bytes]]:
     """Up to `count` records from `offset` on (fewer at the partition's end): (offset, value)."""
+    admin = AIOKafkaAdminClient(**kafka_security(settings.kafka))
+    await admin.start()
+    try:
+        described = (await admin.describe_topics([topic]))[0]
+    finally:
+        await admin.close()
+    if partition not in {p["partition"] for p in described.get("partitions") or ()}:
+        raise SystemExit(f"personalize-worker: {topic}-{partition} does not exist")
     consumer = AIOKafkaConsumer(
         enable_auto_commit=False, isolation_level="read_committed", **kafka_security(settings.kafka)
     )
     await consumer.start()
     try:
         tp = TopicPartition(topic, partition)
-        if partition not in (consumer.partitions_for_topic(topic) or await _partitions(consumer, topic)):
-            raise SystemExit(f"personalize-worker: {topic}-{partition} does not exist")
         consumer.assign([tp])
         consumer.seek(tp, offset)
         end = (await consumer.end_offsets([tp]))[tp]
@@ -63,11 +70,6 @@ async def read_kafka(
         return records[:count]
     finally:
         await consumer.stop()
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    await consumer._client.force_metadata_update()
-    return set(consumer.partitions_for_topic(topic) or ())
 
 
 async def _resolve(settings: Settings, values: list[bytes]) -> Any:
