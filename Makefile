@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 KAFKA := deploy/local/kafka
+SCHEMA_REGISTRY := deploy/local/schema-registry
 
-.PHONY: venv kafka-jars prometheus-tools proxy-tools test lint fmt demo bench chaos clean
+.PHONY: venv kafka-jars schema-registry prometheus-tools proxy-tools test lint fmt demo bench chaos clean
 
 venv: $(STAMP)
 
@@ -18,6 +19,10 @@ $(STAMP): pyproject.toml
 
 kafka-jars:
 	$(KAFKA) fetch
+
+# Apicurio Registry (Maven Central, ~140 MB, into .cache/): the real schema registry of the format tests.
+schema-registry:
+	$(SCHEMA_REGISTRY) fetch
 
 # promtool and prometheus (Debian's `prometheus` package) for the alert-rule and scrape tests.
 # Installed only when missing and only as root; the tests start the binary themselves, so the
@@ -41,10 +46,10 @@ proxy-tools:
 	else echo "tinyproxy not found and not root: the proxy tests will skip (apt-get install tinyproxy)" >&2; fi
 
 # pytest exits 5 when it collected nothing: that must fail, never pass quietly.
-test: venv kafka-jars prometheus-tools proxy-tools
+test: venv kafka-jars schema-registry prometheus-tools proxy-tools
 	$(BIN)/pytest -m "not slow_chaos" $(PYTEST_ARGS)
 
-chaos: venv kafka-jars
+chaos: venv kafka-jars schema-registry
 	$(BIN)/pytest -m "chaos" $(PYTEST_ARGS)
 
 lint: venv
@@ -64,4 +69,5 @@ bench: venv kafka-jars
 
 clean:
 	-$(KAFKA) stop
+	-$(SCHEMA_REGISTRY) stop
 	rm -rf $(VENV) .cache .bench .pytest_cache .mypy_cache .ruff_cache

@@ -1,6 +1,6 @@
 """`make bench`: the issue-5 benchmark of the worker on the real local stack.
 
-    python -m tests.bench [--mode drain|shared-quota|memory|hot-session] [options]      (see --help)
+    python -m tests.bench [--mode drain|shared-quota|memory|hot-session|decode] [options]      (see --help)
 
 Everything runs as real processes: a Kafka broker of its own (``deploy/local/kafka`` on a free port
 in a temp dir), the Personalize Events emulator (``python -m worker.emulator``) and the worker CLI
@@ -38,6 +38,9 @@ Modes (each runs on its own):
     backlog with ``--hot-share`` (5 %) of its events moved to one session (a bot reusing one sessionId;
     all its records keyed alike, so on one partition). The drain rate with the hot session as a share of
     the rate without it (target >= 90 %), and how fast the hot session's own events went.
+
+``decode``
+    No stack: CPU per record of decoding schema-registry framed values (tests/bench_decode.py).
 
 Results are printed as a table and written as JSON to ``.bench/results.json`` (drain), or
 ``.bench/results-MODE.json``.
@@ -994,6 +997,10 @@ def report(mode: str, results: dict[str, Any], args: argparse.Namespace) -> None
         targets = {"peak_rss_mb": "<= 400"}
     if mode == "hot-session":
         targets = {"hot_vs_plain": ">= 0.90"}
+    if mode == "decode":
+        from tests.bench_decode import TARGETS
+
+        targets = dict(TARGETS)
     print(f"\nresults ({mode})")
     print(f"  {'metric':<34} {'value':>14}  {'target':<18} verdict")
     for key, value in results.items():
@@ -1017,7 +1024,7 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--mode", choices=("drain", "shared-quota", "memory", "hot-session"), default="drain")
+    parser.add_argument("--mode", choices=("drain", "shared-quota", "memory", "hot-session", "decode"), default="drain")
     parser.add_argument(
         "--records", type=int, default=None, help="backlog size (drain/shared-quota 200,000; memory 1,000,000)"
     )
@@ -1051,6 +1058,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-buffered-events", type=int, default=None, help="worker batching.max_buffered_events")
     parser.add_argument("--max-calls-per-session", type=int, default=None, help="worker batching.max_calls_per_session")
     parser.add_argument("--max-session-events", type=int, default=None, help="worker batching.max_session_events")
+    parser.add_argument("--decode-calls", type=int, default=20_000, help="decode mode: calls per timed repeat")
+    parser.add_argument("--decode-repeats", type=int, default=7, help="decode mode: repeats (the best counts)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default .bench/results[-MODE].json)")
     return parser
 
@@ -1067,15 +1076,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM cleans up like Ctrl-C
     started = time.monotonic()
     try:
-        with stack(args) as bench:
-            if args.mode == "drain":
-                results = mode_drain(bench, args)
-            elif args.mode == "shared-quota":
-                results = mode_shared_quota(bench, args)
-            elif args.mode == "hot-session":
-                results = mode_hot_session(bench, args)
-            else:
-                results = mode_memory(bench, args)
+        if args.mode == "decode":
+            from tests.bench_decode import mode_decode
+
+            results = mode_decode(args)
+        else:
+            results = run_stack(args)
     except KeyboardInterrupt:
         print("bench: interrupted; everything started was stopped", file=sys.stderr)
         return 130
@@ -1089,6 +1095,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     log(f"wrote {out}")
     return 0
+
+
+def run_stack(args: argparse.Namespace) -> dict[str, Any]:
+    with stack(args) as bench:
+        if args.mode == "drain":
+            return mode_drain(bench, args)
+        if args.mode == "shared-quota":
+            return mode_shared_quota(bench, args)
+        if args.mode == "hot-session":
+            return mode_hot_session(bench, args)
+        return mode_memory(bench, args)
 
 
 if __name__ == "__main__":

@@ -2,4 +2,5 @@
 
 from tests.kafka_support import *  # noqa: F403  (re-exports the Kafka broker fixtures)
 from tests.proxy_support import *  # noqa: F403  (re-exports the tinyproxy fixtures)
+from tests.registry_support import *  # noqa: F403  (re-exports the schema registry fixture)
 from tests.stack import *  # noqa: F403  (re-exports the emulator and worker fixtures)

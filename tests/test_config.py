@@ -229,3 +229,26 @@ def test_proxy_keys_are_checked_without_echoing_the_url(tmp_path: Path, line: st
     message = error_of(write(tmp_path, MINIMAL + line + "\n"))
     assert expected in message
     assert "S3cret" not in message
+
+
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ('[mapping]\nformat = "avro"\n', "mapping.format = 'avro' needs schema_registry.url"),
+        ('[mapping]\nformat = "xml"\n', "mapping.format"),
+        ('[schema_registry]\nurl = "http://u:p@registry:8081"\n', "schema_registry.url: must not carry credentials"),
+        ('[schema_registry]\nurl = "registry:8081"\n', "schema_registry.url"),
+        ('[schema_registry]\nurl = "http://r"\nusername = "u"\n', "username and password go together"),
+        ('[schema_registry]\nurl = "http://r"\ntimeout = 3\n', "schema_registry.timeout: unknown key"),
+    ],
+)
+def test_schema_registry_settings_name_the_key(tmp_path: Path, toml: str, named: str) -> None:
+    assert named in error_of(write(tmp_path, MINIMAL + toml))
+
+
+def test_schema_registry_password_is_masked(tmp_path: Path) -> None:
+    toml = '[mapping]\nformat = "protobuf"\n[schema_registry]\nurl = "https://r:8081/"\nusername = "u"\n'
+    settings = load_settings(write(tmp_path, MINIMAL + toml), environ={"PW_SCHEMA_REGISTRY__PASSWORD": "s3cret"})
+    assert settings.schema_registry.url == "https://r:8081"
+    assert settings.schema_registry.password is not None
+    assert "s3cret" not in orjson.dumps(redacted(settings)).decode()

@@ -58,8 +58,15 @@ class Worker:
             )
 
         self.dead_letters = DeadLetterWriter(dead_letter_producer, settings.dead_letter.topic, self.metrics)
-        self.pipeline = Pipeline(settings, self.sink, self.dead_letters, self.metrics, quota=self.sink.limiter)
-        self.source = Source(settings, self.pipeline, self.metrics)
+        self.schemas = None
+        if settings.mapping.format != "json":
+            from worker.schemas import Schemas  # Avro and Protobuf runtimes only for those who use them
+
+            self.schemas = Schemas(settings, self.metrics)
+        self.pipeline = Pipeline(
+            settings, self.sink, self.dead_letters, self.metrics, quota=self.sink.limiter, schemas=self.schemas
+        )
+        self.source = Source(settings, self.pipeline, self.metrics, schemas=self.schemas)
         self.server = MetricsServer(self.metrics, self.readiness)
         self.watchdog = Watchdog(self.pipeline, self.metrics, self, settings.worker.stall_timeout_seconds)
         self.stop_requested = asyncio.Event()
@@ -76,6 +83,8 @@ class Worker:
             return False, self.dead_letters.blocked_reason
         if self.sink.refused:
             return False, self.sink.refused
+        if self.schemas is not None and self.schemas.blocked_reason:
+            return False, self.schemas.blocked_reason
         if self.watchdog.reason:
             return False, self.watchdog.reason
         return True, "ready"
@@ -205,12 +214,15 @@ class Worker:
 
     async def _close(self) -> None:
         """Close every client, each even if another fails: leaving the group spares the others a wait."""
-        for name, close in (
+        closers = [
             ("consumer", self.source.stop),
             ("dead-letter producer", self.dead_letters.stop),
             ("sink", self.sink.close),
             ("metrics server", self.server.stop),
-        ):
+        ]
+        if self.schemas is not None:
+            closers.append(("schema registry client", self.schemas.close))
+        for name, close in closers:
             try:
                 await close()
             except Exception as error:

@@ -109,6 +109,11 @@ async def run_checks(settings: Settings) -> int:
     codecs_ok = check_codecs()
     kafka_ok = await check_kafka(settings)
     personalize_ok = await check_personalize(settings)
-    ok = codecs_ok and kafka_ok and personalize_ok
+    registry_ok = True
+    if settings.mapping.format != "json":
+        from worker.registry_check import check_schema_registry
+
+        registry_ok = await check_schema_registry(settings, _say)
+    ok = codecs_ok and kafka_ok and personalize_ok and registry_ok
     print("all checks passed" if ok else "some checks failed", file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1

@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
@@ -16,6 +16,9 @@ from worker.config import Settings, load_settings
 from worker.dedup import NEW, Dedup
 from worker.errors import ConfigError
 from worker.mapping import InvalidRecord, Mapper, SessionKey
+
+if TYPE_CHECKING:
+    from worker.schemas import Schemas
 
 
 def _load(path: str) -> Settings:
@@ -56,22 +59,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
-def dry_run(settings: Settings, lines: Iterable[bytes], out: IO[str]) -> dict[str, Any]:
-    """For each line: the call it would join, or why it would be dead-lettered; then a summary."""
+def dry_run(
+    settings: Settings,
+    lines: Iterable[bytes],
+    out: IO[str],
+    *,
+    schemas: Schemas | None = None,
+    offsets: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """For each line: the call it would join, or why it would be dead-lettered; then a summary.
+
+    With `schemas` the lines are framed record values (see worker.replay): each entry also shows its schema
+    id and the decoded object. With `offsets` (records read from Kafka) each entry names its offset."""
     mapper = Mapper(settings.mapping)
+    map_record = mapper.map if schemas is None else schemas.mapping(mapper)
     dedup: Dedup[int] = Dedup(float("inf"), sys.maxsize, lambda: 0.0)
     open_calls: dict[SessionKey, list[int]] = {}  # session → [call number, events in it]
     outcomes: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     next_call = 0
     for number, raw in enumerate(lines, start=1):
-        line = raw.strip()
-        if not line:
+        line = raw.strip() if schemas is None else raw
+        if not line and offsets is None:
             continue
         outcomes["lines"] += 1
         entry: dict[str, Any] = {"line": number}
+        if offsets is not None:
+            entry["offset"] = offsets[number - 1]
+        if schemas is not None:
+            entry.update(schema_id=schemas.schema_id_of(line), decoded=schemas.decoded(line))
         try:
-            mapped = mapper.map(line)
+            mapped = map_record(line)
         except InvalidRecord as error:
             outcomes["dead_lettered"] += 1
             reasons[error.reason] += 1
@@ -114,6 +132,10 @@ def dry_run(settings: Settings, lines: Iterable[bytes], out: IO[str]) -> dict[st
 
 def cmd_map(args: argparse.Namespace) -> int:
     settings = _load(args.config)
+    if args.topic is not None or settings.mapping.format != "json":
+        from worker import replay
+
+        return replay.run(settings, args, sys.stdout)
     if args.input in (None, "-"):
         dry_run(settings, sys.stdin.buffer, sys.stdout)
     else:
@@ -154,9 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=cmd_run)
 
-    dry = commands.add_parser("map", help="dry-run the mapping over JSON lines: no Kafka, no AWS")
+    dry = commands.add_parser("map", help="dry-run the mapping over JSON lines or framed records: no AWS")
     dry.add_argument("--config", required=True)
-    dry.add_argument("--input", help="JSON lines file (default: standard input)")
+    dry.add_argument(
+        "--input",
+        help="JSON lines; for mapping.format avro/protobuf/json_schema one record value per line in base64 "
+        "(or hex, --encoding) (default: standard input)",
+    )
+    dry.add_argument("--encoding", choices=("base64", "hex"), default="base64", help="of framed records in --input")
+    dry.add_argument("--topic", help="read the records from Kafka (kafka.* settings) instead of --input")
+    dry.add_argument("--partition", type=int, default=0)
+    dry.add_argument("--offset", type=int, default=0)
+    dry.add_argument("--count", type=int, default=10)
     dry.set_defaults(handler=cmd_map)
 
     check = commands.add_parser("check", help="validate the config and reach Kafka and Personalize")

@@ -113,11 +113,15 @@ class PersonalizeSettings(_Section):
 
 
 SentAtFormat = Literal["auto", "iso8601", "epoch_s", "epoch_ms"]
+MessageFormat = Literal["json", "avro", "protobuf", "json_schema"]
 
 
 class MappingSettings(_Section):
     """Where each Event member comes from: dotted paths into the message's JSON object; "" = not mapped."""
 
+    # How a record's value becomes that object: plain JSON, or Confluent-framed (magic byte 0, 4-byte schema
+    # id) Avro, Protobuf or JSON Schema decoded with the writer's schema from `[schema_registry]`.
+    format: MessageFormat = "json"
     user_id: str = "user_id"
     session_id: str = "session_id"
     event_id: str = "event_id"
@@ -175,6 +179,41 @@ class MappingSettings(_Section):
         return self
 
 
+class SchemaRegistrySettings(_Section):
+    """A Confluent-compatible schema registry (Confluent, Apicurio's /apis/ccompat/v7, Karapace)."""
+
+    url: str = ""
+    username: str | None = None
+    password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    request_timeout_seconds: float = Field(default=10.0, gt=0)
+    # While the registry cannot be reached, consumption is held and the fetch retried with full-jitter
+    # exponential backoff up to this many seconds between attempts.
+    retry_max_seconds: float = Field(default=10.0, gt=0)
+    max_cached_schemas: int = Field(default=1000, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url_valid(cls, value: str) -> str:
+        if not value:
+            return value
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        if parts.username or parts.password:
+            # A URL is printed in logs and by `check`; credentials belong in username and password.
+            raise ValueError("must not carry credentials: set schema_registry.username and password")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _auth_complete(self) -> SchemaRegistrySettings:
+        if bool(self.username) != (self.password is not None):
+            raise ValueError("username and password go together (HTTP basic auth)")
+        return self
+
+
 class BatchingSettings(_Section):
     max_events: int = Field(default=limits.EVENTS_PER_CALL[1], ge=1, le=limits.EVENTS_PER_CALL[1])
     linger_ms: int = Field(default=500, ge=0, le=60_000)
@@ -225,6 +264,7 @@ class Settings(_Section):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     personalize: PersonalizeSettings
     mapping: MappingSettings = Field(default_factory=MappingSettings)
+    schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     dedup: DedupSettings = Field(default_factory=DedupSettings)
     dead_letter: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
@@ -235,6 +275,8 @@ class Settings(_Section):
     def _dead_letter_not_a_source(self) -> Settings:
         if self.dead_letter.topic in self.kafka.topics:
             raise ValueError("dead_letter.topic must not be one of kafka.topics (records would loop)")
+        if self.mapping.format != "json" and not self.schema_registry.url:
+            raise ValueError(f"mapping.format = {self.mapping.format!r} needs schema_registry.url")
         return self
 
 

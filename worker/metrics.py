@@ -23,6 +23,7 @@ over from a poll, or nowhere (a bug: see `personalize_worker_delivery_task_failu
 WAITING_AFTER_SECONDS = 5.0
 LETTER_FORMS = ("reduced", "minimal")
 CALL_OUTCOMES = ("ok", "throttled", "invalid", "server_error", "client_error", "connection", "error")
+REGISTRY_OUTCOMES = ("ok", "not_found", "unavailable")
 
 
 class Metrics:
@@ -126,6 +127,18 @@ class Metrics:
             "dead-lettered; /readyz says why.",
             registry=r,
         )
+        self.registry_unavailable = Gauge(
+            f"{p}_schema_registry_unavailable",
+            "1 while the schema registry cannot be reached and a poll waits for its schemas (consumption held).",
+            registry=r,
+        )
+        self.registry_requests = Counter(
+            f"{p}_schema_registry_requests",
+            "Schema registry lookups by outcome: ok, not_found (records dead-lettered), unavailable (retried).",
+            ["outcome"],
+            registry=r,
+        )
+        self.schemas_cached = Gauge(f"{p}_schemas_cached", "Writer schemas decoded and cached, by id.", registry=r)
         self.assigned = Gauge(f"{p}_assigned_partitions", "Partitions assigned to this worker.", registry=r)
         self.lag = Gauge(
             f"{p}_consumer_lag", "High watermark minus committed offset.", ["topic", "partition"], registry=r
@@ -140,6 +153,8 @@ class Metrics:
             self.calls.labels(outcome)
         for form in LETTER_FORMS:
             self.dead_letters_reduced.labels(form)
+        for outcome in REGISTRY_OUTCOMES:
+            self.registry_requests.labels(outcome)
 
     def forget_partition(self, topic: str, partition: int) -> None:
         """A revoked partition's series go away with it."""

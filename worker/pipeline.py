@@ -13,7 +13,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import orjson
 from aiokafka.structs import TopicPartition
@@ -26,6 +26,9 @@ from worker.mapping import InvalidRecord, Mapper, SessionKey
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker, PartitionOffsets
 from worker.retry import Rejection
+
+if TYPE_CHECKING:
+    from worker.schemas import Schemas
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +157,12 @@ class Pipeline:
         metrics: Metrics,
         quota: Quota,
         clock: Callable[[], float] = time.monotonic,
+        schemas: Schemas | None = None,
     ) -> None:
         self._settings = settings
         self._mapper = Mapper(settings.mapping)
+        # Schema-registry formats decode with the writer's schema first (`Source` resolved it before intake).
+        self._map = self._mapper.map if schemas is None else schemas.mapping(self._mapper)
         self._sink = sink
         self._letters = dead_letters
         self._metrics = metrics
@@ -196,7 +202,7 @@ class Pipeline:
         state = self.tracker.assign(partition, now)
         serial = state.serial
         state.track((r.offset for r in records), now)
-        mapper_map = self._mapper.map
+        mapper_map = self._map
         dumps = orjson.dumps
         self._fetched_at = time.time()
         filtered = duplicates = 0

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError, OffsetMetadataTooLargeError
@@ -18,7 +18,11 @@ from worker.config import KafkaSettings, Settings
 from worker.errors import KafkaConnectError
 from worker.metrics import Metrics
 from worker.offsets import AHEAD_PREFIX, MetadataError, decode_ahead
-from worker.pipeline import Pipeline
+from worker.pipeline import Pipeline, Record
+
+if TYPE_CHECKING:
+    from worker.offsets import PartitionOffsets
+    from worker.schemas import Schemas
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         pipeline: Pipeline,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        schemas: Schemas | None = None,
     ) -> None:
         k = settings.kafka
         self._settings = settings
@@ -125,6 +130,11 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         self._held: set[TopicPartition] = set()
         """Partitions left out of fetching for a crowded session (see `_getmany`)."""
         self._held_logged = -HELD_LOG_SECONDS
+        self._schemas = schemas
+        self._held_poll: (
+            tuple[dict[TopicPartition, list[Record]], dict[TopicPartition, PartitionOffsets | None]] | None
+        ) = None
+        """A poll whose schemas the registry has not given yet: every partition stays paused until it has."""
 
     async def start(self) -> None:
         self.consumer.subscribe(topics=list(self._settings.kafka.topics), listener=self)
@@ -210,15 +220,30 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         mapped in one go held the loop ~40 ms, and calls that wait that long miss the quota's slots.
         """
         self._apply_backpressure()
-        # Never fetch past the cap: a full poll on top of a nearly full buffer would overshoot it by a poll.
-        room = self._settings.batching.max_buffered_events - self._pipeline.outstanding
-        limit = max(1, min(self._settings.kafka.max_poll_records, room))
-        batches = await self._getmany(timeout_ms, limit)
         tracker = self._pipeline.tracker
-        # Ownership as it was when these records were fetched: a partition being revoked, or revoked (and
-        # perhaps assigned again, to a new state) while the loop was let go takes no more of them; its
-        # next owner reads them.
-        owned = {tp: tracker.get(tp) for tp in batches}
+        if self._held_poll is not None:
+            batches, owned = self._held_poll
+            # Everything is paused: this poll only keeps the group membership alive (max.poll.interval.ms).
+            # A partition assigned meanwhile starts unpaused; its records join the held poll.
+            for tp, records in (await self.consumer.getmany(timeout_ms=0)).items():
+                batches[tp], owned[tp] = records, tracker.get(tp)
+        else:
+            # Never fetch past the cap: a full poll on top of a nearly full buffer would overshoot it by a poll.
+            room = self._settings.batching.max_buffered_events - self._pipeline.outstanding
+            limit = max(1, min(self._settings.kafka.max_poll_records, room))
+            batches = await self._getmany(timeout_ms, limit)
+            # Ownership as it was when these records were fetched: a partition being revoked, or revoked (and
+            # perhaps assigned again, to a new state) while the loop was let go takes no more of them; its
+            # next owner reads them.
+            owned = {tp: tracker.get(tp) for tp in batches}
+        if self._schemas is not None and batches:
+            # Held (not mapped, not tracked) until its schemas are in hand: `drained` must not take the
+            # consumer's position for done meanwhile, and nothing commits past it.
+            self._held_poll = (batches, owned)
+            if not await self._schemas.resolve(batches, timeout_ms / 1000):
+                self._apply_backpressure()
+                return 0
+        self._held_poll = None
         count = 0
         self._handing_over = True  # the position is past records the pipeline has not seen yet
         try:
@@ -243,7 +268,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         highest fetched offset by `worker.max_commit_lag_records`: one record that never finishes must
         not let the rest of its partition grow the finalizer's state without bound."""
         assignment = self.consumer.assignment()
-        if self._pipeline.outstanding >= self._settings.batching.max_buffered_events:
+        if self._held_poll is not None or self._pipeline.outstanding >= self._settings.batching.max_buffered_events:
             wanted = set(assignment)
         else:
             bound = self._settings.worker.max_commit_lag_records
@@ -381,8 +406,9 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         ends = await self.consumer.end_offsets(list(assignment))
         positions = {tp: await self.consumer.position(tp) for tp in assignment}
         # Re-checked after the awaits: the consumer's position runs ahead of a poll still being handed
-        # over, and advancing to it then would commit past records the pipeline has not seen.
-        if self._handing_over or self._pipeline.outstanding:
+        # over (or held for its schemas), and advancing to it then would commit past records the pipeline
+        # has not seen.
+        if self._handing_over or self._held_poll is not None or self._pipeline.outstanding:
             return False
         states = {tp: self._pipeline.tracker.get(tp) for tp in assignment}
         for tp, state in states.items():
