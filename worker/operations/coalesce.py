@@ -223,7 +223,7 @@ class Coalescer(Generic[D, T]):
             if len(queue) >= self.max_records:
                 return destination
             since = next(iter(queue.values())).since
-            if since <= best_since:
+            if since < best_since or (best is None and since == best_since):
                 best, best_since = destination, since
         return best
 
