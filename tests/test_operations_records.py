@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from tests.test_operations_spec import ARN, validate
 from worker.mapping import EVENT_ID_PREFIX, InvalidRecord
 from worker.operations.bodies import BODIES
-from worker.operations.records import ActionInteractionMapper, UpsertMapper, mapper_for
+from worker.operations.records import MAX_REMEMBERED_FIELDS, ActionInteractionMapper, UpsertMapper, mapper_for
 from worker.operations.settings import (
     MAPPINGS,
     ActionInteractionsMapping,
@@ -120,6 +120,8 @@ def test_property_keys_are_camel_case(name: str, key: str) -> None:
         ({"item_id": "i", "g": 2**70}, "validation", "out_of_range"),
         ({"item_id": "i", "itemId": "j"}, "validation", "reserved_key"),
         ({"item_id": "i", "a_b": 1, "aB": 2}, "validation", "duplicate_key"),
+        ({"item_id": "i", "a_b": None, "aB": 2}, "validation", "duplicate_key"),
+        ({"item_id": "i", "a_b": [], "aB": "x"}, "validation", "duplicate_key"),
         ({"item_id": "i", "": 1}, "validation", "bad_property_key"),
     ],
 )
@@ -127,6 +129,17 @@ def test_upsert_errors(record: dict[str, Any], stage: str, reason: str) -> None:
     error = rejected(items(), record)
     assert (error.stage, error.reason) == (stage, reason)
     assert "itemId" in error.message or "properties" in error.message
+
+
+def test_remembered_field_names_are_bounded() -> None:
+    # Untrusted records may name fields without end: "*" remembers the keys of a bounded few.
+    mapper = items()
+    for i in range(MAX_REMEMBERED_FIELDS + 100):
+        mapper.map({"item_id": "i", f"field_{i}": i})
+    assert len(mapper._properties._keys) <= MAX_REMEMBERED_FIELDS
+    assert mapper.map({"item_id": "i", f"field_{MAX_REMEMBERED_FIELDS + 99}": 1})[1]["properties"] == (
+        f'{{"field{MAX_REMEMBERED_FIELDS + 99}":1}}'
+    )
 
 
 def test_not_an_object_is_refused() -> None:

@@ -83,7 +83,9 @@ class Coalescer(Generic[D, T]):
         self._sent_order: deque[tuple[float, D, str]] = deque()
         self.draining = False
         """While set, the window holds nothing (a call in flight still does): shutdown and revocation send
-        everything they can instead of waiting out windows."""
+        everything they can instead of waiting out windows. Set it too while a partition is paused at its
+        commit-distance bound: a held update holds its partition's commit point for up to a window, and
+        the window only saves quota, which must not cost progress."""
         self.buffered = 0
         """Ids waiting here (ready or held), one record each; calls taken are the caller's."""
 

@@ -19,7 +19,7 @@ from worker.mapping import InvalidRecord, derive_event_id, parse_sent_at
 from worker.operations.settings import (
     MAPPINGS,
     ActionInteractionsMapping,
-    MappingSettings,
+    OperationMapping,
     Properties,
     canonical_event_type,
     property_key,
@@ -33,6 +33,7 @@ Mapped = tuple[str, dict[str, Any]]
 CATEGORY_SEPARATOR = "|"
 """How the model's documentation says several categories of one field travel in one string."""
 EXCERPT_CHARS = 40
+MAX_REMEMBERED_FIELDS = 4096
 
 
 def _type_name(value: Any) -> str:
@@ -79,6 +80,8 @@ def _string(value: Any, member: Member, path: str) -> str:
         )
     if len(text) < max(limit.min, 1):
         raise InvalidRecord("validation", "too_short", f"{member.name} (from {path!r}): empty")
+    if limit.pattern is not None and not limit.pattern.search(text):  # none today; the model may add one
+        raise InvalidRecord("validation", "bad_value", f"{member.name} (from {path!r}): not {limit.pattern.pattern!r}")
     return text
 
 
@@ -133,6 +136,25 @@ class PropertiesMapper:
         )
         assert self.member.limit is not None
         self._max = self.member.limit.max
+        self._keys: dict[str, str] = dict.fromkeys(self._taken, "")
+        """Field name → property key ("" for a taken field), for `"*"`: the same few names every record."""
+
+    def _key(self, name: str) -> str:
+        """The property key of a field under `"*"`, remembered while few; refused when unusable."""
+        key = property_key(name)
+        if not key:
+            raise InvalidRecord(
+                "validation", "bad_property_key", f"properties: field {name[:EXCERPT_CHARS]!r} has no name"
+            )
+        if key.lower() in self._reserved:
+            raise InvalidRecord(
+                "validation",
+                "reserved_key",
+                f"properties: field {name[:EXCERPT_CHARS]!r} becomes {key!r}, a name Personalize reserves",
+            )
+        if len(self._keys) < MAX_REMEMBERED_FIELDS:  # untrusted input may name fields without end
+            self._keys[name] = key
+        return key
 
     def build(self, obj: dict[str, Any]) -> str | None:
         """The properties as a JSON string, or None when the record has none to send."""
@@ -142,21 +164,24 @@ class PropertiesMapper:
             if type(fields) is not dict:
                 return None
             seen: set[str] = set()
+            """Keys of fields that sent nothing (null, an empty list): still taken for the duplicate check."""
+            keys = self._keys
             for name, raw in fields.items():
-                if name in self._taken:
+                key = keys.get(name)
+                if key is None:
+                    key = self._key(name)
+                if not key:  # a field another member reads
                     continue
-                key = property_key(name)
-                if not key or key in seen or key.lower() in self._reserved:
-                    reason, why = (
-                        ("bad_property_key", "an empty name")
-                        if not key
-                        else ("duplicate_key", "the key of another field too")
-                        if key in seen
-                        else ("reserved_key", "a name Personalize reserves")
-                    )
+                if key in found or key in seen:
                     raise InvalidRecord(
-                        "validation", reason, f"properties: field {name[:EXCERPT_CHARS]!r} becomes {key!r}, {why}"
+                        "validation",
+                        "duplicate_key",
+                        f"properties: field {name[:EXCERPT_CHARS]!r} becomes {key!r}, the key of another field too",
                     )
+                kind = type(raw)
+                if kind is str or kind is int or kind is bool:  # the common case, without a call
+                    found[key] = raw
+                    continue
                 seen.add(key)
                 value = _property(raw, key, name)
                 if value is not None:
@@ -282,6 +307,8 @@ class ActionInteractionMapper:
         renamed = self.settings.event_types.get(value)
         if renamed is not None:
             return renamed
+        if value in self._event_types:
+            return value
         if not self._event_types:  # the model no longer lists them: the service decides
             return value
         canonical = canonical_event_type(value, self._event_types)
@@ -313,7 +340,7 @@ def _impression(value: Any, member: Member, path: str) -> list[str]:
     return [_string(item, member, path) for item in items]
 
 
-def mapper_for(spec: OperationSpec, settings: MappingSettings) -> UpsertMapper | ActionInteractionMapper:
+def mapper_for(spec: OperationSpec, settings: OperationMapping) -> UpsertMapper | ActionInteractionMapper:
     """The mapper of one route: its operation and that operation's mapping settings."""
     if type(settings) is not MAPPINGS.get(spec.key):
         raise TypeError(f"{spec.name} is not mapped by {type(settings).__name__}")

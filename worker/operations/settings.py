@@ -197,9 +197,9 @@ class ActionInteractionsMapping(_Section):
         return renames
 
 
-MappingSettings = ItemsMapping | UsersMapping | ActionsMapping | ActionInteractionsMapping
+OperationMapping = ItemsMapping | UsersMapping | ActionsMapping | ActionInteractionsMapping
 
-MAPPINGS: dict[str, type[MappingSettings]] = {
+MAPPINGS: dict[str, type[OperationMapping]] = {
     ITEMS.key: ItemsMapping,
     USERS.key: UsersMapping,
     ACTIONS.key: ActionsMapping,
