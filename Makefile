@@ -4,8 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 KAFKA := deploy/local/kafka
+# The one version: pyproject.toml's. `personalize-worker --version` reads it (importlib.metadata), the image
+# is tagged and labelled with it, deploy/k8s pins it (a test holds them equal).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= personalize-worker
 
-.PHONY: venv kafka-jars prometheus-tools test lint fmt demo bench chaos clean
+.PHONY: venv kafka-jars prometheus-tools test test-fast lint fmt demo bench chaos image version clean
 
 venv: $(STAMP)
 
@@ -25,13 +29,20 @@ kafka-jars:
 prometheus-tools:
 	@if command -v promtool >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
+	  echo "make: installing the Debian package 'prometheus' (promtool and prometheus, for the alert-rule and scrape tests) with apt-get" >&2; \
+	  apt-get update -qq >/dev/null \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
 	  && { systemctl disable --now prometheus >/dev/null 2>&1 || true; }; \
 	else echo "promtool not found and not root: the Prometheus tests will skip (apt-get install prometheus)" >&2; fi
 
 # pytest exits 5 when it collected nothing: that must fail, never pass quietly.
 test: venv kafka-jars prometheus-tools
 	$(BIN)/pytest -m "not slow_chaos" $(PYTEST_ARGS)
+
+# The inner loop, ~2-3 minutes: unit tests and the real-broker integration tests, without the chaos
+# scenarios and the end-to-end runs of the CLI (those are in `make test`).
+test-fast: venv kafka-jars
+	$(BIN)/pytest -m "not chaos and not slow_chaos and not e2e and not slow" $(PYTEST_ARGS)
 
 chaos: venv kafka-jars
 	$(BIN)/pytest -m "chaos" $(PYTEST_ARGS)
@@ -50,6 +61,13 @@ demo: venv kafka-jars
 
 bench: venv kafka-jars
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+# The container image, tagged with pyproject.toml's version (needs Docker; not run by the tests).
+image:
+	docker build -f deploy/Dockerfile --build-arg VERSION=$(VERSION) -t $(IMAGE):$(VERSION) .
+
+version:
+	@echo $(VERSION)
 
 clean:
 	-$(KAFKA) stop
