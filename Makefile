@@ -15,13 +15,14 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q -e '.[dev]'
+	@echo "make: installing the project and its dev tools into $(VENV) (when pyproject.toml changes)" >&2
+	@$(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q -U pip
+	@$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
 kafka-jars:
-	$(KAFKA) fetch
+	@$(KAFKA) fetch
 
 # promtool and prometheus (Debian's `prometheus` package) for the alert-rule and scrape tests.
 # Installed only when missing and only as root; the tests start the binary themselves, so the
@@ -57,7 +58,7 @@ fmt: venv
 	$(BIN)/ruff format worker tests
 
 demo: venv kafka-jars
-	$(BIN)/personalize-worker demo
+	@$(BIN)/personalize-worker demo
 
 bench: venv kafka-jars
 	$(BIN)/python -m tests.bench $(BENCH_ARGS)
