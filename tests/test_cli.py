@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import tomllib
@@ -92,12 +93,34 @@ async def test_produce_puts_json_lines_and_samples_on_the_broker_keyed_by_sessio
     assert sorted(r.value for r in records if r.key not in (b"sess-7f3a", None)) == sorted(
         m.value for m in sample.messages
     )
+    # A topic the broker creates on first use: aiokafka's "not found in cluster metadata" stays off the terminal.
+    fresh = await asyncio.to_thread(run, [*command[:-1], f"{topic}-new", "--input", str(lines)])
+    assert fresh.returncode == 0
+    assert fresh.stderr.splitlines() == [f"produced 2 messages to '{topic}-new' at {bootstrap}"]
 
 
 def test_produce_says_why_it_cannot_connect() -> None:
     result = run([sys.executable, "-m", "worker.cli", "produce", "--bootstrap-servers", "127.0.0.1:1", "--sample", "1"])
     assert result.returncode == 1
     assert "cannot connect to Kafka at 127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_that_cannot_reach_kafka_exits_1_with_one_line_saying_why(tmp_path: Path) -> None:
+    env = {"AWS_ACCESS_KEY_ID": "dummy", "AWS_SECRET_ACCESS_KEY": "dummy", "PW_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1"}
+    env |= {"PW_METRICS__PORT": "0", "PW_WORKER__LOG_FORMAT": "text", "PATH": os.environ["PATH"]}
+    config = str(ROOT / "config" / "worker.example.toml")
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "run", "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "personalize-worker: KafkaConnectError: cannot connect to Kafka at 127.0.0.1:1" in result.stderr
+    assert "Unclosed" not in result.stderr, "clients left open by the failed start bury the reason"
     assert "Traceback" not in result.stderr
 
 

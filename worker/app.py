@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -84,18 +85,22 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
         log.info("starting", extra={"settings": redacted(self.settings)})
-        await self.server.start(self.settings.metrics.host, self.settings.metrics.port)
-        await self.sink.start()
-        with explain_connection_errors(self.settings.kafka):
-            # Together: each waits mostly on the broker (the consumer on joining its group).
-            producing = asyncio.ensure_future(self.producer.start())
-            try:
-                await self.source.start()
-            except BaseException:
-                producing.cancel()
-                await asyncio.gather(producing, return_exceptions=True)
-                raise
-            await producing
+        try:
+            await self.server.start(self.settings.metrics.host, self.settings.metrics.port)
+            await self.sink.start()
+            with explain_connection_errors(self.settings.kafka):
+                # Together: each waits mostly on the broker (the consumer on joining its group).
+                producing = asyncio.ensure_future(self.producer.start())
+                try:
+                    await self.source.start()
+                except BaseException:
+                    producing.cancel()
+                    await asyncio.gather(producing, return_exceptions=True)
+                    raise
+                await producing
+        except BaseException:
+            await self._close_after_failed_start()
+            raise
         self.metrics.rate_limit.set(self.sink.limiter.rate)
         self.metrics.commit_metadata_limit.set(self.source.metadata_limit)
         tune_garbage_collector()
@@ -154,6 +159,13 @@ class Worker:
         await self.server.stop()
         log.info("stopped", extra={"clean": clean, "totals": self.metrics.totals()})
         return clean
+
+    async def _close_after_failed_start(self) -> None:
+        """Leave no client open: their "Unclosed AIOKafkaProducer" errors at exit would bury the one line
+        that says why the start failed."""
+        for close in (self.source.stop, self.producer.stop, self.sink.close, self.server.stop):
+            with contextlib.suppress(Exception):
+                await close()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return asyncio.create_task(coroutine, name=name)
