@@ -148,3 +148,18 @@ def test_demo_ends_with_a_verdict_and_prints_integers_as_integers(capsys: pytest
     assert out.strip().splitlines()[-1] == (
         "VERDICT: FAILED: 3 valid events never reached Personalize; 1 events were sent more than once"
     )
+
+
+@pytest.mark.slow
+def test_kafka_fetch_prints_two_plain_lines(tmp_path: Path) -> None:
+    """A fresh fetch of the broker jars says what it does and what it did: no colour codes, no Maven noise."""
+    local = tmp_path / "deploy" / "local"
+    local.mkdir(parents=True)
+    for name in ("kafka", "kafka-pom.xml"):
+        (local / name).write_bytes((ROOT / "deploy" / "local" / name).read_bytes())
+    (local / "kafka").chmod(0o755)
+    result = run([str(local / "kafka"), "fetch"])
+    assert result.returncode == 0, result.stderr
+    lines = (result.stdout + result.stderr).splitlines()
+    assert "\x1b" not in result.stdout + result.stderr
+    assert len(lines) == 2 and lines[0].startswith("kafka: fetching") and lines[1].startswith("kafka: fetched")
