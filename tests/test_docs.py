@@ -114,3 +114,13 @@ def test_changelog_follows_keep_a_changelog() -> None:
     assert re.search(r"^## \[Unreleased\]$", changelog, re.MULTILINE)
     version = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
     assert re.search(rf"^## \[{re.escape(version)}\]", changelog, re.MULTILINE)
+
+
+def test_make_announces_the_system_package_before_installing_it_and_has_a_fast_subset() -> None:
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipe = makefile[makefile.index("prometheus-tools:") :]
+    announce = recipe.index("echo \"make: installing the Debian package 'prometheus'")
+    assert announce < recipe.index("apt-get update")
+    fast = re.search(r"^test-fast:.*\n\t(.+)$", makefile, re.MULTILINE)
+    assert fast and all(f"not {marker}" in fast[1] for marker in ("chaos", "e2e", "slow"))
+    assert "make test-fast" in README
