@@ -26,8 +26,8 @@ from aiokafka import AIOKafkaProducer
 from tests.kafka_support import TopicFactory, committed_offsets, consume_all
 from tests.stack import TRACKING_ID, EmulatorProcess, WorkerFactory, WorkerProcess
 from tests.test_chaos import RssWatch, figures, last_assignment, received, until
-from tests.test_manifests import manifests
 from tests.test_e2e import wait_committed
+from tests.test_manifests import manifests
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chaos]
 
