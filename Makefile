@@ -9,7 +9,7 @@ KAFKA := deploy/local/kafka
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= personalize-worker
 
-.PHONY: venv kafka-jars prometheus-tools test test-fast lint fmt demo bench chaos image version clean
+.PHONY: venv kafka-jars prometheus-tools proxy-tools test test-fast lint fmt demo bench chaos image version clean
 
 venv: $(STAMP)
 
@@ -36,8 +36,20 @@ prometheus-tools:
 	  && { systemctl disable --now prometheus >/dev/null 2>&1 || true; }; \
 	else echo "promtool not found and not root: the Prometheus tests will skip (apt-get install prometheus)" >&2; fi
 
+# tinyproxy (Debian's package) for the HTTP proxy tests, which start their own on a free loopback port
+# with their own config. Installed only when missing and only as root, like prometheus-tools; the
+# packaged service (port 8888 on every interface) is stopped and disabled if the install started it.
+proxy-tools:
+	@if command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "make: installing the Debian package 'tinyproxy' (for the HTTP proxy tests) with apt-get" >&2; \
+	  apt-get update -qq >/dev/null \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tinyproxy >/dev/null \
+	  && { systemctl disable --now tinyproxy >/dev/null 2>&1 || service tinyproxy stop >/dev/null 2>&1 || true; }; \
+	else echo "tinyproxy not found and not root: the proxy tests will skip (apt-get install tinyproxy)" >&2; fi
+
 # pytest exits 5 when it collected nothing: that must fail, never pass quietly.
-test: venv kafka-jars prometheus-tools
+test: venv kafka-jars prometheus-tools proxy-tools
 	$(BIN)/pytest -m "not slow_chaos" $(PYTEST_ARGS)
 
 # The inner loop, ~2-3 minutes: unit tests and the real-broker integration tests, without the chaos

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -61,20 +62,22 @@ def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
     return path
 
 
-def _http(url: str, body: bytes | None = None, timeout: float = 30.0) -> bytes:
+def _http(url: str, body: bytes | None = None, timeout: float = 30.0, context: ssl.SSLContext | None = None) -> bytes:
     request = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         data: bytes = response.read()
         return data
 
 
 @dataclass
 class EmulatorProcess:
-    """`python -m worker.emulator` on a free port; inspection through its HTTP endpoints."""
+    """`python -m worker.emulator` on a free port; inspection through its HTTP endpoints (trusting
+    `context` when it serves TLS: `--tls-cert`)."""
 
     args: list[str] = field(default_factory=list)
     process: subprocess.Popen[str] | None = None
     url: str = ""
+    context: ssl.SSLContext | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -102,18 +105,21 @@ class EmulatorProcess:
             self.process.stdout.close()
 
     def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = orjson.loads(_http(f"{self.url}/_emulator/stats"))
+        result: dict[str, Any] = orjson.loads(_http(f"{self.url}/_emulator/stats", context=self.context))
         return result
 
     def events(self) -> list[dict[str, Any]]:
-        return [orjson.loads(line) for line in _http(f"{self.url}/_emulator/events", timeout=120).splitlines() if line]
+        raw = _http(f"{self.url}/_emulator/events", timeout=120, context=self.context)
+        return [orjson.loads(line) for line in raw.splitlines() if line]
 
     def configure(self, **changes: Any) -> dict[str, Any]:
-        result: dict[str, Any] = orjson.loads(_http(f"{self.url}/_emulator/config", orjson.dumps(changes)))
+        result: dict[str, Any] = orjson.loads(
+            _http(f"{self.url}/_emulator/config", orjson.dumps(changes), context=self.context)
+        )
         return result
 
     def reset(self) -> None:
-        _http(f"{self.url}/_emulator/reset", b"{}")
+        _http(f"{self.url}/_emulator/reset", b"{}", context=self.context)
 
 
 @dataclass

@@ -119,7 +119,7 @@ def test_run_that_cannot_reach_kafka_exits_1_with_one_line_saying_why(tmp_path: 
         env=env,
     )
     assert result.returncode == 1
-    assert "personalize-worker: KafkaConnectError: cannot connect to Kafka at 127.0.0.1:1" in result.stderr
+    assert "KafkaConnectError: cannot connect to Kafka at 127.0.0.1:1 over PLAINTEXT" in result.stderr
     assert "Unclosed" not in result.stderr, "clients left open by the failed start bury the reason"
     assert "Traceback" not in result.stderr
 

@@ -202,3 +202,30 @@ def test_properties_must_be_dotted_paths_without_empty_names(path: str, tmp_path
     config.write_text(f'[personalize]\ntracking_id = "t"\n[mapping]\nproperties = ["ctx.a", "{path}"]\n')
     message = error_of(config)
     assert "mapping.properties" in message and "empty name" in message, message
+
+
+def test_proxies_from_toml_and_environment_stay_masked(tmp_path: Path) -> None:
+    text = MINIMAL + 'proxies = { https = "http://user:Pa55word@proxy.corp:3128" }\n'
+    settings = load_settings(write(tmp_path, text), environ={})
+    proxies = settings.personalize.proxies
+    assert proxies is not None and proxies["https"].get_secret_value() == "http://user:Pa55word@proxy.corp:3128"
+    assert "Pa55word" not in orjson.dumps(redacted(settings)).decode()
+    # An optional table comes from the environment as JSON too; {} (never a proxy) is kept apart from unset.
+    environ = {"PW_PERSONALIZE__TRACKING_ID": "t", "PW_PERSONALIZE__PROXIES": "{}"}
+    assert load_settings(None, environ=environ).personalize.proxies == {}
+    assert load_settings(None, environ={"PW_PERSONALIZE__TRACKING_ID": "t"}).personalize.proxies is None
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('proxies = { ftp = "http://p:1" }', "personalize.proxies.ftp.[key]: Input should be 'http' or 'https'"),
+        ('proxies = { https = "socks5://u:S3cret@p:1" }', "the https proxy must be an http:// or https:// URL"),
+        ('proxy_client_key = "/k.pem"', "proxy_client_key needs proxy_client_cert"),
+        ('proxy_url = "http://p:1"', "personalize.proxy_url: unknown key"),
+    ],
+)
+def test_proxy_keys_are_checked_without_echoing_the_url(tmp_path: Path, line: str, expected: str) -> None:
+    message = error_of(write(tmp_path, MINIMAL + line + "\n"))
+    assert expected in message
+    assert "S3cret" not in message

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import signal
@@ -13,6 +12,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from worker import codecs
 from worker.batching import Batch
 from worker.config import Settings, redacted
 from worker.deadletter import DeadLetterWriter
@@ -24,6 +24,12 @@ from worker.sink import Sink
 from worker.source import Source, explain_connection_errors, kafka_security
 
 log = logging.getLogger(__name__)
+
+
+def describe(error: BaseException, limit: int = 500) -> str:
+    """The cause for one log line, "Type: message", bounded: an exception's text can be long."""
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def tune_garbage_collector() -> None:
@@ -41,21 +47,29 @@ class Worker:
         self.until_drained = until_drained
         self.metrics = Metrics()
         self.sink = Sink(settings.personalize, self.metrics)
-        self.producer = AIOKafkaProducer(
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_request_size=settings.dead_letter.max_message_bytes,
-            **kafka_security(settings.kafka),
-        )
-        self.dead_letters = DeadLetterWriter(self.producer, settings.dead_letter.topic, self.metrics)
+
+        def dead_letter_producer() -> AIOKafkaProducer:
+            return AIOKafkaProducer(
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=5,
+                max_request_size=settings.dead_letter.max_message_bytes,
+                **kafka_security(settings.kafka),
+            )
+
+        self.dead_letters = DeadLetterWriter(dead_letter_producer, settings.dead_letter.topic, self.metrics)
         self.pipeline = Pipeline(settings, self.sink, self.dead_letters, self.metrics, quota=self.sink.limiter)
         self.source = Source(settings, self.pipeline, self.metrics)
         self.server = MetricsServer(self.metrics, self.readiness)
         self.watchdog = Watchdog(self.pipeline, self.metrics, self, settings.worker.stall_timeout_seconds)
         self.stop_requested = asyncio.Event()
+        self._failure: str | None = None
+        """The first failure, as "Type: message": the process exits 1 and never calls its stop clean."""
+        self._closing = False
 
     def readiness(self) -> tuple[bool, str]:
+        if self._failure:
+            return False, f"failed, stopping: {self._failure}"
         if not self.source.assigned_once.is_set():
             return False, "waiting for a partition assignment"
         if self.dead_letters.blocked_reason:
@@ -80,30 +94,32 @@ class Worker:
         return self.source.handing_over
 
     async def run(self) -> int:
-        """Run until SIGTERM/SIGINT (or, with `until_drained`, until every assigned partition is done)."""
+        """Run until SIGTERM/SIGINT (or, with `until_drained`, until every assigned partition is done).
+
+        Exit code 0 only when nothing failed; any failure, at start-up or of any loop at any time, gives
+        one error line naming the cause, a "stopped" line with clean=false, and exit code 1.
+        """
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
-        log.info("starting", extra={"settings": redacted(self.settings)})
         try:
-            await self.server.start(self.settings.metrics.host, self.settings.metrics.port)
-            await self.sink.start()
-            with explain_connection_errors(self.settings.kafka):
-                # Together: each waits mostly on the broker (the consumer on joining its group).
-                producing = asyncio.ensure_future(self.producer.start())
-                try:
-                    await self.source.start()
-                except BaseException:
-                    producing.cancel()
-                    await asyncio.gather(producing, return_exceptions=True)
-                    raise
-                await producing
-        except BaseException:
-            await self._close_after_failed_start()
-            raise
-        self.metrics.rate_limit.set(self.sink.limiter.rate)
-        self.metrics.commit_metadata_limit.set(self.source.metadata_limit)
-        tune_garbage_collector()
+            return await self._run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def _run(self) -> int:
+        log.info("starting", extra={"settings": redacted(self.settings)})
+        absent = codecs.missing()
+        if absent:
+            log.warning("compression codecs unavailable", extra={"codecs": absent, "hint": codecs.HINT})
+        try:
+            await self._start()
+        except Exception as error:
+            self._fail("start-up", error, traceback=False)  # the message says what; a traceback adds nothing
+            await self._close()
+            self._log_stopped(clean=False)
+            return 1
         log.info("running", extra={"metrics_port": self.server.port, "until_drained": self.until_drained})
         tasks = [
             self._spawn(self._fetch_loop(), "fetch"),
@@ -111,64 +127,123 @@ class Worker:
             self._spawn(self.pipeline.run_dead_letters(), "dead-letters"),
             self._spawn(self._commit_loop(), "commit"),
         ]
+        # A loop that ends sets stop_requested through `_loop_ended`, as a signal or the drained check do.
         stop = asyncio.ensure_future(self.stop_requested.wait())
-        done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        crashed = [t for t in done if t is not stop and (t.cancelled() or t.exception() is not None)]
-        for task in crashed:
-            log.error("a worker loop stopped unexpectedly", exc_info=task.exception())
+        await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
         await self.shutdown(tasks, stop)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        # Records left unfinished by the drain budget are not lost, only re-read after a restart.
-        return 1 if crashed else 0
+        # Records left unfinished by the drain budget are not lost, only re-read after a restart: exit 0.
+        return 1 if self._failure else 0
+
+    async def _start(self) -> None:
+        await self.server.start(self.settings.metrics.host, self.settings.metrics.port)
+        await self.sink.start()
+        with explain_connection_errors(self.settings.kafka):
+            # Together: each waits mostly on the broker (the consumer on joining its group).
+            producing = asyncio.ensure_future(self.dead_letters.start())
+            try:
+                await self.source.start()
+            except BaseException:
+                producing.cancel()
+                await asyncio.gather(producing, return_exceptions=True)
+                raise
+            await producing
+        self.metrics.rate_limit.set(self.sink.limiter.rate)
+        self.metrics.commit_metadata_limit.set(self.source.metadata_limit)
+        tune_garbage_collector()
 
     async def shutdown(self, tasks: list[asyncio.Task[None]], stop: asyncio.Future[Any]) -> bool:
-        """Stop taking work, finish what is in hand within the drain budget, commit, close clients."""
+        """Stop taking work, finish what is in hand within the drain budget, commit, close clients.
+
+        Returns whether the stop was clean: everything fetched finished and committed, and nothing failed.
+        """
         budget = self.settings.worker.drain_timeout_seconds
-        # 1. Stop fetching: nothing new enters the pipeline from here on. A poll cut short loses nothing:
-        #    what it held is not tracked, so no commit passes it, and it is read again after a restart.
         fetch, dispatch, dead_letters, committer = tasks
-        fetch.cancel()
-        await asyncio.gather(fetch, return_exceptions=True)
-        # 2. Send every buffered batch now, ignoring linger, and wait (bounded) for the results. Part of
-        #    the budget is kept for step 3.
-        grace = min(budget / 2, self.settings.personalize.request_timeout_seconds)
-        partitions = list(self.source.consumer.assignment())
-        clean = await self.pipeline.settle_partitions(partitions, budget - grace)
-        # 3. Start no new call, and let those in flight finish: a call cancelled mid-flight may still have
-        #    reached Personalize, and its records, uncommitted, would be sent again after the restart.
-        dispatch.cancel()
-        await asyncio.gather(dispatch, return_exceptions=True)
-        finished = await self.pipeline.finish_in_flight(grace)
-        if not clean:
-            log.warning(
-                "drain budget exhausted; unfinished records will be re-read after restart",
-                extra={"outstanding": self.pipeline.outstanding, "calls_finished": finished},
-            )
-        await self.pipeline.cancel_in_flight()
-        # 4. Commit what is final. aiokafka's stop() does not call on_partitions_revoked: this is it.
-        await self.source.commit()
-        # 5. Stop the loops, leave the group, close the clients.
-        stop.cancel()
-        for task in (dispatch, dead_letters, committer, fetch):
-            task.cancel()
-        await asyncio.gather(dispatch, dead_letters, committer, fetch, stop, return_exceptions=True)
-        await self.source.stop()
-        await self.producer.stop()
-        await self.sink.close()
-        await self.server.stop()
-        log.info("stopped", extra={"clean": clean, "totals": self.metrics.totals()})
+        self._closing = True  # from here on, loops end because they are told to
+        drained = False
+        try:
+            # 1. Stop fetching: nothing new enters the pipeline from here on. A poll cut short loses nothing:
+            #    what it held is not tracked, so no commit passes it, and it is read again after a restart.
+            fetch.cancel()
+            await asyncio.gather(fetch, return_exceptions=True)
+            # 2. Send every buffered batch now, ignoring linger, and wait (bounded) for the results. Part of
+            #    the budget is kept for step 3. With the dispatcher or the dead-letter writer dead, nothing
+            #    more would finish: the wait would only burn the budget.
+            grace = min(budget / 2, self.settings.personalize.request_timeout_seconds)
+            partitions = list(self.source.consumer.assignment())
+            settle = 0.0 if dispatch.done() or dead_letters.done() else budget - grace
+            drained = await self.pipeline.settle_partitions(partitions, settle)
+            # 3. Start no new call, and let those in flight finish: a call cancelled mid-flight may still have
+            #    reached Personalize, and its records, uncommitted, would be sent again after the restart.
+            dispatch.cancel()
+            await asyncio.gather(dispatch, return_exceptions=True)
+            finished = await self.pipeline.finish_in_flight(grace)
+            if not drained:
+                log.warning(
+                    "drain budget exhausted; unfinished records will be re-read after restart",
+                    extra={"outstanding": self.pipeline.outstanding, "calls_finished": finished},
+                )
+            await self.pipeline.cancel_in_flight()
+            # 4. Commit what is final, also after a failure: the tracker never passes an unfinished record.
+            #    aiokafka's stop() does not call on_partitions_revoked: this is it.
+            await self.source.commit()
+        except Exception as error:
+            self._fail("shutdown", error)
+        finally:
+            # 5. Stop the loops, leave the group, close the clients.
+            stop.cancel()
+            for task in (dispatch, dead_letters, committer, fetch):
+                task.cancel()
+            await asyncio.gather(dispatch, dead_letters, committer, fetch, stop, return_exceptions=True)
+            await self._close()
+        clean = drained and self._failure is None
+        self._log_stopped(clean)
         return clean
 
-    async def _close_after_failed_start(self) -> None:
-        """Leave no client open: their "Unclosed AIOKafkaProducer" errors at exit would bury the one line
-        that says why the start failed."""
-        for close in (self.source.stop, self.producer.stop, self.sink.close, self.server.stop):
-            with contextlib.suppress(Exception):
+    async def _close(self) -> None:
+        """Close every client, each even if another fails: leaving the group spares the others a wait."""
+        for name, close in (
+            ("consumer", self.source.stop),
+            ("dead-letter producer", self.dead_letters.stop),
+            ("sink", self.sink.close),
+            ("metrics server", self.server.stop),
+        ):
+            try:
                 await close()
+            except Exception as error:
+                log.warning("closing a client failed", extra={"client": name, "error": describe(error)})
+
+    def _log_stopped(self, clean: bool) -> None:
+        extra: dict[str, Any] = {"clean": clean, "totals": self.metrics.totals()}
+        if self._failure:
+            extra["error"] = self._failure
+        log.info("stopped", extra=extra)
+
+    def _fail(self, where: str, error: BaseException, *, traceback: bool = True) -> None:
+        """Log a failure in its one error line and stop; the first one is the exit's cause."""
+        cause = describe(error)
+        extra = {"where": where, "error": cause}
+        hint = codecs.hint_for(error)
+        if hint:
+            extra["hint"] = hint
+        log.error("worker failed", extra=extra, exc_info=error if traceback and error.__traceback__ else None)
+        if self._failure is None:
+            self._failure = cause
+        self.stop_requested.set()
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A loop may end only when told to: by shutdown's cancel, or (commit) after asking to stop."""
+        if task.cancelled():
+            if not self._closing:
+                self._fail(task.get_name(), asyncio.CancelledError("cancelled by something other than shutdown"))
+        elif (error := task.exception()) is not None:
+            self._fail(task.get_name(), error)
+        elif not self.stop_requested.is_set():
+            self._fail(task.get_name(), RuntimeError("returned without being asked to stop"))
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        return asyncio.create_task(coroutine, name=name)
+        task = asyncio.create_task(coroutine, name=name)
+        task.add_done_callback(self._loop_ended)
+        return task
 
     async def _fetch_loop(self) -> None:
         while True:

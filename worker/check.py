@@ -9,9 +9,11 @@ from typing import Any
 import aioboto3
 from aiobotocore.config import AioConfig
 from aiokafka.admin import AIOKafkaAdminClient
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ProxyConnectionError
 
+from worker import codecs
 from worker.config import Settings
+from worker.proxy import Proxy, client_options, resolve_proxy, status_text
 from worker.retry import INVALID_CODES
 from worker.source import explain_connection_errors, kafka_security
 
@@ -20,6 +22,14 @@ def _say(ok: bool, what: str, detail: str = "") -> bool:
     mark = "ok  " if ok else "FAIL"
     print(f"[{mark}] {what}" + (f": {detail}" if detail else ""), flush=True)
     return ok
+
+
+def check_codecs() -> bool:
+    """A topic written compressed fails the worker's fetch when its codec is missing: fail here first."""
+    absent = codecs.missing()
+    if absent:
+        return _say(False, "compression codecs", f"{', '.join(absent)} unavailable ({codecs.HINT})")
+    return _say(True, "compression codecs", ", ".join(codecs.CODECS))
 
 
 async def check_kafka(settings: Settings, timeout: float = 15.0) -> bool:
@@ -47,7 +57,8 @@ async def check_kafka(settings: Settings, timeout: float = 15.0) -> bool:
 
 
 async def check_personalize(settings: Settings) -> bool:
-    """An empty eventList is refused by validation after authentication: reachability without sending data."""
+    """An empty eventList is refused by validation after authentication: reachability without sending data.
+    Through the same proxy `run` uses: both take the client Config's proxy options from worker/proxy.py."""
     p = settings.personalize
     where = p.endpoint_url or f"AWS {p.region}"
     config = AioConfig(
@@ -55,11 +66,16 @@ async def check_personalize(settings: Settings) -> bool:
         parameter_validation=False,
         connect_timeout=p.request_timeout_seconds,
         read_timeout=p.request_timeout_seconds,
+        **client_options(p),
     )
+    proxy: Proxy | None = None
     try:
         async with aioboto3.Session().client(
             "personalize-events", region_name=p.region, endpoint_url=p.endpoint_url or None, config=config
         ) as client:
+            proxy = resolve_proxy(client.meta.endpoint_url, client.meta.config)
+            if proxy is not None:
+                where += f" via proxy {proxy.url}"
             request: dict[str, Any] = {
                 "trackingId": p.tracking_id,
                 "sessionId": "personalize-worker-check",
@@ -70,7 +86,19 @@ async def check_personalize(settings: Settings) -> bool:
         code = error.response.get("Error", {}).get("Code", "")
         if code in INVALID_CODES:
             return _say(True, f"Personalize Events at {where}", "reachable, credentials accepted")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if proxy is not None and not error.response.get("ResponseMetadata", {}).get("RequestId"):
+            # Not AWS's answer (no request id) but the proxy's own, in the words `run` uses; its page is not shown.
+            return _say(False, f"Personalize Events at {where}", f"ProxyError: proxy answered {status_text(status)}")
         return _say(False, f"Personalize Events at {where}", f"{code}: {error.response['Error'].get('Message', '')}")
+    except ProxyConnectionError as error:
+        # Said here, not by botocore: its message masks the proxy URL's credentials unreliably, and
+        # aiohttp's error repeats them (URL and Proxy-Authorization).
+        inner = error.kwargs.get("error")
+        refusal = getattr(inner, "status", None)
+        why = f"refused CONNECT: {status_text(refusal)}" if isinstance(refusal, int) else "cannot connect"
+        cause = getattr(inner, "os_error", None)
+        return _say(False, f"Personalize Events at {where}", f"ProxyError: {why}" + (f": {cause}" if cause else ""))
     except Exception as error:
         return _say(False, f"Personalize Events at {where}", f"{type(error).__name__}: {error}")
     return _say(True, f"Personalize Events at {where}", "reachable")
@@ -78,8 +106,9 @@ async def check_personalize(settings: Settings) -> bool:
 
 async def run_checks(settings: Settings) -> int:
     _say(True, "configuration", "valid")
+    codecs_ok = check_codecs()
     kafka_ok = await check_kafka(settings)
     personalize_ok = await check_personalize(settings)
-    ok = kafka_ok and personalize_ok
+    ok = codecs_ok and kafka_ok and personalize_ok
     print("all checks passed" if ok else "some checks failed", file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1

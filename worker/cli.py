@@ -38,8 +38,10 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
     from worker import logs
-    from worker.app import Worker
+    from worker.app import Worker, describe
 
     settings = _load(args.config)
     logs.configure(settings.worker.log_level, settings.worker.log_format)
@@ -50,8 +52,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             return runner.run(main())
-    except Exception as error:  # start-up failures: say what, not a traceback
-        print(f"personalize-worker: {type(error).__name__}: {error}", file=sys.stderr)
+    except Exception as error:  # what the worker could not report itself (building it): what, not a traceback
+        logging.getLogger("worker.cli").error("worker failed", extra={"where": "start-up", "error": describe(error)})
         return 1
 
 

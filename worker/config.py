@@ -10,7 +10,8 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, get_args, get_origin
 
 import orjson
 from pydantic import (
@@ -80,6 +81,30 @@ class PersonalizeSettings(_Section):
     max_in_flight: int = Field(default=64, ge=1, le=1024)
     max_requests_per_second: float = Field(default=1000.0, gt=0)
     request_timeout_seconds: float = Field(default=10.0, gt=0)
+    # botocore's Config(proxies=...): endpoint scheme -> proxy URL (user:password@ allowed). None: the
+    # environment's HTTP(S)_PROXY / NO_PROXY, as botocore does; {} = always connect directly.
+    proxies: dict[Literal["http", "https"], SecretStr] | None = None
+    proxy_ca_bundle: Path | None = None  # verifies an https:// proxy's own certificate (default: the AWS CA bundle)
+    proxy_client_cert: Path | None = None  # PEM client certificate for an https:// proxy that asks for one
+    proxy_client_key: Path | None = None  # its key, when not in the certificate file
+
+    @field_validator("proxies")
+    @classmethod
+    def _proxy_urls(
+        cls, value: dict[Literal["http", "https"], SecretStr] | None
+    ) -> dict[Literal["http", "https"], SecretStr] | None:
+        for scheme, url in (value or {}).items():
+            text = url.get_secret_value()
+            # botocore reads a URL without a scheme as http://; the URL is not echoed: it may hold a password.
+            if "://" in text and not text.startswith(("http://", "https://")):
+                raise ValueError(f"the {scheme} proxy must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> PersonalizeSettings:
+        if self.proxy_client_key is not None and self.proxy_client_cert is None:
+            raise ValueError("proxy_client_key needs proxy_client_cert")
+        return self
 
 
 SentAtFormat = Literal["auto", "iso8601", "epoch_s", "epoch_ms"]
@@ -158,8 +183,11 @@ class DedupSettings(_Section):
 
 class DeadLetterSettings(_Section):
     topic: str = Field(default="clickstream.dlq", min_length=1)
-    # A dead letter is a whole source record plus headers, as large as the source topic allows: the
-    # producer's 1 MB default would refuse it forever. The topic's max.message.bytes must allow it too.
+    # The producer's limit (max_request_size). A dead letter is a whole source record plus headers, as large
+    # as the source topic allows, hence not aiokafka's 1 MB default. A letter over this limit or over the
+    # dead-letter topic's max.message.bytes is not lost and blocks nothing: it is written reduced (the parts
+    # too large dropped, dlq.value.* headers say so). Set both limits above the source topics' to keep
+    # every letter whole.
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024 * 1024)
 
 
@@ -220,6 +248,9 @@ def _env_value(section: str, key: str, raw: str, name: str) -> Any:
     if section_model is not None and isinstance(section_model.annotation, type):
         field = section_model.annotation.model_fields.get(key)
         annotation = field.annotation if field else None
+    # An optional table or list (`X | None`) is read as X.
+    options = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) is UnionType else []
+    annotation = options[0] if len(options) == 1 else annotation
     origin = getattr(annotation, "__origin__", None)
     if origin in (tuple, list):
         if raw.lstrip().startswith("["):

@@ -22,6 +22,7 @@ import math
 import random
 import re
 import signal
+import ssl
 import sys
 import time
 import uuid
@@ -838,17 +839,21 @@ class RunningEmulator:
 
 
 @contextlib.asynccontextmanager
-async def run_emulator(host: str = "127.0.0.1", port: int = 0, **options: Any) -> AsyncIterator[RunningEmulator]:
-    """Serve an emulator in the current event loop (port 0 picks a free port) until the block exits."""
+async def run_emulator(
+    host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None, **options: Any
+) -> AsyncIterator[RunningEmulator]:
+    """Serve an emulator in the current event loop (port 0 picks a free port) until the block exits;
+    over TLS (https://) with `ssl_context`."""
     emulator = Emulator(**options)
     runner = web.AppRunner(emulator.make_app(), access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound_port = int(runner.addresses[0][1])
         reachable = "127.0.0.1" if host in ("", "0.0.0.0") else host
-        yield RunningEmulator(f"http://{reachable}:{bound_port}", host, bound_port, emulator)
+        scheme = "https" if ssl_context is not None else "http"
+        yield RunningEmulator(f"{scheme}://{reachable}:{bound_port}", host, bound_port, emulator)
     finally:
         await runner.cleanup()
         emulator.close()
@@ -868,6 +873,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outage", action="store_true", help="answer every request 503")
     parser.add_argument("--record", default=None, help="append accepted events as ndjson to this file")
     parser.add_argument("--seed", type=int, default=None, help="seed for error injection and jitter")
+    parser.add_argument("--tls-cert", default=None, help="serve HTTPS with this PEM certificate (chain)")
+    parser.add_argument("--tls-key", default=None, help="its PEM private key (default: in --tls-cert)")
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -886,24 +893,39 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-async def _serve_until_signalled(host: str, port: int, options: dict[str, Any]) -> None:
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The server side of --tls-cert/--tls-key, or None for plain HTTP."""
+    if cert is None:
+        if key is not None:
+            raise ValueError("--tls-key needs --tls-cert")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def _serve_until_signalled(
+    host: str, port: int, options: dict[str, Any], ssl_context: ssl.SSLContext | None = None
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with run_emulator(host, port, **options) as running:
+    async with run_emulator(host, port, ssl_context, **options) as running:
         # As in the worker: the loaded models and modules out of the cyclic GC's full collections, which
         # otherwise stall every answer for tens of milliseconds and show up as the worker's latency.
         gc.collect()
         gc.freeze()
-        print(f"emulator listening on http://{host}:{running.port}", flush=True)
+        scheme = "https" if ssl_context is not None else "http"
+        print(f"emulator listening on {scheme}://{host}:{running.port}", flush=True)
         await stop.wait()
 
 
 def serve(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT; the exit code for the CLI."""
     try:
-        asyncio.run(_serve_until_signalled(args.host, args.port, options_from_args(args)))
+        context = tls_context(args.tls_cert, args.tls_key)
+        asyncio.run(_serve_until_signalled(args.host, args.port, options_from_args(args), context))
     except (OSError, ValueError) as error:
         print(f"emulator: {error}", file=sys.stderr, flush=True)
         return 1

@@ -6,7 +6,14 @@ pre-rendered head plus the body in one write, and the answer is parsed straight 
 buffer; connections are reused, most recently used first. What it supports is what an AWS endpoint
 answers with: Content-Length, chunked or read-until-close bodies, `Connection: close`, TLS.
 
-Every failure is an `OSError` (a connection problem) or `TimeoutError`: the sink retries both.
+Through an HTTP proxy (worker/proxy.py decides which, as botocore does), as urllib3 does it for botocore:
+an http:// endpoint gets the absolute-form request target on a connection to the proxy; an https://
+endpoint gets a CONNECT tunnel, then TLS to the endpoint inside it (SNI and certificate checked against
+the endpoint's name), kept alive like a direct connection. The Host header, and so the signature, is
+always the endpoint's.
+
+Every failure is an `OSError` (a connection problem; `ProxyError` when the proxy is the cause) or
+`TimeoutError`: the sink retries both.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import time
 from collections import deque
 from typing import Final, cast
 from urllib.parse import urlsplit
+
+from worker.proxy import Proxy, ProxyError, connect_via, status_text
 
 MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
@@ -74,11 +83,16 @@ class _Connection(asyncio.Protocol):
         self._body_length = 0
         self._chunks: bytearray | None = None
         self._keep_alive = True
+        self._tunnel_answer = False
+        """The exchange is a CONNECT: its answer has no body, and a 2xx keeps the connection as a tunnel."""
+        self.gone: asyncio.Future[None] | None = None
+        """Done once the transport is gone (after a TLS close_notify exchange, for TLS)."""
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
+        self.gone = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None:
@@ -97,6 +111,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._cancel_timer()
+        if self.gone is not None and not self.gone.done():
+            self.gone.set_result(None)
         waiter = self._waiter
         if waiter is None or waiter.done():
             return
@@ -108,11 +124,12 @@ class _Connection(asyncio.Protocol):
 
     # --- the exchange -------------------------------------------------------------------------
 
-    def request(self, data: bytes, deadline: float) -> asyncio.Future[Response]:
+    def request(self, data: bytes, deadline: float, *, tunnel: bool = False) -> asyncio.Future[Response]:
         """Send; the future fails with TimeoutError at `deadline` (loop time), and the connection closes.
         One timer handle per request: `asyncio.timeout` costs several times more on this hot path."""
         assert self.transport is not None and self._waiter is None
         loop = asyncio.get_running_loop()
+        self._tunnel_answer = tunnel
         self._waiter = loop.create_future()
         self._timer = loop.call_at(deadline, self._time_out)
         self.received = False
@@ -122,6 +139,13 @@ class _Connection(asyncio.Protocol):
     def _time_out(self) -> None:
         self._timer = None
         self._fail(TimeoutError("no complete answer within the request timeout"))
+
+    @property
+    def failed_status(self) -> int | None:
+        """The status of an answer whose head came but whose body did not, when it is not AWS's (no request
+        id): a proxy refusing a request often resets the connection right after its answer's head."""
+        headers = self._headers
+        return self._status if headers is not None and "x-amzn-requestid" not in headers else None
 
     @property
     def busy(self) -> bool:
@@ -180,7 +204,12 @@ class _Connection(asyncio.Protocol):
         self._status = status
         self._headers = headers
         self._keep_alive = parts[0] != "HTTP/1.0" and headers.get("connection", "").lower() != "close"
-        if "chunked" in headers.get("transfer-encoding", "").lower():
+        if self._tunnel_answer:
+            # RFC 9110 9.3.6: a 2xx to CONNECT has no body (length headers are ignored) and the bytes that
+            # follow belong to the tunnel; any other answer ends the attempt, its body unread.
+            self._body_length = 0
+            self._keep_alive = 200 <= status < 300
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
             self._body_length = _CHUNKED
             self._chunks = bytearray()
         elif "content-length" in headers:
@@ -237,6 +266,7 @@ class _Connection(asyncio.Protocol):
         self._waiter = None
         self._headers = None
         self._chunks = None
+        self._tunnel_answer = False
         if not self._keep_alive or self._buffer:
             self.close()  # told to, or bytes beyond the answer: either way not reusable
         self.used = True
@@ -255,18 +285,26 @@ class HttpClient:
         ssl_context: ssl.SSLContext | None = None,
         fixed_headers: list[tuple[str, str]] | None = None,
         idle_seconds: float = 30.0,
+        proxy: Proxy | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.proxy = proxy
+        self._ssl = (ssl_context or ssl.create_default_context()) if parts.scheme == "https" else None
+        self._forwarding = proxy is not None and self._ssl is None
+        """An http:// endpoint through a proxy: every request goes to the proxy, in absolute form."""
+        self._authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        lines = [f"POST {path} HTTP/1.1", f"Host: {host_header(url)}"]
+        target = f"http://{host_header(url)}{path}" if self._forwarding else path
+        lines = [f"POST {target} HTTP/1.1", f"Host: {host_header(url)}"]
+        if self._forwarding and proxy is not None and proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
         lines.extend(f"{name}: {value}" for name, value in fixed_headers or ())
         self._prefix = "\r\n".join(lines) + "\r\n"
         """The request line and the headers that never change, rendered once."""
-        self._ssl = (ssl_context or ssl.create_default_context()) if parts.scheme == "https" else None
         self._timeout = timeout
         self._idle_seconds = idle_seconds
         self._idle: deque[_Connection] = deque()
@@ -289,10 +327,21 @@ class HttpClient:
                 connection.close()
                 if connection.used and not connection.received and not isinstance(error, TimeoutError):
                     continue
+                if self._forwarding and not isinstance(error, TimeoutError):
+                    raise self._forwarding_error(connection.failed_status, error) from error
                 raise
             finally:
                 self._release(connection)
+            if self._forwarding and response.status != 200 and "x-amzn-requestid" not in response.headers:
+                raise self._forwarding_error(response.status)  # not AWS's answer: the proxy's own
             return response
+
+    def _forwarding_error(self, status: int | None, error: OSError | None = None) -> ProxyError:
+        """Forwarding, the connection is the proxy's: its failures and its own answers name it."""
+        assert self.proxy is not None
+        if status is not None:
+            return ProxyError(f"proxy {self.proxy.url} answered {status_text(status)} instead of {self._authority}")
+        return ProxyError(f"proxy {self.proxy.url} failed the request to {self._authority}: {error}")
 
     def _idle_connection(self) -> _Connection | None:
         """The most recently used idle connection still open and not expired, if any."""
@@ -308,11 +357,14 @@ class HttpClient:
         return None
 
     async def _new_connection(self, deadline: float) -> _Connection:
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout_at(deadline):
-            _, connection = await loop.create_connection(
-                _Connection, self.host, self.port, ssl=self._ssl, server_hostname=self.host if self._ssl else None
-            )
+        if self.proxy is not None:
+            connection = await connect_via(self.proxy, _Connection, self._authority, self._ssl, deadline)
+        else:
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout_at(deadline):
+                _, connection = await loop.create_connection(
+                    _Connection, self.host, self.port, ssl=self._ssl, server_hostname=self.host if self._ssl else None
+                )
         self._all.add(connection)
         return connection
 
@@ -327,9 +379,18 @@ class HttpClient:
         connection.close()
         self._all.discard(connection)
 
-    async def close(self) -> None:
-        for connection in self._all:
-            connection.close()
+    async def close(self, grace: float = 1.0) -> None:
+        """Close every connection; a TLS one says goodbye first (close_notify, twice inside a tunnel), which
+        takes a round trip: wait up to `grace` seconds for that, then cut what is left."""
+        connections = list(self._all)
         self._all.clear()
         self._idle.clear()
+        for connection in connections:
+            connection.close()
+        pending = [c.gone for c in connections if c.gone is not None and not c.gone.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+        for connection in connections:
+            if connection.transport is not None and connection.gone is not None and not connection.gone.done():
+                connection.transport.abort()
         await asyncio.sleep(0)  # let the transports run their close callbacks

@@ -32,6 +32,7 @@ WAITING_ON = ("batch", "call", "retry", "dead_letter", "parked", "intake", "lost
 retried, waiting for its dead-letter write, parked behind a copy of its eventId in flight, being handed
 over from a poll, or nowhere (a bug: see `personalize_worker_delivery_task_failures`)."""
 WAITING_AFTER_SECONDS = 5.0
+LETTER_FORMS = ("reduced", "minimal")
 CALL_OUTCOMES = ("ok", "throttled", "invalid", "server_error", "client_error", "connection", "error")
 UNLIMITED = 1 << 60
 """cgroup v1 writes "no limit" as a huge number (9223372036854771712), v2 as "max"."""
@@ -86,6 +87,12 @@ class Metrics:
             f"{p}_records_dead_lettered", "Records written to the dead-letter topic.", registry=r
         )
         self.dead_letter_errors = Counter(f"{p}_dead_letter_errors", "Failed dead-letter writes.", registry=r)
+        self.dead_letters_reduced = Counter(
+            f"{p}_dead_letters_reduced",
+            "Dead letters written without the parts the topic refused (form: reduced | minimal).",
+            ["form"],
+            registry=r,
+        )
         self.calls = Counter(f"{p}_put_events_calls", "PutEvents calls by outcome.", ["outcome"], registry=r)
         self.retries = Counter(
             f"{p}_put_events_retries", "PutEvents calls retried after a transient error.", registry=r
@@ -171,6 +178,8 @@ class Metrics:
         self.calls_ok = self.calls.labels("ok")
         for outcome in CALL_OUTCOMES:
             self.calls.labels(outcome)
+        for form in LETTER_FORMS:
+            self.dead_letters_reduced.labels(form)
 
     def forget_partition(self, topic: str, partition: int) -> None:
         """A revoked partition's series go away with it."""
@@ -190,6 +199,9 @@ class Metrics:
             "duplicates": value(f"{PREFIX}_records_duplicate_total") or 0.0,
             "filtered": value(f"{PREFIX}_records_filtered_total") or 0.0,
             "dead_lettered": value(f"{PREFIX}_records_dead_lettered_total") or 0.0,
+            "dead_letters_reduced": sum(
+                value(f"{PREFIX}_dead_letters_reduced_total", {"form": form}) or 0.0 for form in LETTER_FORMS
+            ),
             "calls": value(f"{PREFIX}_put_events_calls_total", {"outcome": "ok"}) or 0.0,
             "retries": value(f"{PREFIX}_put_events_retries_total") or 0.0,
         }

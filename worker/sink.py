@@ -30,6 +30,7 @@ from worker import __version__
 from worker.config import PersonalizeSettings
 from worker.http import HttpClient, host_header
 from worker.metrics import Metrics
+from worker.proxy import Proxy, client_options, resolve_proxy
 from worker.retry import Action, Backoff, classify
 
 log = logging.getLogger(__name__)
@@ -200,11 +201,12 @@ class PutEventsClient:
         self._signer_name = ""
         self.region = ""
         self._signer: FixedRequestSigV4 | None = None
+        self.proxy: Proxy | None = None
 
     async def start(self) -> None:
         s = self._settings
         session = aioboto3.Session()
-        config = AioConfig(retries={"total_max_attempts": 1}, parameter_validation=False)
+        config = AioConfig(retries={"total_max_attempts": 1}, parameter_validation=False, **client_options(s))
         client = await self._stack.enter_async_context(
             session.client(
                 "personalize-events", region_name=s.region, endpoint_url=s.endpoint_url or None, config=config
@@ -218,15 +220,21 @@ class PutEventsClient:
         if self._credentials is None:
             raise RuntimeError("no AWS credentials found (environment, profile, IRSA or instance role)")
         context = None
+        # The CA bundle as botocore resolves it: AWS_CA_BUNDLE, the profile's ca_bundle, else certifi's.
+        ca_bundle = cast(Any, session)._session.get_config_variable("ca_bundle")
+        cafile = get_cert_path(ca_bundle or True)
         if self.url.startswith("https:"):  # loading a CA bundle costs ~50 ms of start-up
-            # The CA bundle as botocore resolves it: AWS_CA_BUNDLE, the profile's ca_bundle, else certifi's.
-            ca_bundle = cast(Any, session)._session.get_config_variable("ca_bundle")
-            context = ssl.create_default_context(cafile=get_cert_path(ca_bundle or True))
+            context = ssl.create_default_context(cafile=cafile)
+        self.proxy = resolve_proxy(client.meta.endpoint_url, client.meta.config, cafile)
+        if self.proxy is not None:
+            how = "CONNECT tunnel" if context is not None else "forwarding"
+            log.info("PutEvents through a proxy", extra={"proxy": self.proxy.url, "mode": how})
         self._http = HttpClient(
             self.url,
             timeout=s.request_timeout_seconds,
             ssl_context=context,
             fixed_headers=[("User-Agent", USER_AGENT)],
+            proxy=self.proxy,
         )
         self._stack.push_async_callback(self._http.close)
 
