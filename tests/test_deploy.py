@@ -1,4 +1,5 @@
-"""deploy/: the container, Kubernetes manifests, alert rules, dashboard and compose file hold together.
+"""deploy/: the container, alert rules, dashboard and compose file hold together (the Kubernetes manifests:
+tests/test_manifests.py).
 
 Static checks parse every file; the live check runs a real worker against the broker and the emulator
 and holds every metric name the deploy files mention against the worker's own /metrics output.
@@ -15,7 +16,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -23,6 +23,7 @@ import yaml
 
 from tests.kafka_support import TopicFactory, produce
 from tests.stack import EmulatorProcess, WorkerFactory, wait_until
+from tests.test_manifests import documents
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError
 
@@ -31,7 +32,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "personalize-worker.json"
-METRIC_NAME = re.compile(r"personalize_worker_[a-z_]+")
+METRIC_NAME = re.compile(r"\b(?:personalize_worker|process|python)_[a-z_]+")
 SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created", "_info")
 
 PROMTOOL = shutil.which("promtool")
@@ -40,31 +41,9 @@ needs_promtool = pytest.mark.skipif(
 )
 
 
-def documents(path: Path) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc is not None]
-
-
-def manifests() -> dict[str, dict[str, Any]]:
-    """Every Kubernetes object in deploy/k8s by kind (one of each kind is expected)."""
-    found: dict[str, dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in documents(path):
-            assert doc["kind"] not in found, f"two {doc['kind']} objects"
-            found[doc["kind"]] = doc
-    return found
-
-
-def configmap_settings(tmp_path: Path) -> Settings:
-    toml = manifests()["ConfigMap"]["data"]["worker.toml"]
-    path = tmp_path / "worker.toml"
-    path.write_text(toml, encoding="utf-8")
-    env = {"PW_KAFKA__SASL_PASSWORD": "from-the-secret", "PW_KAFKA__GROUP_INSTANCE_ID": "pod-0"}
-    return load_settings(path, environ=env)
-
-
 def referenced_metrics() -> dict[str, set[str]]:
     """Metric names in alerts, dashboard and manifests → the files that mention them."""
-    sources = [ALERTS, DASHBOARD, *sorted(K8S.glob("*.yaml")), DEPLOY / "docker-compose.yml"]
+    sources = [ALERTS, DASHBOARD, *sorted(K8S.rglob("*.yaml")), DEPLOY / "docker-compose.yml"]
     names: dict[str, set[str]] = {}
     for path in sources:
         for name in METRIC_NAME.findall(path.read_text(encoding="utf-8")):
@@ -203,80 +182,71 @@ def test_sample_prometheus_config_passes_promtool() -> None:
     assert "personalize-worker" in jobs  # the alerts select job="personalize-worker"
 
 
-def test_kustomization_lists_existing_files_and_not_the_example_secret() -> None:
-    kustomization = documents(K8S / "kustomization.yaml")[0]
-    resources = kustomization["resources"]
-    for resource in resources:
-        assert (K8S / resource).is_file(), resource
-    assert "secret.example.yaml" not in resources
-    assert {p.name for p in K8S.glob("*.yaml")} - set(resources) == {"kustomization.yaml", "secret.example.yaml"}
+MEMORY_ALERT_TESTS = """
+rule_files: [{alerts}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'process_resident_memory_bytes{{job="personalize-worker",instance="near"}}'
+        values: '900000000x15'
+      - series: 'personalize_worker_memory_limit_bytes{{job="personalize-worker",instance="near"}}'
+        values: '1000000000x15'
+      - series: 'process_resident_memory_bytes{{job="personalize-worker",instance="fine"}}'
+        values: '300000000x15'
+      - series: 'personalize_worker_memory_limit_bytes{{job="personalize-worker",instance="fine"}}'
+        values: '1000000000x15'
+      - series: 'process_resident_memory_bytes{{job="personalize-worker",instance="unlimited"}}'
+        values: '900000000x15'
+      - series: 'personalize_worker_memory_limit_bytes{{job="personalize-worker",instance="unlimited"}}'
+        values: '0x15'
+    alert_rule_test:
+      - eval_time: 3m
+        alertname: PersonalizeWorkerMemoryNearLimit
+        exp_alerts: []
+      - eval_time: 10m
+        alertname: PersonalizeWorkerMemoryNearLimit
+        exp_alerts:
+          - exp_labels: {{severity: warning, job: personalize-worker, instance: near}}
+            exp_annotations:
+              summary: "near uses 90% of its memory limit"
+              description: "{description}"
+"""
 
 
-def test_deployment_probes_security_and_grace_period(tmp_path: Path) -> None:
-    objects = manifests()
-    settings = configmap_settings(tmp_path)
-    pod = objects["Deployment"]["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] > settings.worker.drain_timeout_seconds
-    (container,) = pod["containers"]
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports["metrics"] == settings.metrics.port == 9108
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    assert container["args"] == ["--config", "/etc/personalize-worker/worker.toml"]
-    assert {"limits", "requests"} <= container["resources"].keys()
-    env = {e["name"]: e for e in container["env"]}
-    assert env["PW_KAFKA__GROUP_INSTANCE_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert "secretKeyRef" in env["PW_KAFKA__SASL_PASSWORD"]["valueFrom"]
-    assert not [name for name in env if name.startswith("AWS_") and ("KEY" in name or "TOKEN" in name)]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] != 0
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert mounts["/etc/personalize-worker"] == "config"
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    assert volumes["config"]["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"]
-    assert pod["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
-    assert objects["ServiceAccount"]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith(
-        "arn:aws:iam::"
-    )
+@needs_promtool
+def test_memory_alert_fires_near_the_limit_only(tmp_path: Path) -> None:
+    """promtool runs the rule on series: 90% of the limit fires after 5 m; 30%, or no limit (0), never."""
+    assert PROMTOOL is not None
+    rules = {r["alert"]: r for g in documents(ALERTS)[0]["groups"] for r in g["rules"] if "alert" in r}
+    description = rules["PersonalizeWorkerMemoryNearLimit"]["annotations"]["description"]
+    path = tmp_path / "memory_test.yml"
+    path.write_text(MEMORY_ALERT_TESTS.format(alerts=json.dumps(str(ALERTS)), description=description))
+    result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_configmap_toml_is_a_valid_worker_config_without_secrets(tmp_path: Path) -> None:
-    settings = configmap_settings(tmp_path)
-    assert settings.kafka.group_instance_id == "pod-0"
-    toml = manifests()["ConfigMap"]["data"]["worker.toml"]
-    assert not re.search(r"^\s*sasl_password\s*=", toml, re.MULTILINE)
+def test_cgroup_memory_limit_reads_v1_and_v2_and_takes_the_tightest(tmp_path: Path) -> None:
+    from worker.metrics import cgroup_memory_limit
 
+    def write(relative: str, text: str) -> None:
+        path = tmp_path / "cg" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
 
-def test_keda_scales_on_lag_of_the_workers_group_within_the_partition_count(tmp_path: Path) -> None:
-    objects = manifests()
-    settings = configmap_settings(tmp_path)
-    scaled = objects["ScaledObject"]["spec"]
-    assert scaled["scaleTargetRef"]["name"] == objects["Deployment"]["metadata"]["name"]
-    (trigger,) = scaled["triggers"]
-    assert trigger["type"] == "kafka"
-    meta = trigger["metadata"]
-    assert meta["consumerGroup"] == settings.kafka.group_id
-    assert meta["topic"] in settings.kafka.topics
-    assert meta["bootstrapServers"] == settings.kafka.bootstrap_servers
-    assert meta["allowIdleConsumers"] == "false"
-    assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
-    partitions = int(re.search(r"has (\d+) partitions", (K8S / "keda-scaledobject.yaml").read_text())[1])  # type: ignore[index]
-    assert scaled["maxReplicaCount"] <= partitions
-    auth = objects["TriggerAuthentication"]
-    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
-    example_secret = objects["Secret"]
-    for ref in auth["spec"]["secretTargetRef"]:
-        assert ref["name"] == example_secret["metadata"]["name"]
-        assert ref["key"] in example_secret["stringData"]
-    assert (
-        objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]
-        == (objects["Deployment"]["spec"]["selector"]["matchLabels"])
-    )
-    assert objects["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
-    job_label = objects["PodMonitor"]["spec"]["jobLabel"]
-    assert objects["Deployment"]["spec"]["template"]["metadata"]["labels"][job_label] == "personalize-worker"
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/kubepods/pod1/worker\n")
+    write("kubepods/pod1/worker/memory.max", "max\n")
+    write("kubepods/pod1/memory.max", "1073741824\n")  # the pod's limit sits on the parent
+    write("kubepods/memory.max", "8589934592\n")
+    assert cgroup_memory_limit(tmp_path / "cg", membership) == 1073741824
+    membership.write_text("4:memory:/docker/abc\n0::/\n")  # v1, mounted as the container's own root
+    write("memory/memory.limit_in_bytes", "536870912\n")
+    assert cgroup_memory_limit(tmp_path / "cg", membership) == 536870912
+    write("memory/memory.limit_in_bytes", "9223372036854771712\n")  # v1's "no limit"
+    (tmp_path / "cg" / "memory.max").write_text("max\n")
+    assert cgroup_memory_limit(tmp_path / "cg", membership) == 0
+    assert cgroup_memory_limit(tmp_path / "cg", tmp_path / "missing") == 0
 
 
 def dockerfile_stages() -> list[tuple[str, list[str]]]:
@@ -416,6 +386,10 @@ async def test_live_metrics_pass_promtool_and_cover_every_name_the_deploy_files_
     referenced = referenced_metrics()
     assert len(referenced) >= 15, sorted(referenced)
     exposed = exposed_names(text)
+    # The standard process and runtime metrics, beside the worker's own.
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"} <= exposed
+    assert {"python_gc_collections_total", "python_gc_objects_collected_total", "python_info"} <= exposed
+    assert "personalize_worker_memory_limit_bytes" in exposed
     missing = missing_names(referenced, exposed)
     assert missing_names({"personalize_worker_no_such_metric": {"x"}}, exposed)  # the check can fail
     assert not missing, f"named in deploy/ but not exposed by the worker: {missing}"

@@ -1,4 +1,4 @@
-"""`personalize-worker run | map | check | emulator | demo`: argument parsing and exit codes only."""
+"""`personalize-worker run | map | check | produce | emulator | demo`: argument parsing and exit codes only."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
+from worker import __version__
 from worker.config import Settings, load_settings
 from worker.dedup import NEW, Dedup
 from worker.errors import ConfigError
@@ -151,6 +152,31 @@ def cmd_check(args: argparse.Namespace) -> int:
     return asyncio.run(run_checks(settings))
 
 
+def cmd_produce(args: argparse.Namespace) -> int:
+    from worker.config import KafkaSettings
+    from worker.produce import lines_of, produce, sample_of
+
+    settings = _load(args.config) if args.config else None
+    kafka = settings.kafka if settings else KafkaSettings()
+    if args.bootstrap_servers:
+        kafka = kafka.model_copy(update={"bootstrap_servers": args.bootstrap_servers})
+    topic = args.topic or kafka.topics[0]
+    session_path = settings.mapping.session_id if settings else "session_id"
+    try:
+        if args.sample is not None:
+            sent = asyncio.run(produce(kafka, topic, sample_of(args.sample, args.seed)))
+        elif args.input in (None, "-"):
+            sent = asyncio.run(produce(kafka, topic, lines_of(sys.stdin.buffer, session_path)))
+        else:
+            with open(args.input, "rb") as source:
+                sent = asyncio.run(produce(kafka, topic, lines_of(source, session_path)))
+    except Exception as error:
+        print(f"personalize-worker: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    print(f"produced {sent} messages to {topic!r} at {kafka.bootstrap_servers}", file=sys.stderr)
+    return 0
+
+
 def cmd_emulator(args: argparse.Namespace) -> int:
     from worker import emulator
 
@@ -163,21 +189,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="personalize-worker", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = """\
+Streams clickstream from Kafka into Amazon Personalize (PutEvents): every message mapped to an event
+with a stable eventId, deduplicated, packed up to 10 events per call by session, sent within the
+request quota; bad records go to a dead-letter topic; offsets are committed only for finished records."""
 
-    run = commands.add_parser("run", help="consume Kafka and send events to Personalize")
-    run.add_argument("--config", required=True, help="TOML settings file (PW_<SECTION>__<KEY> overrides)")
+EPILOG = """\
+first steps:
+  personalize-worker demo                          the whole job on a local broker and emulator
+  personalize-worker map --config worker.toml < sample.jsonl    see what each message becomes
+  personalize-worker check --config worker.toml    are Kafka and Personalize reachable with it?
+  personalize-worker run --config worker.toml      the service
+
+exit codes: 0 done (or stopped by SIGTERM/SIGINT after draining), 1 failed (start-up, a check, a
+crashed loop: the message says why), 2 bad configuration or arguments.
+settings: config/worker.example.toml documents every key; PW_<SECTION>__<KEY> overrides any of them."""
+
+CONFIG_HELP = "TOML settings file (every key documented in config/worker.example.toml; PW_<SECTION>__<KEY> overrides)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="personalize-worker",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = commands.add_parser(
+            name, help=text, description=text[0].upper() + text[1:] + "."
+        )
+        return sub
+
+    run = command("run", "consume Kafka and send events to Personalize (the service)")
+    run.add_argument("--config", required=True, help=CONFIG_HELP)
     run.add_argument(
         "--until-drained",
         action="store_true",
-        help="exit once every assigned partition is read to its end and committed",
+        help="exit once every assigned partition is read to its end and committed (backfills, tests)",
     )
     run.set_defaults(handler=cmd_run)
 
-    dry = commands.add_parser("map", help="dry-run the mapping over JSON lines or framed records: no AWS")
-    dry.add_argument("--config", required=True)
+    dry = command("map", "dry-run the mapping over JSON lines or framed records: no AWS")
+    dry.add_argument("--config", required=True, help=CONFIG_HELP)
     dry.add_argument(
         "--input",
         help="JSON lines; for mapping.format avro/protobuf/json_schema one record value per line in base64 "
@@ -185,24 +242,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dry.add_argument("--encoding", choices=("base64", "hex"), default="base64", help="of framed records in --input")
     dry.add_argument("--topic", help="read the records from Kafka (kafka.* settings) instead of --input")
-    dry.add_argument("--partition", type=int, default=0)
-    dry.add_argument("--offset", type=int, default=0)
-    dry.add_argument("--count", type=int, default=10)
+    dry.add_argument("--partition", type=int, default=0, help="with --topic: the partition to read")
+    dry.add_argument("--offset", type=int, default=0, help="with --topic: the first offset to read")
+    dry.add_argument("--count", type=int, default=10, help="with --topic: how many records to read")
     dry.set_defaults(handler=cmd_map)
 
-    check = commands.add_parser("check", help="validate the config and reach Kafka and Personalize")
-    check.add_argument("--config", required=True)
+    check = command("check", "validate the config and reach Kafka and Personalize with it")
+    check.add_argument("--config", required=True, help=CONFIG_HELP)
     check.set_defaults(handler=cmd_check)
+
+    produce = command("produce", "put test messages (JSON lines or a sample) on a Kafka topic")
+    produce.add_argument("--config", help=CONFIG_HELP + "; its [kafka] connection and mapping.session_id are used")
+    produce.add_argument("--bootstrap-servers", help="host:port list (default: the config's, else localhost:9092)")
+    produce.add_argument("--topic", help="topic to write (default: the config's first source topic, else clickstream)")
+    source = produce.add_mutually_exclusive_group()
+    source.add_argument("--input", help="JSON lines file, one message per line (default: standard input)")
+    source.add_argument(
+        "--sample", type=int, metavar="N", help="instead of input, N records of a synthetic clickstream"
+    )
+    produce.add_argument("--seed", type=int, default=7, help="seed of the synthetic clickstream (default %(default)s)")
+    produce.set_defaults(handler=cmd_produce)
 
     from worker import emulator
 
-    emu = commands.add_parser("emulator", help="the local Personalize Events emulator")
+    emu = command("emulator", "the local Personalize Events stand-in (a worker using it needs dummy AWS keys)")
     emulator.add_arguments(emu)
     emu.set_defaults(handler=cmd_emulator)
 
-    demo = commands.add_parser("demo", help="the whole job on the local stack, start to finish")
-    demo.add_argument("--records", type=int, default=20_000)
-    demo.add_argument("--partitions", type=int, default=6)
+    demo = command("demo", "the whole job on a local broker and emulator, start to finish")
+    demo.add_argument(
+        "--records", type=int, default=20_000, help="clickstream records to produce (default %(default)s)"
+    )
+    demo.add_argument("--partitions", type=int, default=6, help="partitions of the demo topic (default %(default)s)")
     demo.set_defaults(handler=cmd_demo)
     return parser
 

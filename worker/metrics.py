@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+)
 from prometheus_client.exposition import generate_latest
 
 from worker import __version__
@@ -24,6 +35,40 @@ WAITING_AFTER_SECONDS = 5.0
 LETTER_FORMS = ("reduced", "minimal")
 CALL_OUTCOMES = ("ok", "throttled", "invalid", "server_error", "client_error", "connection", "error")
 REGISTRY_OUTCOMES = ("ok", "not_found", "unavailable")
+UNLIMITED = 1 << 60
+"""cgroup v1 writes "no limit" as a huge number (9223372036854771712), v2 as "max"."""
+
+
+def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int:
+    """The tightest memory limit on this process's cgroup and its ancestors, in bytes; 0 when there is none.
+
+    Exported as a metric so that an alert can set process_resident_memory_bytes against it wherever the worker
+    runs (Kubernetes, compose, systemd), without joining cAdvisor's series by pod labels.
+    """
+    try:
+        lines = membership.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return 0
+    places: list[tuple[Path, str, str]] = []  # (hierarchy root, this process's path in it, limit file)
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if not controllers:  # v2: the unified hierarchy, at the root or (hybrid hosts) under unified/
+            places += [(root, path, "memory.max"), (root / "unified", path, "memory.max")]
+        elif "memory" in controllers.split(","):
+            places.append((root / "memory", path, "memory.limit_in_bytes"))
+    limits = []
+    for base, path, name in places:
+        parts = [part for part in path.split("/") if part]
+        # Up to the root: a limit may sit on a parent (a pod's cgroup above its container's), and inside a
+        # container the path names the host's hierarchy while its own cgroup is mounted at the root.
+        for depth in range(len(parts), -1, -1):
+            try:
+                text = base.joinpath(*parts[:depth], name).read_text(encoding="utf-8").strip()
+            except OSError:
+                continue
+            if text.isdigit() and 0 < int(text) < UNLIMITED:
+                limits.append(int(text))
+    return min(limits, default=0)
 
 
 class Metrics:
@@ -147,6 +192,15 @@ class Metrics:
         self.last_commit = Gauge(f"{p}_last_commit_timestamp_seconds", "When offsets last moved forward.", registry=r)
         self.last_fetch = Gauge(f"{p}_last_fetch_timestamp_seconds", "When records were last fetched.", registry=r)
         Info(f"{p}_build", "Worker version.", registry=r).info({"version": __version__})
+        # process_* (RSS, CPU, open fds), python_gc_* and python_info, as any Python exporter has them.
+        for collector in (PROCESS_COLLECTOR, GC_COLLECTOR, PLATFORM_COLLECTOR):
+            r.register(collector)
+        self.memory_limit = Gauge(
+            f"{p}_memory_limit_bytes",
+            "The cgroup (container) memory limit, for alerts on process_resident_memory_bytes; 0: no limit.",
+            registry=r,
+        )
+        self.memory_limit.set(cgroup_memory_limit())
         # Children bound once: the hot path never looks a label up.
         self.calls_ok = self.calls.labels("ok")
         for outcome in CALL_OUTCOMES:
