@@ -101,7 +101,7 @@ class Worker:
         return f"PutEvents failing: {error}" if error else None
 
     def is_retrying(self, batch: Batch[SessionKey, Item]) -> bool:
-        return self.sink.last_error is not None
+        return batch.key[0] in self.sink.retrying
 
     def handing_over(self) -> bool:
         return self.source.handing_over
