@@ -85,8 +85,11 @@ def test_environment_overrides_toml_and_is_coerced(tmp_path: Path) -> None:
 
 
 def test_json_list_override_for_topics() -> None:
-    settings = load_settings(None, environ={"PW_PERSONALIZE__TRACKING_ID": "t", "PW_KAFKA__TOPICS": '["a,b", "c"]'})
-    assert settings.kafka.topics == ("a,b", "c")
+    settings = load_settings(None, environ={"PW_PERSONALIZE__TRACKING_ID": "t", "PW_KAFKA__TOPICS": '["a.b", "c"]'})
+    assert settings.kafka.topics == ("a.b", "c")
+    # JSON is not split at commas: the element stays one (invalid) topic name, and says so.
+    message = error_of(None, {"PW_PERSONALIZE__TRACKING_ID": "t", "PW_KAFKA__TOPICS": '["a,b", "c"]'})
+    assert "kafka.topics: 'a,b' is not a valid Kafka topic name" in message
 
 
 @pytest.mark.parametrize(

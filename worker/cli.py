@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -19,11 +20,29 @@ from worker.mapping import InvalidRecord, Mapper, SessionKey
 
 
 def _load(path: str) -> Settings:
+    """The settings `run`, `map` and `check` all start from, validated the same way for all three: what
+    would stop `run` at start-up stops the other two first."""
     try:
-        return load_settings(Path(path))
+        settings = load_settings(Path(path))
+        try:
+            Mapper(settings.mapping)  # config validation covers its rules; this keeps it that way
+        except (ValueError, AssertionError) as error:
+            raise ConfigError(f"invalid configuration:\n  mapping: {error}") from None
     except ConfigError as error:
         print(f"personalize-worker: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    return settings
+
+
+class _EarlyStop:
+    """SIGTERM/SIGINT before the worker's loop takes the signals over (imports, building the worker): noted
+    and honoured as soon as it runs, the way a later one is, instead of killing the process mid-way."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.requested = True
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -37,6 +56,10 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    early = _EarlyStop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, early)
+
     import logging
 
     from worker import logs
@@ -46,7 +69,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(settings.worker.log_level, settings.worker.log_format)
 
     async def main() -> int:
-        return await Worker(settings, until_drained=args.until_drained).run()
+        return await Worker(settings, until_drained=args.until_drained).run(
+            stop_requested_before=lambda: early.requested
+        )
 
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
@@ -115,11 +140,16 @@ def dry_run(settings: Settings, lines: Iterable[bytes], out: IO[str]) -> dict[st
 def cmd_map(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if args.input in (None, "-"):
-        dry_run(settings, sys.stdin.buffer, sys.stdout)
+        summary = dry_run(settings, sys.stdin.buffer, sys.stdout)
     else:
-        with open(args.input, "rb") as source:
-            dry_run(settings, source, sys.stdout)
-    return 0
+        try:
+            with open(args.input, "rb") as source:
+                summary = dry_run(settings, source, sys.stdout)
+        except OSError as error:
+            print(f"personalize-worker: {args.input}: {error.strerror or error}", file=sys.stderr)
+            return 2
+    # A sample that would feed the dead-letter topic fails, so a mapping change can be gated in CI.
+    return 1 if summary["dead_lettered"] else 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -145,7 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="personalize-worker", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="consume Kafka and send events to Personalize")
+    run = commands.add_parser(
+        "run",
+        help="consume Kafka and send events to Personalize",
+        description="Consume Kafka and send events to Personalize. Source topics are never created: a missing "
+        "one is waited for (/readyz says which), or with --until-drained is an error.",
+        epilog="exit status: 0 stopped on request (SIGTERM/SIGINT, also during start-up) or drained; "
+        '1 failed (one "worker failed" log line names the cause); 2 invalid configuration',
+    )
     run.add_argument("--config", required=True, help="TOML settings file (PW_<SECTION>__<KEY> overrides)")
     run.add_argument(
         "--until-drained",
@@ -154,12 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=cmd_run)
 
-    dry = commands.add_parser("map", help="dry-run the mapping over JSON lines: no Kafka, no AWS")
+    dry = commands.add_parser(
+        "map",
+        help="dry-run the mapping over JSON lines: no Kafka, no AWS",
+        description="Dry-run the mapping over JSON lines: for each line, the call it would join or why it "
+        "would be dead-lettered; then a summary. No Kafka, no AWS.",
+        epilog="exit status: 0 every line maps (or is filtered, or a duplicate); 1 some line would be "
+        "dead-lettered; 2 invalid configuration or unreadable input",
+    )
     dry.add_argument("--config", required=True)
     dry.add_argument("--input", help="JSON lines file (default: standard input)")
     dry.set_defaults(handler=cmd_map)
 
-    check = commands.add_parser("check", help="validate the config and reach Kafka and Personalize")
+    check = commands.add_parser(
+        "check",
+        help="validate the config and reach Kafka and Personalize",
+        description="Validate the config as `run` does, then reach Kafka (topics, dead-letter topic and sizes) "
+        "and Personalize.",
+        epilog="exit status: 0 every check passed (WARN lines included); 1 some check failed; 2 invalid configuration",
+    )
     check.add_argument("--config", required=True)
     check.set_defaults(handler=cmd_check)
 

@@ -5,12 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError, OffsetMetadataTooLargeError
+from aiokafka.errors import (
+    CoordinatorLoadInProgressError,
+    CoordinatorNotAvailableError,
+    KafkaConnectionError,
+    KafkaError,
+    NotCoordinatorError,
+    OffsetMetadataTooLargeError,
+)
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import OffsetAndMetadata
 
@@ -19,6 +27,7 @@ from worker.errors import KafkaConnectError
 from worker.metrics import Metrics
 from worker.offsets import AHEAD_PREFIX, MetadataError, decode_ahead
 from worker.pipeline import Pipeline
+from worker.topics import RECHECK_SECONDS, WATCH_SECONDS, TopicWatch, exact_pattern
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +44,11 @@ def kafka_security(settings: KafkaSettings) -> dict[str, Any]:
         "security_protocol": settings.security_protocol,
     }
     if settings.security_protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = create_ssl_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
+        cafile = str(settings.ssl_cafile) if settings.ssl_cafile else None
+        try:
+            options["ssl_context"] = create_ssl_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as error:  # the bare "[Errno 2] No such file" names no file
+            raise KafkaConnectError(f"kafka.ssl_cafile {cafile!r} cannot be used: {error}") from None
     if settings.sasl_mechanism is not None:
         options["sasl_mechanism"] = settings.sasl_mechanism
         if settings.sasl_mechanism == "OAUTHBEARER":
@@ -49,17 +62,22 @@ def kafka_security(settings: KafkaSettings) -> dict[str, Any]:
     return options
 
 
-class _BootstrapFailures(logging.Handler):
-    """aiokafka logs why each bootstrap server failed, then raises a bare "Unable to bootstrap": keep the why."""
+class _BootstrapFailures(logging.Filter):
+    """aiokafka logs why each bootstrap server failed, then raises a bare "Unable to bootstrap": keep the why
+    for the one error line that names it, and drop aiokafka's copy of it."""
 
     def __init__(self) -> None:
-        super().__init__(logging.ERROR)
+        super().__init__()
         self.reasons: list[str] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def filter(self, record: logging.LogRecord) -> bool:
         msg, args = record.msg, record.args
         if isinstance(msg, str) and msg.startswith("Unable connect to") and isinstance(args, tuple) and len(args) == 3:
-            self.reasons.append(str(args[2]))
+            error = args[2]
+            # A connection that timed out says nothing by itself ("").
+            self.reasons.append(str(error) or f"{type(error).__name__}: no answer")
+            return False
+        return True
 
 
 @contextlib.contextmanager
@@ -67,7 +85,7 @@ def explain_connection_errors(settings: KafkaSettings) -> Iterator[None]:
     """Turn a failed bootstrap into one start-up error naming the cause and the settings to check."""
     failures = _BootstrapFailures()
     client_log = logging.getLogger("aiokafka")
-    client_log.addHandler(failures)
+    client_log.addFilter(failures)
     try:
         yield
     except KafkaConnectionError as error:
@@ -80,7 +98,41 @@ def explain_connection_errors(settings: KafkaSettings) -> Iterator[None]:
         where = f"{settings.bootstrap_servers} over {settings.security_protocol}"
         raise KafkaConnectError(f"cannot connect to Kafka at {where}{hint}: {reasons}") from None
     finally:
-        client_log.removeHandler(failures)
+        client_log.removeFilter(failures)
+    if failures.reasons:  # another server answered: worth one line, the list may hold a dead host
+        log.warning("some bootstrap servers failed", extra={"reasons": list(dict.fromkeys(failures.reasons))})
+
+
+_COORDINATOR_NOT_READY = (CoordinatorNotAvailableError, CoordinatorLoadInProgressError, NotCoordinatorError)
+
+
+class _CoordinatorNotReadyYet(logging.Filter):
+    """aiokafka logs "Group Coordinator Request failed" at ERROR while a fresh cluster is still creating
+    __consumer_offsets, and retries: part of a normal first start, so INFO until the first assignment.
+    Any other error, and these ones later, keep their level."""
+
+    def __init__(self, starting: asyncio.Event) -> None:
+        super().__init__()
+        self._assigned = starting
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if (
+            not self._assigned.is_set()
+            and record.msg == "Group Coordinator Request failed: %s"
+            and isinstance(args, tuple)
+            and args
+            and isinstance(args[0], _COORDINATOR_NOT_READY)
+        ):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
+async def cluster_topics(client: Any) -> set[str]:
+    """Every topic the cluster has, from an aiokafka client: a request for all topics never creates one."""
+    metadata = await client.fetch_all_metadata()
+    return set(metadata.topics())
 
 
 class Source(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -118,13 +170,30 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         """Partitions whose revocation is under way: a poll being handed over gives them no more records."""
         self._handing_over = False
         """A poll is being handed to the pipeline a slice at a time (see `fetch_once`)."""
+        self.topics = TopicWatch(k.topics, metrics)
+        self._coordinator_filter = _CoordinatorNotReadyYet(self.assigned_once)
 
     async def start(self) -> None:
-        self.consumer.subscribe(topics=list(self._settings.kafka.topics), listener=self)
+        """Join the group. A missing source topic is waited for, never created (see worker.topics)."""
+        logging.getLogger("aiokafka.consumer.group_coordinator").addFilter(self._coordinator_filter)
+        self.consumer.subscribe(pattern=exact_pattern(self._settings.kafka.topics), listener=self)
         await self.consumer.start()
 
     async def stop(self) -> None:
+        logging.getLogger("aiokafka.consumer.group_coordinator").removeFilter(self._coordinator_filter)
         await self.consumer.stop()
+
+    async def watch_topics(self) -> None:
+        """Re-check the source topics, often while one is missing: the forced metadata refresh is also what
+        lets the pattern subscription take a new topic now rather than at aiokafka's next refresh (5 min)."""
+        client = self.consumer._client  # aiokafka has no public call that refreshes the consumer's metadata
+        while True:
+            if self.topics.missing:
+                await asyncio.sleep(RECHECK_SECONDS)
+                await client.force_metadata_update()
+            else:
+                await asyncio.sleep(WATCH_SECONDS)
+            self.topics.update(client.cluster.topics())
 
     # --- rebalance listener (aiokafka awaits these during a rebalance) -------------------------
 
