@@ -1,0 +1,277 @@
+"""Start-up: source topics are never created and a missing one is waited for (or fails a drain); a stop during
+start-up ends it at once; a failed start is its JSON lines and nothing else; a first start on a fresh cluster
+logs no error. Against the real broker (auto-creation on and off), the CLI in subprocesses and real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import pytest_asyncio
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaConnectionError
+
+from tests.kafka_support import KafkaBroker, _warm_up, create_topic, free_port, produce
+from tests.stack import EmulatorProcess, WorkerFactory, WorkerProcess
+from tests.test_chaos import log_lines, metric, readyz, received, until, valid_ids
+from tests.test_e2e import load, wait_committed
+from worker.metrics import Metrics
+from worker.sample import generate
+from worker.source import _CoordinatorNotReadyYet
+from worker.topics import RECHECK_SECONDS, TopicWatch, exact_pattern
+
+MISSING = "source topic missing; waiting for it to be created (the worker never creates source topics)"
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_exact_pattern_matches_the_names_and_nothing_else() -> None:
+    pattern = re.compile(exact_pattern(["clicks.v1", "views"]))
+    assert pattern.match("clicks.v1") and pattern.match("views")
+    for other in ("clicksXv1", "clicks.v1.dlq", "views2", "xviews", "clicks", ""):
+        assert not pattern.match(other), other
+
+
+def test_topic_watch_logs_once_per_change(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = Metrics()
+    watch = TopicWatch(["a", "b"], metrics)
+    with caplog.at_level(logging.INFO, logger="worker.topics"):
+        assert not watch.update({"a"})
+        for _ in range(50):  # every re-check while "b" is missing
+            assert not watch.update({"a", "other"})
+        assert watch.reason is not None and "'b'" in watch.reason and "'a'" not in watch.reason
+        assert metrics.source_topics_missing._value.get() == 1
+        assert watch.update({"a", "b"})  # it appeared
+        assert watch.reason is None and metrics.source_topics_missing._value.get() == 0
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", MISSING),
+        ("INFO", "source topics present"),
+    ]
+
+
+def test_coordinator_not_ready_is_info_only_until_the_first_assignment() -> None:
+    logger = logging.getLogger("aiokafka.consumer.group_coordinator")
+    assigned = asyncio.Event()
+    keep = _CoordinatorNotReadyYet(assigned)
+
+    def record(error: Exception) -> logging.LogRecord:
+        return logger.makeRecord(
+            logger.name, logging.ERROR, "f", 1, "Group Coordinator Request failed: %s", (error,), None
+        )
+
+    early = record(GroupCoordinatorNotAvailableError())
+    logger.setLevel(logging.WARNING)
+    try:
+        assert not keep.filter(early) and early.levelno == logging.INFO
+        other = record(KafkaConnectionError("refused"))
+        assert keep.filter(other) and other.levelno == logging.ERROR  # only the not-ready ones
+        assigned.set()
+        late = record(GroupCoordinatorNotAvailableError())
+        assert keep.filter(late) and late.levelno == logging.ERROR  # once running it is a real problem
+    finally:
+        logger.setLevel(logging.NOTSET)
+
+
+# --------------------------------------------------------------------------- brokers and workers
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def strict_broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[KafkaBroker]:
+    """A broker that never auto-creates topics, as many production clusters are set up."""
+    props = {"auto.create.topics.enable": "false"}
+    broker = KafkaBroker(port=free_port(), dir=tmp_path_factory.mktemp("strict-kafka") / "state", props=props)
+    try:
+        await broker.astart()
+        await _warm_up(broker.bootstrap)
+    except BaseException:
+        print(f"--- strict broker failed to start ---\n{broker.log_tail()}")
+        await broker.astop()
+        raise
+    try:
+        yield broker
+    finally:
+        await broker.astop()
+
+
+@pytest.fixture(params=[True, False], ids=["auto-create-on", "auto-create-off"])
+def broker(request: pytest.FixtureRequest, kafka_broker: KafkaBroker, strict_broker: KafkaBroker) -> KafkaBroker:
+    return kafka_broker if request.param else strict_broker
+
+
+@pytest.fixture
+def workers(broker: KafkaBroker, emulator: EmulatorProcess, tmp_path: Path) -> Iterator[WorkerFactory]:
+    factory = WorkerFactory(broker, emulator, tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+        for worker in factory.workers:
+            print(f"--- {worker.log_path.name}\n{worker.log_tail()}")
+
+
+async def topics_of(bootstrap: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+def json_lines(worker: WorkerProcess) -> list[dict[str, Any]]:
+    """Every line the worker wrote; one that is not JSON (a warning, a traceback) fails the test here."""
+    return [orjson.loads(line) for line in worker.log_text().splitlines()]
+
+
+def name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# --------------------------------------------------------------------------- missing source topics
+
+
+@pytest.mark.kafka
+async def test_missing_topic_is_waited_for_never_created_and_consumed_once_it_exists(
+    broker: KafkaBroker, workers: WorkerFactory, emulator: EmulatorProcess
+) -> None:
+    bootstrap = broker.bootstrap
+    topic = name("late")
+    dlq = await create_topic(bootstrap, f"{topic}.dlq", 1)
+    group = f"{topic}-group"
+    worker = workers(workers.config(topic, dlq, group))
+
+    def waiting() -> bool:
+        try:
+            status, reason = readyz(worker)
+        except OSError:  # the metrics server is not up yet
+            return False
+        return status == 503 and f"source topic {topic!r} does not exist" in reason
+
+    await until(waiting, 60, "/readyz naming the missing topic")
+    assert metric(worker, "source_topics_missing") == 1
+    await asyncio.sleep(3 * RECHECK_SECONDS)  # several re-checks and metadata refreshes
+    assert len(log_lines(worker, MISSING)) == 1, worker.log_tail()
+    assert log_lines(worker, MISSING)[0]["topics"] == [topic]
+    assert "not found in cluster metadata" not in worker.log_text()
+    assert topic not in await topics_of(bootstrap), "the worker created its source topic"
+
+    await create_topic(bootstrap, topic, 2)
+    created = time.monotonic()
+
+    def assigned() -> bool:
+        return any(f"{topic}-0" in line["partitions"] for line in log_lines(worker, "partitions assigned"))
+
+    await until(assigned, 60, "the new topic's partitions assigned")
+    figure: dict[str, Any] = {"scenario": "source topic created late", "broker": dict(broker.props) or "default"}
+    figure["assigned_after_creation_s"] = round(time.monotonic() - created, 1)
+    print("STARTUP-FIGURES " + orjson.dumps(figure).decode(), flush=True)
+    stream = generate(300, seed=12, duplicate_rate=0.0, malformed_rate=0.0)
+    await load(bootstrap, topic, stream)
+    await wait_committed(bootstrap, group, topic, timeout=120)
+    await until(lambda: readyz(worker)[0] == 200, 30, "/readyz ready")
+    assert metric(worker, "source_topics_missing") == 0
+    assert set(received(await asyncio.to_thread(emulator.events))) == valid_ids(stream)
+    assert log_lines(worker, "source topics present")
+
+
+@pytest.mark.kafka
+async def test_until_drained_fails_in_seconds_naming_only_the_missing_topic(
+    broker: KafkaBroker, workers: WorkerFactory
+) -> None:
+    bootstrap = broker.bootstrap
+    present = await create_topic(bootstrap, name("present"), 1)
+    await produce(bootstrap, present, [b'{"session_id": "s", "event_type": "click", "timestamp": 1790000000}'])
+    typo = name("typo")
+    dlq = await create_topic(bootstrap, f"{present}.dlq", 1)
+    sections = workers.config(present, dlq, f"{present}-group", kafka={"topics": [present, typo]})
+    worker = workers(sections, until_drained=True)
+    started = time.monotonic()
+    code = await worker.await_exit(90)
+    elapsed = time.monotonic() - started
+    lines = json_lines(worker)
+    assert code == 1, worker.log_tail()
+    assert elapsed < 30, f"took {elapsed:.1f}s"  # the old path waited out aiokafka's 40 s metadata timeout
+    errors = [line for line in lines if line["level"] == "error"]
+    assert len(errors) == 1 and errors[0]["msg"] == "worker failed", errors
+    assert f"source topic {typo!r} does not exist" in errors[0]["error"] and repr(present) not in errors[0]["error"]
+    assert typo not in await topics_of(bootstrap), "the worker created its source topic"
+
+
+# --------------------------------------------------------------------------- stopping and failing at start-up
+
+
+@pytest.mark.kafka
+async def test_sigterm_during_start_up_exits_0_at_once(worker_factory: WorkerFactory) -> None:
+    """A "broker" that accepts connections (the kernel's backlog) and never answers: aiokafka waits 40 s for
+    it. SIGTERM must not wait with it."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        sections = worker_factory.config(
+            "t", "t.dlq", "g", kafka={"bootstrap_servers": f"127.0.0.1:{silent.getsockname()[1]}"}
+        )
+        worker = worker_factory(sections)
+        await until(lambda: '"msg":"starting"' in worker.log_text(), 60, "the starting line")
+        await asyncio.sleep(1.0)
+        assert worker.running
+        worker.signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        code = await worker.await_exit(60)
+        elapsed = time.monotonic() - stopped_at
+    assert code == 0
+    assert elapsed < 10, f"took {elapsed:.1f}s after SIGTERM"
+    messages = [(line["level"], line["msg"]) for line in json_lines(worker)]
+    assert ("info", "stop requested during start-up; stopping") in messages
+    assert messages[-1] == ("info", "stopped") and json_lines(worker)[-1]["clean"] is True
+    assert not [m for m in messages if m[0] == "error"]
+
+
+@pytest.mark.kafka
+async def test_a_failed_start_writes_its_json_lines_and_nothing_else(worker_factory: WorkerFactory) -> None:
+    port = free_port()  # nothing listens there
+    sections = worker_factory.config("t", "t.dlq", "g", kafka={"bootstrap_servers": f"localhost:{port}"})
+    worker = worker_factory(sections)
+    assert await worker.await_exit(60) == 1
+    lines = json_lines(worker)  # an "Unclosed AIOKafka..." warning or a traceback would not parse
+    assert [(line["level"], line["msg"]) for line in lines] == [
+        ("info", "starting"),
+        ("info", "Found credentials in environment variables."),
+        ("error", "worker failed"),
+        ("info", "stopped"),
+    ]
+    failed = lines[2]
+    assert failed["where"] == "start-up" and f"cannot connect to Kafka at localhost:{port}" in failed["error"]
+    assert "Connection refused" in failed["error"]
+
+
+@pytest.mark.kafka
+async def test_first_start_on_a_fresh_cluster_logs_no_error(emulator: EmulatorProcess, tmp_path: Path) -> None:
+    """No warm-up: the broker creates __consumer_offsets when the worker first looks for its coordinator, and
+    aiokafka logs "Group Coordinator Request failed" at ERROR meanwhile, for a normal first start."""
+    broker = KafkaBroker(port=free_port(), dir=tmp_path / "fresh-kafka")
+    factory = WorkerFactory(broker, emulator, tmp_path)
+    await broker.astart()
+    try:
+        topic = await create_topic(broker.bootstrap, "fresh", 2)
+        dlq = await create_topic(broker.bootstrap, "fresh.dlq", 1)
+        stream = generate(200, seed=5, duplicate_rate=0.0, malformed_rate=0.0)
+        await load(broker.bootstrap, topic, stream)
+        worker = factory(factory.config(topic, dlq, "fresh-group"), until_drained=True)
+        assert await worker.await_exit(120) == 0, worker.log_tail()
+        lines = json_lines(worker)
+        assert not [line for line in lines if line["level"] not in ("info", "debug")], worker.log_tail()
+        assert set(received(await asyncio.to_thread(emulator.events))) == valid_ids(stream)
+    finally:
+        await asyncio.to_thread(factory.stop_all)
+        await broker.astop()
