@@ -205,3 +205,42 @@ def test_properties_must_be_dotted_paths_without_empty_names(path: str, tmp_path
     config.write_text(f'[personalize]\ntracking_id = "t"\n[mapping]\nproperties = ["ctx.a", "{path}"]\n')
     message = error_of(config)
     assert "mapping.properties" in message and "empty name" in message, message
+
+
+# --- rules `run` used to meet only at start-up: now every command refuses them first ---------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("PW_KAFKA__TOPICS", "clicks,bad topic", "kafka.topics: 'bad topic' is not a valid Kafka topic name"),
+        ("PW_KAFKA__TOPICS", "x" * 250, "is not a valid Kafka topic name"),
+        ("PW_DEAD_LETTER__TOPIC", "dlq/1", "dead_letter.topic: 'dlq/1' is not a valid Kafka topic name"),
+        ("PW_KAFKA__BOOTSTRAP_SERVERS", "broker:abc", "kafka.bootstrap_servers: 'broker:abc': the port must be"),
+        ("PW_KAFKA__BOOTSTRAP_SERVERS", "a:9092,,b:9092", "kafka.bootstrap_servers: '' is not host:port"),
+        ("PW_KAFKA__BOOTSTRAP_SERVERS", "a:99999", "the port must be a number from 1 to 65535"),
+        ("PW_KAFKA__GROUP_ID", "", "kafka.group_id"),
+        ("PW_KAFKA__AWS_REGION", "us east 1", "kafka.aws_region: 'us east 1' is not a region name"),
+        ("PW_PERSONALIZE__REGION", "-us-east-1", "personalize.region: '-us-east-1' is not a region name"),
+        ("PW_PERSONALIZE__ENDPOINT_URL", "localhost:8787", "personalize.endpoint_url: 'localhost:8787' is not an"),
+        ("PW_PERSONALIZE__ENDPOINT_URL", "ftp://h", "personalize.endpoint_url: 'ftp://h' is not an http(s) URL"),
+        ("PW_MAPPING__PROPERTIES", "a.page_category,b.pageCategory", "both become property 'pageCategory'"),
+    ],
+)
+def test_values_run_would_refuse_at_start_up_are_config_errors(key: str, value: str, says: str) -> None:
+    assert says in error_of(None, {"PW_PERSONALIZE__TRACKING_ID": "t", key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("PW_KAFKA__BOOTSTRAP_SERVERS", "b-1.msk.example.com:9098, b-2.msk.example.com:9098"),
+        ("PW_KAFKA__BOOTSTRAP_SERVERS", "localhost"),
+        ("PW_KAFKA__BOOTSTRAP_SERVERS", "[::1]:9092,::1"),
+        ("PW_KAFKA__TOPICS", "clicks.v1,_internal-2"),
+        ("PW_PERSONALIZE__ENDPOINT_URL", "https://personalize-events.eu-west-1.amazonaws.com"),
+        ("PW_PERSONALIZE__REGION", "eu-west-1"),
+    ],
+)
+def test_usual_values_pass(key: str, value: str) -> None:
+    load_settings(None, {"PW_PERSONALIZE__TRACKING_ID": "t", key: value})

@@ -22,15 +22,19 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaConnectionError
 
 from tests.kafka_support import KafkaBroker, _warm_up, create_topic, free_port, produce
-from tests.stack import EmulatorProcess, WorkerFactory, WorkerProcess
+from tests.stack import EmulatorProcess, WorkerFactory, WorkerProcess, write_config
 from tests.test_chaos import log_lines, metric, readyz, received, until, valid_ids
-from tests.test_e2e import load, wait_committed
+from tests.test_e2e import load, run_cli, wait_committed
+from worker.check import DLQ_HEADROOM_BYTES
 from worker.metrics import Metrics
 from worker.sample import generate
 from worker.source import _CoordinatorNotReadyYet
 from worker.topics import RECHECK_SECONDS, TopicWatch, exact_pattern
 
 MISSING = "source topic missing; waiting for it to be created (the worker never creates source topics)"
+DEFAULT_LIMIT = 1048588
+"""Kafka's default max.message.bytes (message.max.bytes), which the test brokers keep."""
+LIMIT = f"max.message.bytes {DEFAULT_LIMIT}"
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -275,3 +279,70 @@ async def test_first_start_on_a_fresh_cluster_logs_no_error(emulator: EmulatorPr
     finally:
         await asyncio.to_thread(factory.stop_all)
         await broker.astop()
+
+
+# --------------------------------------------------------------------------- check: the dead-letter topic
+
+
+def check(config: Path) -> tuple[int, list[str]]:
+    result = run_cli("check", "--config", str(config))
+    return result.returncode, result.stdout.decode().splitlines()
+
+
+def line_about(lines: list[str], what: str) -> str:
+    found = [line for line in lines if what in line]
+    assert len(found) == 1, (what, lines)
+    return found[0]
+
+
+@pytest.mark.kafka
+async def test_check_says_whether_the_broker_will_create_the_dead_letter_topic(
+    broker: KafkaBroker, workers: WorkerFactory, tmp_path: Path
+) -> None:
+    bootstrap = broker.bootstrap
+    topic = await create_topic(bootstrap, name("src"), 1)
+    dlq = f"{topic}.dlq"  # not created
+    code, lines = await asyncio.to_thread(check, write_config(tmp_path / "w.toml", workers.config(topic, dlq, "g")))
+    assert line_about(lines, f"source topic {topic!r}") == f"[ok  ] source topic {topic!r}: 1 partitions, {LIMIT}"
+    said = line_about(lines, f"dead-letter topic {dlq!r}:")
+    if broker.props:  # auto.create.topics.enable=false
+        assert code == 1, lines
+        assert said.startswith("[FAIL]") and "the broker will not create it (auto.create.topics.enable=false)" in said
+        create = f"kafka-topics.sh --bootstrap-server {bootstrap} --create --topic {dlq} --config max.message.bytes="
+        assert f"{create}{DEFAULT_LIMIT + DLQ_HEADROOM_BYTES}" in said
+    else:
+        assert code == 0, lines
+        assert said.startswith("[ok  ]") and "the broker creates it on the first dead letter" in said, said
+        # ... with the broker's default limit: no room above a record of the source's own (default) limit.
+        size = line_about(lines, f"dead-letter topic {dlq!r} max.message.bytes:")
+        needs = f"{DEFAULT_LIMIT} bytes; the largest source topic allows {DEFAULT_LIMIT}, a dead letter needs up to"
+        assert size.startswith("[WARN]") and needs in size, size
+    assert dlq not in await topics_of(bootstrap), "check created the dead-letter topic"
+
+
+@pytest.mark.kafka
+async def test_check_compares_dead_letter_sizes_with_the_largest_source_topic(
+    worker_factory: WorkerFactory, tmp_path: Path
+) -> None:
+    bootstrap = worker_factory.broker.bootstrap
+    big, small = 2 * 1024 * 1024, 1024 * 1024
+    needed = big + DLQ_HEADROOM_BYTES
+    source = await create_topic(bootstrap, name("big"), 1, config={"max.message.bytes": str(big)})
+    other = await create_topic(bootstrap, name("small"), 1, config={"max.message.bytes": str(small)})
+    numbers = f"the largest source topic allows {big}, a dead letter needs up to {needed}"
+    cases = [(small, "[FAIL]", 1), (big, "[WARN]", 0), (needed, "[ok  ]", 0)]
+    for limit, mark, exit_code in cases:
+        dlq = await create_topic(bootstrap, name("dlq"), 1, config={"max.message.bytes": str(limit)})
+        sections = worker_factory.config(source, dlq, "g", kafka={"topics": [other, source]})
+        code, lines = await asyncio.to_thread(check, write_config(tmp_path / "w.toml", sections))
+        said = line_about(lines, f"dead-letter topic {dlq!r} max.message.bytes:")
+        assert code == exit_code and said.startswith(f"{mark} ") and f"{limit} bytes; {numbers}" in said, lines
+        fix = f"--alter --entity-type topics --entity-name {dlq} --add-config max.message.bytes={needed}"
+        assert (fix in said) == (mark != "[ok  ]"), said
+        assert line_about(lines, "dead_letter.max_message_bytes:").startswith("[ok  ]")  # 8 MiB by default
+
+    sections = worker_factory.config(source, dlq, "g", dead_letter={"max_message_bytes": small})
+    code, lines = await asyncio.to_thread(check, write_config(tmp_path / "w.toml", sections))
+    said = line_about(lines, "dead_letter.max_message_bytes:")
+    assert code == 1 and said.startswith("[FAIL]") and f"{small} bytes; {numbers}" in said, lines
+    assert f"set dead_letter.max_message_bytes = {needed}" in said
