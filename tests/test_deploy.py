@@ -115,6 +115,7 @@ def test_alert_rules_pass_promtool() -> None:
         "PersonalizeWorkerCallErrors",
         "PersonalizeWorkerStalled",
         "PersonalizeWorkerDeadLetterBlocked",
+        "PersonalizeWorkerSourceTopicMissing",
     } <= alerts
 
 
