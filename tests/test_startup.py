@@ -26,9 +26,9 @@ from tests.stack import EmulatorProcess, WorkerFactory, WorkerProcess, write_con
 from tests.test_chaos import log_lines, metric, readyz, received, until, valid_ids
 from tests.test_e2e import load, run_cli, wait_committed
 from worker.check import DLQ_HEADROOM_BYTES
+from worker.connection import CoordinatorNotReadyYet
 from worker.metrics import Metrics
 from worker.sample import generate
-from worker.source import _CoordinatorNotReadyYet
 from worker.topics import RECHECK_SECONDS, TopicWatch, exact_pattern
 
 MISSING = "source topic missing; waiting for it to be created (the worker never creates source topics)"
@@ -67,7 +67,7 @@ def test_topic_watch_logs_once_per_change(caplog: pytest.LogCaptureFixture) -> N
 def test_coordinator_not_ready_is_info_only_until_the_first_assignment() -> None:
     logger = logging.getLogger("aiokafka.consumer.group_coordinator")
     assigned = asyncio.Event()
-    keep = _CoordinatorNotReadyYet(assigned)
+    keep = CoordinatorNotReadyYet(assigned)
 
     def record(error: Exception) -> logging.LogRecord:
         return logger.makeRecord(
@@ -138,6 +138,13 @@ def json_lines(worker: WorkerProcess) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in worker.log_text().splitlines()]
 
 
+def figures(scenario: str, broker: KafkaBroker | None, **numbers: Any) -> None:
+    """One `STARTUP-FIGURES {json}` line for the README."""
+    where = "auto-create off" if broker is not None and broker.props else "auto-create on"
+    line = {"scenario": scenario, "broker": where if broker is not None else "none", **numbers}
+    print("STARTUP-FIGURES " + orjson.dumps(line).decode(), flush=True)
+
+
 def name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -177,9 +184,7 @@ async def test_missing_topic_is_waited_for_never_created_and_consumed_once_it_ex
         return any(f"{topic}-0" in line["partitions"] for line in log_lines(worker, "partitions assigned"))
 
     await until(assigned, 60, "the new topic's partitions assigned")
-    figure: dict[str, Any] = {"scenario": "source topic created late", "broker": dict(broker.props) or "default"}
-    figure["assigned_after_creation_s"] = round(time.monotonic() - created, 1)
-    print("STARTUP-FIGURES " + orjson.dumps(figure).decode(), flush=True)
+    figures("source topic created late", broker, assigned_after_creation_s=round(time.monotonic() - created, 1))
     stream = generate(300, seed=12, duplicate_rate=0.0, malformed_rate=0.0)
     await load(bootstrap, topic, stream)
     await wait_committed(bootstrap, group, topic, timeout=120)
@@ -206,6 +211,7 @@ async def test_until_drained_fails_in_seconds_naming_only_the_missing_topic(
     lines = json_lines(worker)
     assert code == 1, worker.log_tail()
     assert elapsed < 30, f"took {elapsed:.1f}s"  # the old path waited out aiokafka's 40 s metadata timeout
+    figures("--until-drained, a source topic missing", broker, exit_code=code, exited_after_s=round(elapsed, 1))
     errors = [line for line in lines if line["level"] == "error"]
     assert len(errors) == 1 and errors[0]["msg"] == "worker failed", errors
     assert f"source topic {typo!r} does not exist" in errors[0]["error"] and repr(present) not in errors[0]["error"]
@@ -235,6 +241,7 @@ async def test_sigterm_during_start_up_exits_0_at_once(worker_factory: WorkerFac
         elapsed = time.monotonic() - stopped_at
     assert code == 0
     assert elapsed < 10, f"took {elapsed:.1f}s after SIGTERM"
+    figures("SIGTERM during start-up (broker never answers)", None, exit_code=code, exited_after_s=round(elapsed, 1))
     messages = [(line["level"], line["msg"]) for line in json_lines(worker)]
     assert ("info", "stop requested during start-up; stopping") in messages
     assert messages[-1] == ("info", "stopped") and json_lines(worker)[-1]["clean"] is True

@@ -15,13 +15,15 @@ from aiokafka import AIOKafkaProducer
 from worker import codecs
 from worker.batching import Batch
 from worker.config import Settings, redacted
+from worker.connection import explain_connection_errors, kafka_security
 from worker.deadletter import DeadLetterWriter
 from worker.health import Watchdog
 from worker.mapping import SessionKey
 from worker.metrics import Metrics, MetricsServer
 from worker.pipeline import Item, Pipeline
 from worker.sink import Sink
-from worker.source import Source, cluster_topics, explain_connection_errors, kafka_security
+from worker.source import Source
+from worker.topics import cluster_topics
 
 log = logging.getLogger(__name__)
 

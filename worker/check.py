@@ -15,9 +15,9 @@ from botocore.exceptions import ClientError
 
 from worker import codecs
 from worker.config import Settings
+from worker.connection import explain_connection_errors, kafka_security
 from worker.errors import WorkerError
 from worker.retry import INVALID_CODES
-from worker.source import explain_connection_errors, kafka_security
 
 MAX_BYTES = "max.message.bytes"
 DLQ_HEADROOM_BYTES = 16 * 1024

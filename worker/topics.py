@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Collection, Sequence
+from typing import Any
 
 from worker.errors import WorkerError
 from worker.metrics import Metrics
@@ -22,6 +23,12 @@ RECHECK_SECONDS = 5.0
 """How often the cluster is asked again while a source topic is missing (one small metadata request)."""
 WATCH_SECONDS = 30.0
 """How often the consumer's own metadata (refreshed by aiokafka) is looked at while none is missing."""
+
+
+async def cluster_topics(client: Any) -> set[str]:
+    """Every topic the cluster has, from an aiokafka client: a request for all topics never creates one."""
+    metadata = await client.fetch_all_metadata()
+    return set(metadata.topics())
 
 
 class MissingTopicsError(WorkerError):
