@@ -25,7 +25,8 @@ from tests.kafka_support import KafkaBroker, _warm_up, create_topic, free_port, 
 from tests.stack import EmulatorProcess, WorkerFactory, WorkerProcess, write_config
 from tests.test_chaos import log_lines, metric, readyz, received, until, valid_ids
 from tests.test_e2e import load, run_cli, wait_committed
-from worker.check import DLQ_HEADROOM_BYTES
+from worker.check import DLQ_HEADROOM_BYTES, _check_dead_letter_topic, _Cluster
+from worker.config import Settings
 from worker.connection import CoordinatorNotReadyYet
 from worker.metrics import Metrics
 from worker.sample import generate
@@ -353,3 +354,19 @@ async def test_check_compares_dead_letter_sizes_with_the_largest_source_topic(
     said = line_about(lines, "dead_letter.max_message_bytes:")
     assert code == 1 and said.startswith("[FAIL]") and f"{small} bytes; {numbers}" in said, lines
     assert f"set dead_letter.max_message_bytes = {needed}" in said
+
+
+def test_check_warns_when_the_broker_will_not_describe_its_config(capsys: pytest.CaptureFixture[str]) -> None:
+    """An ACL may refuse DescribeConfigs: say what is unknown, without failing the check for it."""
+    settings = Settings.model_validate(
+        {"personalize": {"tracking_id": "t"}, "kafka": {"topics": ["a"]}, "dead_letter": {"topic": "a.dlq"}}
+    )
+    refused = "ClusterAuthorizationFailedError: not authorized"
+    cluster = _Cluster(topics={"a"}, partitions={"a": 1}, max_message_bytes={}, broker=None, broker_error=refused)
+    assert _check_dead_letter_topic(settings, cluster)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "[WARN] dead-letter topic 'a.dlq': does not exist, and whether the broker would create it is unknown "
+        f"({refused}); create it: kafka-topics.sh --bootstrap-server localhost:9092 --create --topic a.dlq",
+        "[WARN] dead-letter sizes: the source topics' max.message.bytes could not be read (DescribeConfigs)",
+    ]

@@ -149,6 +149,8 @@ def _check_dead_letter_topic(settings: Settings, cluster: _Cluster) -> bool:
             detail = f"does not exist, and whether the broker would create it is unknown ({why}); create it: {create}"
             _say(None, what, detail)
     if not largest:
+        if any(t in cluster.topics for t in settings.kafka.topics):  # they exist, but their limits went unsaid
+            _say(None, "dead-letter sizes", f"the source topics' {MAX_BYTES} could not be read (DescribeConfigs)")
         return ok
     fix = (
         f"kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {dlq} "
@@ -158,6 +160,8 @@ def _check_dead_letter_topic(settings: Settings, cluster: _Cluster) -> bool:
     )
     if limit is not None:
         ok &= _compare(f"{what} {MAX_BYTES}", limit, largest, fix)
+    elif dlq in cluster.topics:
+        _say(None, f"{what} {MAX_BYTES}", f"could not be read (DescribeConfigs); it must be at least {needed}")
     producer = settings.dead_letter.max_message_bytes
     ok &= _compare("dead_letter.max_message_bytes", producer, largest, f"set dead_letter.max_message_bytes = {needed}")
     return ok
