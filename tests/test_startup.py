@@ -26,8 +26,9 @@ from tests.stack import EmulatorProcess, WorkerFactory, WorkerProcess, write_con
 from tests.test_chaos import log_lines, metric, readyz, received, until, valid_ids
 from tests.test_e2e import load, run_cli, wait_committed
 from worker.check import DLQ_HEADROOM_BYTES, _check_dead_letter_topic, _Cluster
-from worker.config import Settings
-from worker.connection import CoordinatorNotReadyYet
+from worker.config import KafkaSettings, Settings
+from worker.connection import CoordinatorNotReadyYet, explain_connection_errors
+from worker.errors import KafkaConnectError
 from worker.metrics import Metrics
 from worker.sample import generate
 from worker.topics import RECHECK_SECONDS, TopicWatch, exact_pattern
@@ -86,6 +87,23 @@ def test_coordinator_not_ready_is_info_only_until_the_first_assignment() -> None
         assert keep.filter(late) and late.levelno == logging.ERROR  # once running it is a real problem
     finally:
         logger.setLevel(logging.NOTSET)
+
+
+def test_bootstrap_failures_are_told_once_by_the_worker(caplog: pytest.LogCaptureFixture) -> None:
+    """aiokafka's own "Unable connect to" line is dropped: the worker's one line carries it (or, when another
+    server answered, one warning)."""
+    client_log = logging.getLogger("aiokafka")
+    settings = KafkaSettings(bootstrap_servers="a:1,b:2")
+    with caplog.at_level(logging.INFO):
+        with explain_connection_errors(settings):
+            client_log.error('Unable connect to "%s:%s": %s', "a", 1, ConnectionRefusedError(111, "refused"))
+        with pytest.raises(KafkaConnectError) as failed, explain_connection_errors(settings):
+            client_log.error('Unable connect to "%s:%s": %s', "b", 2, TimeoutError())
+            raise KafkaConnectionError("Unable to bootstrap from [...]")
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("worker.connection", "WARNING", "some bootstrap servers failed")
+    ]
+    assert str(failed.value) == "cannot connect to Kafka at a:1,b:2 over PLAINTEXT: TimeoutError: no answer"
 
 
 # --------------------------------------------------------------------------- brokers and workers
