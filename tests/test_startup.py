@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -31,6 +31,7 @@ from worker.connection import CoordinatorNotReadyYet, explain_connection_errors
 from worker.errors import KafkaConnectError
 from worker.metrics import Metrics
 from worker.sample import generate
+from worker.source import Source
 from worker.topics import RECHECK_SECONDS, TopicWatch, exact_pattern
 
 MISSING = "source topic missing; waiting for it to be created (the worker never creates source topics)"
@@ -104,6 +105,21 @@ def test_bootstrap_failures_are_told_once_by_the_worker(caplog: pytest.LogCaptur
         ("worker.connection", "WARNING", "some bootstrap servers failed")
     ]
     assert str(failed.value) == "cannot connect to Kafka at a:1,b:2 over PLAINTEXT: TimeoutError: no answer"
+
+
+async def test_the_fetcher_cannot_narrow_the_pattern_subscription_to_one_named_topic() -> None:
+    """What aiokafka's fetcher does for a partition its metadata lacks: with the topic added by name, every
+    later refresh would ask for that topic alone (auto-creating it) and the pattern would lose the others."""
+    settings = Settings.model_validate({"personalize": {"tracking_id": "t"}, "kafka": {"topics": ["a", "b"]}})
+    source = Source(settings, cast(Any, None), Metrics())
+    try:
+        client = source.consumer._client
+        refreshed = client.add_topic("a")
+        assert client._topics == set()  # empty: every topic
+        assert client._md_update_fut is not None  # ... and a refresh of all of them is on its way
+        refreshed.cancel()
+    finally:
+        await source.consumer.stop()  # never started: closed only so it warns of nothing
 
 
 # --------------------------------------------------------------------------- brokers and workers
@@ -388,3 +404,41 @@ def test_check_warns_when_the_broker_will_not_describe_its_config(capsys: pytest
         f"({refused}); create it: kafka-topics.sh --bootstrap-server localhost:9092 --create --topic a.dlq",
         "[WARN] dead-letter sizes: the source topics' max.message.bytes could not be read (DescribeConfigs)",
     ]
+
+
+@pytest.mark.kafka
+async def test_a_source_topic_deleted_while_running_is_not_recreated_and_the_others_go_on(
+    worker_factory: WorkerFactory, emulator: EmulatorProcess
+) -> None:
+    """On a broker that auto-creates topics: a request naming the deleted topic would bring it back, empty."""
+    bootstrap = worker_factory.broker.bootstrap
+    gone, stays = await create_topic(bootstrap, name("gone"), 1), await create_topic(bootstrap, name("stays"), 1)
+    dlq = await create_topic(bootstrap, f"{stays}.dlq", 1)
+    group = f"{stays}-group"
+    first = generate(200, seed=21, duplicate_rate=0.0, malformed_rate=0.0)
+    await load(bootstrap, gone, first)
+    await load(bootstrap, stays, first)
+    worker = worker_factory(worker_factory.config(stays, dlq, group, kafka={"topics": [gone, stays]}))
+    await wait_committed(bootstrap, group, stays, timeout=120)
+    await wait_committed(bootstrap, group, gone, timeout=60)
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([gone])
+    finally:
+        await admin.close()
+
+    def missing() -> bool:
+        status, reason = readyz(worker)
+        return status == 503 and f"source topic {gone!r} does not exist" in reason
+
+    await until(missing, 90, "/readyz naming the deleted topic")
+    assert metric(worker, "source_topics_missing") == 1
+    second = generate(200, seed=22, duplicate_rate=0.0, malformed_rate=0.0)
+    await load(bootstrap, stays, second)
+    await wait_committed(bootstrap, group, stays, timeout=120)
+    await asyncio.sleep(2 * RECHECK_SECONDS)
+    assert gone not in await topics_of(bootstrap), "the worker re-created a deleted source topic"
+    assert len(log_lines(worker, MISSING)) == 1, worker.log_tail()
+    assert valid_ids(second) <= set(received(await asyncio.to_thread(emulator.events)))

@@ -16,7 +16,7 @@ from worker.connection import CoordinatorNotReadyYet, explain_connection_errors,
 from worker.metrics import Metrics
 from worker.offsets import AHEAD_PREFIX, MetadataError, decode_ahead
 from worker.pipeline import Pipeline
-from worker.topics import RECHECK_SECONDS, WATCH_SECONDS, TopicWatch, exact_pattern
+from worker.topics import RECHECK_SECONDS, WATCH_SECONDS, TopicWatch, exact_pattern, keep_watching_every_topic
 
 __all__ = ["Source", "explain_connection_errors", "kafka_security"]
 """The last two moved to worker.connection; still importable from here for code written before."""
@@ -54,6 +54,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             isolation_level="read_committed",
             **kafka_security(k),
         )
+        keep_watching_every_topic(self.consumer._client)
         self._commit_lock = asyncio.Lock()
         self._paused: set[TopicPartition] = set()
         self.metadata_limit = k.commit_metadata_max_bytes

@@ -40,6 +40,18 @@ def exact_pattern(topics: Sequence[str]) -> str:
     return "(?:" + "|".join(re.escape(topic) for topic in topics) + r")\Z"
 
 
+def keep_watching_every_topic(client: Any) -> None:
+    """Keep a pattern-subscribed consumer's metadata requests about every topic.
+
+    aiokafka's fetcher, meeting a partition its metadata does not know yet (one just added to a topic, and
+    assigned by a group leader that saw it first), adds its topic to the client's list; from then on the
+    client asks about that topic alone, by name: auto-created if deleted meanwhile, and the only topic the
+    pattern still sees, so the others would drop out of the subscription. A refresh of every topic answers
+    the fetcher just as well.
+    """
+    client.add_topic = lambda topic: client.force_metadata_update()
+
+
 def describe_missing(missing: Sequence[str]) -> str:
     names = ", ".join(repr(topic) for topic in missing)
     return f"source topic {names} does not exist" if len(missing) == 1 else f"source topics {names} do not exist"
