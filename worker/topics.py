@@ -64,23 +64,21 @@ class TopicWatch:
         self._topics = tuple(topics)
         self._metrics = metrics
         self.missing: tuple[str, ...] = ()
-        self.checked = False
-        """Whether the cluster has been asked at least once: until then nothing is known to be missing."""
+        self._checked = False
 
     @property
     def reason(self) -> str | None:
         if not self.missing:
             return None
-        return f"{describe_missing(self.missing)}; waiting for it (the worker never creates source topics)"
+        return f"{describe_missing(self.missing)}; waiting (the worker never creates source topics)"
 
     def missing_in(self, present: Collection[str]) -> tuple[str, ...]:
         return tuple(topic for topic in self._topics if topic not in present)
 
-    def update(self, present: Collection[str]) -> bool:
-        """Record what the cluster has; True when a topic that was missing has appeared."""
+    def update(self, present: Collection[str]) -> None:
+        """Record what the cluster has (the first time, and at each change, in the gauge and the log)."""
         missing = self.missing_in(present)
-        appeared = bool(set(self.missing) - set(missing))
-        if missing != self.missing or not self.checked:
+        if missing != self.missing or not self._checked:
             self._metrics.source_topics_missing.set(len(missing))
             if missing:
                 # Once per change, not per metadata refresh: the gauge and /readyz carry it meanwhile.
@@ -91,8 +89,7 @@ class TopicWatch:
             elif self.missing:
                 log.info("source topics present", extra={"topics": list(self._topics)})
         self.missing = missing
-        self.checked = True
-        return appeared
+        self._checked = True
 
     def fail_if_missing(self, present: Collection[str]) -> None:
         """For `--until-drained`: a missing topic is an error now (its one line), not something to wait for."""
