@@ -112,6 +112,10 @@ class EmulatorProcess:
         raw = _http(f"{self.url}/_emulator/events", timeout=120, context=self.context)
         return [orjson.loads(line) for line in raw.splitlines() if line]
 
+    def config(self) -> dict[str, Any]:
+        result: dict[str, Any] = orjson.loads(_http(f"{self.url}/_emulator/config", context=self.context))
+        return result
+
     def configure(self, **changes: Any) -> dict[str, Any]:
         result: dict[str, Any] = orjson.loads(
             _http(f"{self.url}/_emulator/config", orjson.dumps(changes), context=self.context)

@@ -28,12 +28,14 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from worker.emulator import RunningEmulator, run_emulator
+from worker.emulator.faults import DOCUMENTED_QUOTAS
 
 REGION = "us-east-1"
 ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/shop/ITEMS"
 CLIENT_CONFIG = AioConfig(parameter_validation=False, retries={"total_max_attempts": 1})
 NO_FAULTS: dict[str, Any] = {
     "max_tps": None,
+    "quotas": dict.fromkeys(DOCUMENTED_QUOTAS),
     "latency_ms": 0,
     "jitter_ms": 0,
     "error_rate": 0,
@@ -44,6 +46,9 @@ NO_FAULTS: dict[str, Any] = {
     "fail_item_ids": None,
     "access_denied": False,
     "max_body_bytes": None,
+    "dataset_arns": None,
+    "tracker_groups": None,
+    "clock_skew_seconds": 0.0,
 }
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MISSING: Any = object()  # marks a member to leave out of a request

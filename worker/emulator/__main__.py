@@ -1,0 +1,7 @@
+"""``python -m worker.emulator``."""
+
+import sys
+
+from worker.emulator.cli import main
+
+sys.exit(main())
