@@ -22,6 +22,7 @@ from worker.pipeline import Pipeline, Record
 
 if TYPE_CHECKING:
     from worker.offsets import PartitionOffsets
+    from worker.routes import Routes
     from worker.schemas import Schemas
 
 log = logging.getLogger(__name__)
@@ -97,12 +98,16 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(
         self,
         settings: Settings,
-        pipeline: Pipeline,
+        pipeline: Pipeline | Routes,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         schemas: Schemas | None = None,
+        topics: Sequence[str] | None = None,
     ) -> None:
+        """`pipeline`: one Pipeline, or every route's (`routes.Routes`) routed by topic; `topics`: what to
+        subscribe to (default: `kafka.topics`, the single flow's)."""
         k = settings.kafka
+        self._topics = list(topics if topics is not None else k.topics)
         self._settings = settings
         self._pipeline = pipeline
         self._metrics = metrics
@@ -137,7 +142,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         """A poll whose schemas the registry has not given yet: every partition stays paused until it has."""
 
     async def start(self) -> None:
-        self.consumer.subscribe(topics=list(self._settings.kafka.topics), listener=self)
+        self.consumer.subscribe(topics=self._topics, listener=self)
         await self.consumer.start()
 
     async def stop(self) -> None:
@@ -317,12 +322,12 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
                 "a session holds more than batching.max_session_events; holding its partitions until it catches up",
                 extra={
                     "partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in crowded),
-                    "sessions": len(self._pipeline.batcher.crowded),
+                    "sessions": self._pipeline.sessions_crowded,
                 },
             )
         self._held = crowded
         self._metrics.partitions_held.set(len(crowded))
-        self._metrics.sessions_crowded.set(len(self._pipeline.batcher.crowded))
+        self._metrics.sessions_crowded.set(self._pipeline.sessions_crowded)
 
     # --- committing -----------------------------------------------------------------------------
 
