@@ -445,3 +445,20 @@ async def test_a_poison_event_at_the_emulator_is_isolated(running: RunningEmulat
     assert "InternalFailure" in rejected[0].message
     mine = [e["eventId"] for e in running.emulator.events() if e["sessionId"] == "sess-poison"]
     assert mine == [f"e-{n}" for n in range(10) if n != 6]
+
+
+async def test_a_session_whose_call_is_being_retried_is_known_until_the_call_ends() -> None:
+    """The watchdog says a stuck record waits on `retry` (not merely `call`) from this."""
+    sink, client, _ = fake_sink()
+    client.down, client.down_sessions = SERVER_ERROR, {"main"}
+    retried = asyncio.Event()
+    client.on_call = lambda fake: retried.set() if len(fake.calls) >= 3 else None
+    delivering = asyncio.create_task(sink.deliver("main", None, batch("main", 2), 0.0))
+    await retried.wait()
+    assert sink.retrying == {"main": 1}
+    assert await sink.deliver("other", None, batch("other", 1), 0.0) == []
+    assert "other" not in sink.retrying, "a call that went through at once was never retried"
+    client.down = None
+    async with asyncio.timeout(30):
+        assert await delivering == []
+    assert sink.retrying == {}

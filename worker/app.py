@@ -145,7 +145,11 @@ class Worker:
         return None
 
     def is_retrying(self, batch: Batch[Any, Item]) -> bool:
-        return any(sink.last_error is not None for sink in self.sinks)
+        """Whether the batch's call is being retried: its sink marks the first argument it was delivered
+        with (the session; an items/users/actions route's destination; see `Pipeline._deliver`)."""
+        key = batch.key
+        first = key if isinstance(key, str) else key[1] if len(key) == 3 else key[0]
+        return any(first in sink.retrying for sink in self.sinks)
 
     def handing_over(self) -> bool:
         return self.source.handing_over

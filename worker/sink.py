@@ -336,6 +336,8 @@ class Sink:
         """The latest unresolved call error's code (never the service's message), for the stall reason."""
         self.refused: str | None = None
         """While PutEvents refuses the request itself: the /readyz reason. Cleared by the next accepted call."""
+        self.retrying: dict[str, int] = {}
+        """Sessions with calls that failed and are being retried (how many): for the watchdog."""
         self._alarm_logged: dict[str, float] = {}
         self._warned: dict[str, float] = {}
         self._episode_logged = False
@@ -430,43 +432,53 @@ class Sink:
         metrics = self._metrics
         route = self._route
         health = self.health
-        while True:
-            await self.limiter.acquire()
-            started = time.perf_counter()
-            self.in_flight += 1
-            try:
-                await self.client.put_events(body)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # every failure is classified; none escapes
-                verdict = classify(error)
-                healthy = health.healthy_since(tries.since)
-                health.failed += 1
-                tries.since = health.mark()
-                action = tries.failed(verdict, healthy)
-                metrics.calls.labels(verdict.outcome).inc()
-                route.calls.get(verdict.outcome, route.calls["error"]).inc()
-                if action is Action.SPLIT or action is Action.DEAD_LETTER:
-                    return verdict
-                self._retrying(verdict, action)
-                metrics.retries.inc()
-                await asyncio.sleep(self._backoff.delay(tries.attempt))
-                continue
-            finally:
-                self.in_flight -= 1
-                metrics.call_latency.observe(time.perf_counter() - started)
-            health.accepted += 1
-            self.last_error = None
-            if self.refused is not None:
-                self._alarm_over()
-            metrics.calls_ok.inc()
-            route.calls_ok.inc()
-            metrics.events_sent.inc(len(events))
-            route.sent.inc(len(events))
-            metrics.events_per_call.observe(len(events))
-            # Once per call, for the first (in session order, the oldest) event: a bound for the rest.
-            metrics.event_age.observe(time.time() - sent_at)
-            return None
+        marked = False
+        try:
+            while True:
+                await self.limiter.acquire()
+                started = time.perf_counter()
+                self.in_flight += 1
+                try:
+                    await self.client.put_events(body)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # every failure is classified; none escapes
+                    verdict = classify(error)
+                    healthy = health.healthy_since(tries.since)
+                    health.failed += 1
+                    tries.since = health.mark()
+                    action = tries.failed(verdict, healthy)
+                    metrics.calls.labels(verdict.outcome).inc()
+                    route.calls.get(verdict.outcome, route.calls["error"]).inc()
+                    if action is Action.SPLIT or action is Action.DEAD_LETTER:
+                        return verdict
+                    self._retrying(verdict, action)
+                    if not marked:  # the watchdog tells a record waiting on a retried call from one in a call
+                        marked = True
+                        self.retrying[session_id] = self.retrying.get(session_id, 0) + 1
+                    metrics.retries.inc()
+                    await asyncio.sleep(self._backoff.delay(tries.attempt))
+                    continue
+                finally:
+                    self.in_flight -= 1
+                    metrics.call_latency.observe(time.perf_counter() - started)
+                health.accepted += 1
+                self.last_error = None
+                if self.refused is not None:
+                    self._alarm_over()
+                metrics.calls_ok.inc()
+                route.calls_ok.inc()
+                metrics.events_sent.inc(len(events))
+                route.sent.inc(len(events))
+                metrics.events_per_call.observe(len(events))
+                # Once per call, for the first (in session order, the oldest) event: a bound for the rest.
+                metrics.event_age.observe(time.time() - sent_at)
+                return None
+        finally:
+            if marked:
+                left = self.retrying.pop(session_id) - 1
+                if left:
+                    self.retrying[session_id] = left
 
     def _retrying(self, verdict: Verdict, action: Action) -> None:
         if action is Action.ALARM:
