@@ -263,6 +263,7 @@ class WorkerSettings(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
+
 RouteOperation = Literal["events", "items", "users", "actions", "action_interactions"]
 ROUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 """A route's name is a metric label value and a log field: short, lower case, no surprises."""
@@ -374,7 +375,9 @@ class RouteSettings(_Section):
         try:
             return model.model_validate(value)
         except ValidationError as error:
-            problems = [f"{_where(item['loc'])}: {item['msg'].removeprefix('Value error, ')}" for item in error.errors()]
+            problems = [
+                f"{_where(item['loc'])}: {item['msg'].removeprefix('Value error, ')}" for item in error.errors()
+            ]
             raise ValueError("; ".join(problems)) from None
 
     @model_validator(mode="after")

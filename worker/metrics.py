@@ -203,7 +203,10 @@ class Metrics:
             registry=r,
         )
         self.route_calls = Counter(
-            f"{p}_route_calls", "Personalize calls per route (any operation) by outcome.", ["route", "outcome"], registry=r
+            f"{p}_route_calls",
+            "Personalize calls per route (any operation) by outcome.",
+            ["route", "outcome"],
+            registry=r,
         )
         self.route_rate_limit = Gauge(
             f"{p}_route_rate_limit_requests_per_second",

@@ -322,7 +322,17 @@ class Pipeline:
                 state.finish(record.offset)
                 continue
             record_id, order, member = converted
-            item = (serial, record.offset, destination, record_id, order, member, record.key, record.value, record.headers)
+            item = (
+                serial,
+                record.offset,
+                destination,
+                record_id,
+                order,
+                member,
+                record.key,
+                record.value,
+                record.headers,
+            )
             if coalescer is not None:
                 older = coalescer.add(destination, record_id, item, serial, record.offset, now)
                 if older is not None:
