@@ -375,9 +375,7 @@ class RouteSettings(_Section):
         try:
             return model.model_validate(value)
         except ValidationError as error:
-            problems = [
-                f"{_where(item['loc'])}: {item['msg'].removeprefix('Value error, ')}" for item in error.errors()
-            ]
+            problems = [f"{_where(item['loc'])}: {_message(item)}" for item in error.errors()]
             raise ValueError("; ".join(problems)) from None
 
     @model_validator(mode="after")
@@ -513,16 +511,17 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return text or "(top level)"
 
 
+def _message(item: Any) -> str:
+    """One pydantic error in the words of the other key errors."""
+    if item["type"] == "extra_forbidden":
+        return "unknown key"
+    if item["type"] == "missing":
+        return "required key is missing"
+    return str(item["msg"]).removeprefix("Value error, ")
+
+
 def _describe(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        where = _where(item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif item["type"] == "missing":
-            message = "required key is missing"
-        lines.append(f"  {where}: {message}")
+    lines = [f"  {_where(item['loc'])}: {_message(item)}" for item in error.errors()]
     return "invalid configuration:\n" + "\n".join(lines)
 
 

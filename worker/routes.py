@@ -84,10 +84,8 @@ def resolve(settings: Settings) -> list[Route]:
     routes = []
     for r in settings.routes:
         spec = SPECS[r.operation]
-        if r.trackers:
-            destinations = tuple(sorted(r.trackers.items()))
-        else:
-            destinations = (("", r.tracking_id or r.dataset_arn),)
+        # One unnamed destination, or the trackers of an events route that picks one per record.
+        destinations = tuple(sorted(r.trackers.items())) or (("", r.tracking_id or r.dataset_arn),)
         sessions = bool(spec.session_members)
         routes.append(
             Route(
@@ -166,10 +164,8 @@ def converter(route: Route) -> Callable[[bytes | None], Converted | None]:
     dumps = orjson.dumps
 
     def convert(value: bytes | None) -> Converted | None:
-        if envelope == "none":
-            obj = _decode(value)
-        else:  # a null or empty value is a tombstone
-            obj = _decode(value) if value else None
+        # With an envelope, a null or empty value is a tombstone.
+        obj = _decode(value) if value or envelope == "none" else None
         row = unwrap(obj, "debezium" if envelope == "debezium" else "none")
         if row is DELETE:
             return None
