@@ -25,10 +25,11 @@ BASE = '[personalize]\nregion = "us-east-1"\n'
 
 def route(**keys: Any) -> str:
     body = {"name": "r", "topics": ["t"], "dead_letter_topic": "t.dlq", **keys}
+    extra: str = keys.get("extra", "")
     return (
         "[[routes]]\n"
         + "\n".join(f"{k} = {orjson.dumps(v).decode()}" for k, v in body.items() if k != "extra")
-        + ("\n" + keys.get("extra", ""))
+        + ("\n" + extra)
     )
 
 
@@ -130,7 +131,7 @@ async def test_items_route_coalesces_by_id_and_finishes_deletes(tmp_path: Path) 
     (items,) = resolve(settings)
     now = [100.0]
     sink, metrics = Calls(), Metrics()
-    pipeline = Pipeline(settings, sink, Letters(), metrics, quota=RateLimiter(1000), clock=lambda: now[0], route=items)  # type: ignore[arg-type]
+    pipeline = Pipeline(settings, sink, Letters(), metrics, quota=RateLimiter(1000), clock=lambda: now[0], route=items)
     tp = TopicPartition("t", 0)
     values = [change("c", "a", 1), change("u", "a", 2), change("c", "b", 5), None, change("u", "a", 3)]
     pipeline.ingest(tp, [Record(n, v) for n, v in enumerate(values)])
@@ -160,7 +161,7 @@ async def test_events_route_with_trackers_keys_calls_by_tracker(tmp_path: Path) 
     sinks = {"trk-a": Calls(), "trk-b": Calls()}
     pipeline = Pipeline(
         settings, sinks["trk-a"], Letters(), Metrics(), quota=RateLimiter(1000), route=clicks, sinks=sinks
-    )  # type: ignore[arg-type]
+    )
 
     def event(n: int, site: str) -> bytes:
         return orjson.dumps(

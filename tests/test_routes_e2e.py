@@ -49,7 +49,7 @@ async def test_four_routes_deliver_exactly_with_dead_letters_and_commits(
     dlqs = [await topic_factory(partitions=1) for _ in range(4)]
     now = time.time()
 
-    events = [
+    events: list[dict[str, Any]] = [
         {
             "event_id": f"e{n}",
             "session_id": f"s{n % 5}",
@@ -101,7 +101,7 @@ async def test_four_routes_deliver_exactly_with_dead_letters_and_commits(
     sections = worker_factory.config(clicks, dlqs[0], group)
     sections["personalize"].pop("tracking_id")
     del sections["kafka"]["topics"], sections["mapping"], sections["dead_letter"]
-    routes = [
+    routes: list[dict[str, Any]] = [
         {
             "name": "clicks",
             "topics": [clicks],
