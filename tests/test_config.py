@@ -85,8 +85,11 @@ def test_environment_overrides_toml_and_is_coerced(tmp_path: Path) -> None:
 
 
 def test_json_list_override_for_topics() -> None:
-    settings = load_settings(None, environ={"PW_PERSONALIZE__TRACKING_ID": "t", "PW_KAFKA__TOPICS": '["a,b", "c"]'})
-    assert settings.kafka.topics == ("a,b", "c")
+    settings = load_settings(None, environ={"PW_PERSONALIZE__TRACKING_ID": "t", "PW_KAFKA__TOPICS": '["a.b", "c"]'})
+    assert settings.kafka.topics == ("a.b", "c")
+    # JSON is not split at commas: the element stays one (invalid) topic name, and says so.
+    message = error_of(None, {"PW_PERSONALIZE__TRACKING_ID": "t", "PW_KAFKA__TOPICS": '["a,b", "c"]'})
+    assert "kafka.topics: 'a,b' is not a valid Kafka topic name" in message
 
 
 @pytest.mark.parametrize(
@@ -252,3 +255,42 @@ def test_schema_registry_password_is_masked(tmp_path: Path) -> None:
     assert settings.schema_registry.url == "https://r:8081"
     assert settings.schema_registry.password is not None
     assert "s3cret" not in orjson.dumps(redacted(settings)).decode()
+
+
+# --- rules `run` used to meet only at start-up: now every command refuses them first ---------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("PW_KAFKA__TOPICS", "clicks,bad topic", "kafka.topics: 'bad topic' is not a valid Kafka topic name"),
+        ("PW_KAFKA__TOPICS", "x" * 250, "is not a valid Kafka topic name"),
+        ("PW_DEAD_LETTER__TOPIC", "dlq/1", "dead_letter.topic: 'dlq/1' is not a valid Kafka topic name"),
+        ("PW_KAFKA__BOOTSTRAP_SERVERS", "broker:abc", "kafka.bootstrap_servers: 'broker:abc': the port must be"),
+        ("PW_KAFKA__BOOTSTRAP_SERVERS", "a:9092,,b:9092", "kafka.bootstrap_servers: '' is not host:port"),
+        ("PW_KAFKA__BOOTSTRAP_SERVERS", "a:99999", "the port must be a number from 1 to 65535"),
+        ("PW_KAFKA__GROUP_ID", "", "kafka.group_id"),
+        ("PW_KAFKA__AWS_REGION", "us east 1", "kafka.aws_region: 'us east 1' is not a region name"),
+        ("PW_PERSONALIZE__REGION", "-us-east-1", "personalize.region: '-us-east-1' is not a region name"),
+        ("PW_PERSONALIZE__ENDPOINT_URL", "localhost:8787", "personalize.endpoint_url: 'localhost:8787' is not an"),
+        ("PW_PERSONALIZE__ENDPOINT_URL", "ftp://h", "personalize.endpoint_url: 'ftp://h' is not an http(s) URL"),
+        ("PW_MAPPING__PROPERTIES", "a.page_category,b.pageCategory", "both become property 'pageCategory'"),
+    ],
+)
+def test_values_run_would_refuse_at_start_up_are_config_errors(key: str, value: str, says: str) -> None:
+    assert says in error_of(None, {"PW_PERSONALIZE__TRACKING_ID": "t", key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("PW_KAFKA__BOOTSTRAP_SERVERS", "b-1.msk.example.com:9098, b-2.msk.example.com:9098"),
+        ("PW_KAFKA__BOOTSTRAP_SERVERS", "localhost"),
+        ("PW_KAFKA__BOOTSTRAP_SERVERS", "[::1]:9092,::1"),
+        ("PW_KAFKA__TOPICS", "clicks.v1,_internal-2"),
+        ("PW_PERSONALIZE__ENDPOINT_URL", "https://personalize-events.eu-west-1.amazonaws.com"),
+        ("PW_PERSONALIZE__REGION", "eu-west-1"),
+    ],
+)
+def test_usual_values_pass(key: str, value: str) -> None:
+    load_settings(None, {"PW_PERSONALIZE__TRACKING_ID": "t", key: value})

@@ -97,6 +97,7 @@ def test_alert_rules_pass_promtool() -> None:
         "PersonalizeWorkerDeadLetterBlocked",
         "PersonalizeWorkerPutEventsRefused",
         "PersonalizeWorkerEventsRetriesExhausted",
+        "PersonalizeWorkerSourceTopicMissing",
     } <= alerts
 
 

@@ -178,7 +178,7 @@ def test_map_dry_run_shows_calls_and_reasons(tmp_path: Path) -> None:
         ]
     )
     result = run_cli("map", "--config", str(config), stdin=lines)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # two lines would be dead-lettered
     out = [orjson.loads(line) for line in result.stdout.splitlines()]
     assert out[0]["call"] == out[1]["call"] == 0 and out[0]["request"]["sessionId"] == "s1"
     assert out[2]["call"] == 1 and out[2]["event"]["eventId"] == "x"

@@ -271,6 +271,14 @@ async def test_wrong_password_fails_fast_naming_the_problem(secure: Secure, fact
     assert AUTH_FAILED.search(output), output
     assert "kafka.sasl_password" in output, output
     assert wrong not in output
+    # The whole of stderr is the worker's JSON lines: no aiokafka copy of the cause, no "Unclosed ..." warning.
+    lines = [orjson.loads(line) for line in output.splitlines()]
+    assert [(line["level"], line["msg"]) for line in lines] == [
+        ("info", "starting"),
+        ("info", "Found credentials in environment variables."),
+        ("error", "worker failed"),
+        ("info", "stopped"),
+    ], output
 
 
 async def test_check_names_the_wrong_password(secure: Secure, emulator: EmulatorProcess, tmp_path: Path) -> None:

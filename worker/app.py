@@ -7,7 +7,7 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from worker import codecs
 from worker.batching import Batch
 from worker.config import Settings, redacted
+from worker.connection import explain_connection_errors, kafka_security
 from worker.deadletter import DeadLetterWriter
 from worker.health import Watchdog
 from worker.metrics import Metrics, MetricsServer
@@ -22,7 +23,8 @@ from worker.offsets import OffsetTracker
 from worker.pipeline import Item, Pipeline
 from worker.routes import Quotas, Routes, resolve
 from worker.sink import Sink
-from worker.source import Source, explain_connection_errors, kafka_security
+from worker.source import Source
+from worker.topics import cluster_topics
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,8 @@ class Worker:
     def readiness(self) -> tuple[bool, str]:
         if self._failure:
             return False, f"failed, stopping: {self._failure}"
+        if self.source.topics.reason:
+            return False, self.source.topics.reason
         if not self.source.assigned_once.is_set():
             return False, "waiting for a partition assignment"
         blocked = self.dead_letters_blocked()
@@ -154,15 +158,18 @@ class Worker:
     def handing_over(self) -> bool:
         return self.source.handing_over
 
-    async def run(self) -> int:
+    async def run(self, *, stop_requested_before: Callable[[], bool] = lambda: False) -> int:
         """Run until SIGTERM/SIGINT (or, with `until_drained`, until every assigned partition is done).
 
         Exit code 0 only when nothing failed; any failure, at start-up or of any loop at any time, gives
-        one error line naming the cause, a "stopped" line with clean=false, and exit code 1.
+        one error line naming the cause, a "stopped" line with clean=false, and exit code 1. A stop asked
+        for during start-up ends it at once with exit code 0: nothing was fetched, so nothing is unfinished.
         """
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
+        if stop_requested_before():  # a signal caught before these handlers (see cli._EarlyStop)
+            self.stop_requested.set()
         try:
             return await self._run()
         finally:
@@ -174,10 +181,23 @@ class Worker:
         absent = codecs.missing()
         if absent:
             log.warning("compression codecs unavailable", extra={"codecs": absent, "hint": codecs.HINT})
-        try:
-            await self._start()
-        except Exception as error:
+        # Start-up can wait long (an unreachable broker: aiokafka's 40 s per attempt; a group to join): a
+        # stop asked for meanwhile must not wait for it.
+        starting = asyncio.ensure_future(self._start())
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        await asyncio.wait([starting, stop], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            log.info("stop requested during start-up; stopping")
+            await self._close()
+            self._log_stopped(clean=True)
+            return 0
+        error = starting.exception()
+        if error is not None:
             self._fail("start-up", error, traceback=False)  # the message says what; a traceback adds nothing
+            stop.cancel()
+            await asyncio.gather(stop, return_exceptions=True)
             await self._close()
             self._log_stopped(clean=False)
             return 1
@@ -187,9 +207,9 @@ class Worker:
             self._spawn(self.pipeline.run_dispatcher(), "dispatch"),
             self._spawn(self.pipeline.run_dead_letters(), "dead-letters"),
             self._spawn(self._commit_loop(), "commit"),
+            self._spawn(self.source.watch_topics(), "topics"),
         ]
         # A loop that ends sets stop_requested through `_loop_ended`, as a signal or the drained check do.
-        stop = asyncio.ensure_future(self.stop_requested.wait())
         await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
         await self.shutdown(tasks, stop)
         # Records left unfinished by the drain budget are not lost, only re-read after a restart: exit 0.
@@ -199,15 +219,15 @@ class Worker:
         await self.server.start(self.settings.metrics.host, self.settings.metrics.port)
         await asyncio.gather(*(sink.start() for sink in self.sinks))
         with explain_connection_errors(self.settings.kafka):
-            # Together: each waits mostly on the broker (the consumer on joining its group).
-            producing = asyncio.ensure_future(asyncio.gather(*(w.start() for w in self.letter_writers)))
-            try:
-                await self.source.start()
-            except BaseException:
-                producing.cancel()
-                await asyncio.gather(producing, return_exceptions=True)
-                raise
-            await producing
+            # Together: every route's dead-letter producer (each waits mostly on the broker).
+            await asyncio.gather(*(w.start() for w in self.letter_writers))
+            # Which source topics exist, before joining the group: a backfill has nothing to drain from a
+            # missing one (and must not make the group rebalance for nothing); a service waits for it.
+            present = await cluster_topics(await self.dead_letters.kafka_client())
+            if self.until_drained:
+                self.source.topics.fail_if_missing(present)
+            self.source.topics.update(present)
+            await self.source.start()
         self.metrics.rate_limit.set(self.sink.limiter.rate)
         self.metrics.commit_metadata_limit.set(self.source.metadata_limit)
         tune_garbage_collector()
@@ -218,7 +238,7 @@ class Worker:
         Returns whether the stop was clean: everything fetched finished and committed, and nothing failed.
         """
         budget = self.settings.worker.drain_timeout_seconds
-        fetch, dispatch, dead_letters, committer = tasks
+        fetch, dispatch, dead_letters, committer, topics = tasks
         self._closing = True  # from here on, loops end because they are told to
         drained = False
         try:
@@ -252,9 +272,9 @@ class Worker:
         finally:
             # 5. Stop the loops, leave the group, close the clients.
             stop.cancel()
-            for task in (dispatch, dead_letters, committer, fetch):
+            for task in (dispatch, dead_letters, committer, fetch, topics):
                 task.cancel()
-            await asyncio.gather(dispatch, dead_letters, committer, fetch, stop, return_exceptions=True)
+            await asyncio.gather(dispatch, dead_letters, committer, fetch, topics, stop, return_exceptions=True)
             await self._close()
         clean = drained and self._failure is None
         self._log_stopped(clean)

@@ -4,24 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import aioboto3
 from aiobotocore.config import AioConfig
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from botocore.exceptions import ClientError, ProxyConnectionError
 
 from worker import codecs
 from worker.config import Settings
+from worker.connection import explain_connection_errors, kafka_security
+from worker.errors import WorkerError
 from worker.proxy import Proxy, client_options, resolve_proxy, status_text
 from worker.retry import INVALID_CODES
-from worker.source import explain_connection_errors, kafka_security
+
+MAX_BYTES = "max.message.bytes"
+DLQ_HEADROOM_BYTES = 16 * 1024
+"""Room a dead letter needs above its source record: the dlq.* headers (the reason message alone is up to
+2,000 characters, 8 KB as UTF-8; the topic name; numbers) and the record's own framing."""
 
 
-def _say(ok: bool, what: str, detail: str = "") -> bool:
-    mark = "ok  " if ok else "FAIL"
+def _say(ok: bool | None, what: str, detail: str = "") -> bool:
+    """One line: ok, FAIL, or (None) WARN, which does not fail the check."""
+    mark = "ok  " if ok else "WARN" if ok is None else "FAIL"
     print(f"[{mark}] {what}" + (f": {detail}" if detail else ""), flush=True)
-    return ok
+    return ok is not False
 
 
 def check_codecs() -> bool:
@@ -32,28 +41,144 @@ def check_codecs() -> bool:
     return _say(True, "compression codecs", ", ".join(codecs.CODECS))
 
 
+@dataclass
+class _Cluster:
+    """What `check` learns from the cluster; None where the broker would not say (ACLs), with why."""
+
+    topics: set[str]
+    partitions: dict[str, int]
+    max_message_bytes: dict[str, int]
+    broker: dict[str, str] | None
+    broker_error: str = ""
+
+
+async def _configs(admin: AIOKafkaAdminClient, resources: list[ConfigResource]) -> dict[str, dict[str, str]]:
+    """name → {config: value} for each resource the broker described (resources it refused are left out)."""
+    found: dict[str, dict[str, str]] = {}
+    for response in await admin.describe_configs(resources):
+        for resource in response.to_object()["resources"]:
+            if resource["error_code"] == 0:
+                entries = resource["config_entries"]
+                found[resource["resource_name"]] = {e["config_names"]: e["config_value"] for e in entries}
+    return found
+
+
+async def _describe(admin: AIOKafkaAdminClient, settings: Settings) -> _Cluster:
+    # list_topics asks for every topic: unlike a request naming one, it never creates a topic.
+    topics = set(await admin.list_topics())
+    wanted = [t for t in (*settings.kafka.topics, settings.dead_letter.topic) if t in topics]
+    described = await admin.describe_topics(wanted) if wanted else []
+    limits = await _configs(admin, [ConfigResource(ConfigResourceType.TOPIC, t, {MAX_BYTES: None}) for t in wanted])
+    cluster = _Cluster(
+        topics=topics,
+        partitions={d["topic"]: len(d["partitions"]) for d in described},
+        max_message_bytes={t: int(c[MAX_BYTES]) for t, c in limits.items() if c.get(MAX_BYTES, "").isdigit()},
+        broker=None,
+    )
+    try:
+        brokers = (await admin.describe_cluster())["brokers"]
+        broker_id = str(brokers[0]["node_id"])
+        keys = {"auto.create.topics.enable": None, "message.max.bytes": None, "num.partitions": None}
+        configs = await _configs(admin, [ConfigResource(ConfigResourceType.BROKER, broker_id, keys)])
+        cluster.broker = configs.get(broker_id)
+        if cluster.broker is None:
+            cluster.broker_error = "the broker refused DescribeConfigs"
+    except Exception as error:  # an ACL, most likely: say so, and check the rest
+        cluster.broker_error = f"{type(error).__name__}: {error}"
+    return cluster
+
+
 async def check_kafka(settings: Settings, timeout: float = 15.0) -> bool:
-    admin = AIOKafkaAdminClient(request_timeout_ms=int(timeout * 1000), **kafka_security(settings.kafka))
     where = f"Kafka at {settings.kafka.bootstrap_servers}"
+    try:
+        admin = AIOKafkaAdminClient(request_timeout_ms=int(timeout * 1000), **kafka_security(settings.kafka))
+    except WorkerError as error:  # kafka.ssl_cafile unusable
+        return _say(False, where, str(error))
     try:
         with explain_connection_errors(settings.kafka):
             await asyncio.wait_for(admin.start(), timeout)
-        topics = set(await admin.list_topics())
-        wanted = [t for t in (*settings.kafka.topics, settings.dead_letter.topic) if t in topics]
-        described = await admin.describe_topics(wanted) if wanted else []
+        cluster = await _describe(admin, settings)
     except Exception as error:
         return _say(False, where, f"{type(error).__name__}: {error}")
     finally:
         await admin.close()
-    partitions = {d["topic"]: len(d["partitions"]) for d in described}
-    ok = _say(True, where, f"{len(topics)} topics visible")
+    ok = _say(True, where, f"{len(cluster.topics)} topics visible")
     for topic in settings.kafka.topics:
-        count = partitions.get(topic)
-        ok &= _say(bool(count), f"source topic {topic!r}", f"{count} partitions" if count else "does not exist")
-    dlq = settings.dead_letter.topic
-    detail = "exists" if dlq in topics else "does not exist yet (fine only if the broker auto-creates topics)"
-    _say(True, f"dead-letter topic {dlq!r}", detail)
+        count = cluster.partitions.get(topic)
+        limit = cluster.max_message_bytes.get(topic)
+        detail = f"{count} partitions" + (f", {MAX_BYTES} {limit}" if limit else "")
+        if not count:
+            detail = "does not exist (the worker never creates source topics: create it, or fix kafka.topics)"
+        ok &= _say(bool(count), f"source topic {topic!r}", detail)
+    ok &= _check_dead_letter_topic(settings, cluster)
     return ok
+
+
+def _check_dead_letter_topic(settings: Settings, cluster: _Cluster) -> bool:
+    """Exists, or will be created; and takes the largest source record plus its headers (else that record
+    can never be dead-lettered, and its partition stops committing)."""
+    dlq = settings.dead_letter.topic
+    bootstrap = settings.kafka.bootstrap_servers.split(",")[0].strip()
+    sources = [cluster.max_message_bytes[t] for t in settings.kafka.topics if t in cluster.max_message_bytes]
+    largest = max(sources, default=0)
+    needed = largest + DLQ_HEADROOM_BYTES
+    what = f"dead-letter topic {dlq!r}"
+    broker = cluster.broker or {}
+    auto_create = broker.get("auto.create.topics.enable")
+    ok = True
+    create = f"kafka-topics.sh --bootstrap-server {bootstrap} --create --topic {dlq}" + (
+        f" --config {MAX_BYTES}={needed}" if largest else ""
+    )
+    if dlq in cluster.topics:
+        limit: int | None = cluster.max_message_bytes.get(dlq)
+        _say(True, what, f"exists, {cluster.partitions.get(dlq, 0)} partitions")
+    else:
+        limit = None  # unless the broker creates it: then with its default, message.max.bytes
+        if auto_create == "true":
+            default = broker.get("message.max.bytes", "")
+            limit = int(default) if default.isdigit() else None
+            partitions = broker.get("num.partitions", "?")
+            detail = "does not exist yet; the broker creates it on the first dead letter with its defaults "
+            detail += f"(auto.create.topics.enable=true, num.partitions={partitions}, message.max.bytes={limit})"
+            _say(True, what, detail)
+        elif auto_create == "false":
+            detail = "does not exist, and the broker will not create it (auto.create.topics.enable=false): "
+            detail += f"dead letters would block commits until it exists; create it: {create}"
+            ok = _say(False, what, detail)
+        else:
+            why = cluster.broker_error or "auto.create.topics.enable not reported"
+            detail = f"does not exist, and whether the broker would create it is unknown ({why}); create it: {create}"
+            _say(None, what, detail)
+    if not largest:
+        if any(t in cluster.topics for t in settings.kafka.topics):  # they exist, but their limits went unsaid
+            _say(None, "dead-letter sizes", f"the source topics' {MAX_BYTES} could not be read (DescribeConfigs)")
+        return ok
+    fix = (
+        f"kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {dlq} "
+        f"--add-config {MAX_BYTES}={needed}"
+        if dlq in cluster.topics
+        else f"create it first: {create}"
+    )
+    if limit is not None:
+        ok &= _compare(f"{what} {MAX_BYTES}", limit, largest, fix)
+    elif dlq in cluster.topics:
+        _say(None, f"{what} {MAX_BYTES}", f"could not be read (DescribeConfigs); it must be at least {needed}")
+    producer = settings.dead_letter.max_message_bytes
+    ok &= _compare("dead_letter.max_message_bytes", producer, largest, f"set dead_letter.max_message_bytes = {needed}")
+    return ok
+
+
+def _compare(what: str, limit: int, largest: int, fix: str) -> bool:
+    """FAIL below the largest source record (it can never be dead-lettered); WARN without room for headers."""
+    needed = largest + DLQ_HEADROOM_BYTES
+    numbers = f"{limit} bytes; the largest source topic allows {largest}, a dead letter needs up to {needed}"
+    if limit >= needed:
+        return _say(True, what, numbers)
+    if limit < largest:
+        return _say(
+            False, what, f"{numbers}: larger records could never be dead-lettered and would block commits; {fix}"
+        )
+    return _say(None, what, f"{numbers}: the largest records, with their dlq headers, would be refused; {fix}")
 
 
 async def check_personalize(settings: Settings) -> bool:

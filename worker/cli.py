@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -23,11 +24,29 @@ if TYPE_CHECKING:
 
 
 def _load(path: str) -> Settings:
+    """The settings `run`, `map` and `check` all start from, validated the same way for all three: what
+    would stop `run` at start-up stops the other two first."""
     try:
-        return load_settings(Path(path))
+        settings = load_settings(Path(path))
+        try:
+            Mapper(settings.mapping)  # config validation covers its rules; this keeps it that way
+        except (ValueError, AssertionError) as error:
+            raise ConfigError(f"invalid configuration:\n  mapping: {error}") from None
     except ConfigError as error:
         print(f"personalize-worker: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    return settings
+
+
+class _EarlyStop:
+    """SIGTERM/SIGINT before the worker's loop takes the signals over (imports, building the worker): noted
+    and honoured as soon as it runs, the way a later one is, instead of killing the process mid-way."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.requested = True
 
 
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -41,6 +60,10 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    early = _EarlyStop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, early)
+
     import logging
 
     from worker import logs
@@ -50,7 +73,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(settings.worker.log_level, settings.worker.log_format)
 
     async def main() -> int:
-        return await Worker(settings, until_drained=args.until_drained).run()
+        return await Worker(settings, until_drained=args.until_drained).run(
+            stop_requested_before=lambda: early.requested
+        )
 
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
@@ -138,11 +163,16 @@ def cmd_map(args: argparse.Namespace) -> int:
 
         return replay.run(settings, args, sys.stdout)
     if args.input in (None, "-"):
-        dry_run(settings, sys.stdin.buffer, sys.stdout)
+        summary = dry_run(settings, sys.stdin.buffer, sys.stdout)
     else:
-        with open(args.input, "rb") as source:
-            dry_run(settings, source, sys.stdout)
-    return 0
+        try:
+            with open(args.input, "rb") as source:
+                summary = dry_run(settings, source, sys.stdout)
+        except OSError as error:
+            print(f"personalize-worker: {args.input}: {error.strerror or error}", file=sys.stderr)
+            return 2
+    # A sample that would feed the dead-letter topic fails, so a mapping change can be gated in CI.
+    return 1 if summary["dead_lettered"] else 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -218,13 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, text: str) -> argparse.ArgumentParser:
+    def command(name: str, text: str, more: str = "", epilog: str | None = None) -> argparse.ArgumentParser:
         sub: argparse.ArgumentParser = commands.add_parser(
-            name, help=text, description=text[0].upper() + text[1:] + "."
+            name, help=text, description=text[0].upper() + text[1:] + "." + (" " + more if more else ""), epilog=epilog
         )
         return sub
 
-    run = command("run", "consume Kafka and send events to Personalize (the service)")
+    run = command(
+        "run",
+        "consume Kafka and send events to Personalize (the service)",
+        "Source topics are never created: a missing one is waited for (/readyz says which), or with "
+        "--until-drained is an error.",
+        "exit status: 0 stopped on request (SIGTERM/SIGINT, also during start-up) or drained; "
+        '1 failed (one "worker failed" log line names the cause); 2 invalid configuration',
+    )
     run.add_argument("--config", required=True, help=CONFIG_HELP)
     run.add_argument(
         "--until-drained",
@@ -233,7 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=cmd_run)
 
-    dry = command("map", "dry-run the mapping over JSON lines or framed records: no AWS")
+    dry = command(
+        "map",
+        "dry-run the mapping over JSON lines or framed records: no AWS",
+        "For each line, the call it would join or why it would be dead-lettered; then a summary.",
+        "exit status: 0 every line maps (or is filtered, or a duplicate); 1 some line would be "
+        "dead-lettered; 2 invalid configuration or unreadable input",
+    )
     dry.add_argument("--config", required=True, help=CONFIG_HELP)
     dry.add_argument(
         "--input",
@@ -247,7 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     dry.add_argument("--count", type=int, default=10, help="with --topic: how many records to read")
     dry.set_defaults(handler=cmd_map)
 
-    check = command("check", "validate the config and reach Kafka and Personalize with it")
+    check = command(
+        "check",
+        "validate the config as `run` does and reach Kafka and Personalize with it",
+        "Kafka: topics, the dead-letter topic and its size limits, compression codecs; Personalize; the schema "
+        "registry when one is configured.",
+        "exit status: 0 every check passed (WARN lines included); 1 some check failed; 2 invalid configuration",
+    )
     check.add_argument("--config", required=True, help=CONFIG_HELP)
     check.set_defaults(handler=cmd_check)
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Any, Final, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import (
@@ -32,6 +33,42 @@ from worker.operations.settings import ActionInteractionsMapping, ActionsMapping
 
 ENV_PREFIX = "PW_"
 ENV_NESTING = "__"
+# Kafka's own rule for topic names (kafka.common.internals.Topic): a name outside it can never exist,
+# so the worker would wait for it forever.
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+
+def camel_case(segment: str) -> str:
+    """`page_category` → `pageCategory`: Personalize wants camelCase keys matching the schema's fields.
+
+    Here, not in `mapping`, because config validation needs it to refuse two paths with one key."""
+    words = [w for w in segment.replace("-", "_").split("_") if w]
+    if not words:
+        return segment
+    first = words[0][0].lower() + words[0][1:]
+    return first + "".join(w[0].upper() + w[1:] for w in words[1:])
+
+
+def _topic_name(name: str) -> str:
+    if not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"{name!r} is not a valid Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)")
+    return name
+
+
+def _host_port(entry: str) -> None:
+    """One bootstrap server as aiokafka reads it: host, host:port, [v6]:port or a bare IPv6 address."""
+    host, port = entry, ""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{entry!r} is not host:port")
+        port = rest[1:]
+    elif entry.count(":") == 1:
+        host, port = entry.split(":")
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"{entry!r} is not host:port")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535")
 
 
 class _Section(BaseModel):
@@ -41,7 +78,7 @@ class _Section(BaseModel):
 class KafkaSettings(_Section):
     bootstrap_servers: str = "localhost:9092"
     topics: tuple[str, ...] = ("clickstream",)
-    group_id: str = "personalize-worker"
+    group_id: str = Field(default="personalize-worker", min_length=1)
     client_id: str = "personalize-worker"
     # Static membership: a stable id per replica (the pod name) keeps rolling restarts from rebalancing.
     group_instance_id: str | None = None
@@ -61,10 +98,27 @@ class KafkaSettings(_Section):
 
     @field_validator("topics")
     @classmethod
-    def _topics_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _topics_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value or any(not t.strip() for t in value):
             raise ValueError("must list at least one non-empty topic name")
+        for name in value:
+            _topic_name(name)
         return value
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers_valid(cls, value: str) -> str:
+        entries = [entry.strip() for entry in value.split(",")]
+        if not any(entries):
+            raise ValueError("must name at least one host:port")
+        for entry in entries:
+            _host_port(entry)
+        return value
+
+    @field_validator("aws_region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        return _region_name(value)
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
@@ -115,6 +169,32 @@ class PersonalizeSettings(_Section):
     # two minutes if every attempt also times out. Failures while the service fails for everyone never count.
     max_event_attempts: int = Field(default=10, ge=1, le=20)
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_valid(cls, value: str) -> str:
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{value!r} is not an http(s) URL with a host")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        return _region_name(value)
+
+
+def _region_name(value: str) -> str:
+    """botocore's own rule, which `run` and `check` would otherwise meet only when they build a client."""
+    from botocore.exceptions import InvalidRegionError  # already loaded by worker.limits
+    from botocore.utils import validate_region_name
+
+    try:
+        validate_region_name(value)
+    except InvalidRegionError:
+        raise ValueError(f"{value!r} is not a region name (like us-east-1)") from None
+    return value
+
 
 SentAtFormat = Literal["auto", "iso8601", "epoch_s", "epoch_ms"]
 MessageFormat = Literal["json", "avro", "protobuf", "json_schema"]
@@ -152,14 +232,16 @@ class MappingSettings(_Section):
     @field_validator("properties")
     @classmethod
     def _properties_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from worker.mapping import camel_case  # mapping imports this module
-
+        seen: dict[str, str] = {}
         for path in value:
             if not all(path.split(".")):
                 raise ValueError(f"{path!r} is not a dotted path to a member (an empty name in it)")
             key = camel_case(path.rsplit(".", 1)[-1])
             if key.lower() in limits.RESERVED_PROPERTY_KEYS:
                 raise ValueError(f"{path!r} would become property {key!r}, a name Personalize reserves")
+            if key in seen:
+                raise ValueError(f"{seen[key]!r} and {path!r} both become property {key!r}")
+            seen[key] = path
         return value
 
     @field_validator("event_types")
@@ -241,8 +323,13 @@ class DeadLetterSettings(_Section):
     # as the source topic allows, hence not aiokafka's 1 MB default. A letter over this limit or over the
     # dead-letter topic's max.message.bytes is not lost and blocks nothing: it is written reduced (the parts
     # too large dropped, dlq.value.* headers say so). Set both limits above the source topics' to keep
-    # every letter whole.
+    # every letter whole (`personalize-worker check` compares both with the source topics' limits).
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024 * 1024)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_valid(cls, value: str) -> str:
+        return _topic_name(value)
 
 
 class MetricsSettings(_Section):
@@ -527,14 +614,7 @@ def _describe(error: ValidationError) -> str:
 
 def load_settings(path: Path | str | None, environ: Mapping[str, str] | None = None) -> Settings:
     """Read, merge and validate; every problem is reported at once, each naming its key."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    data: dict[str, Any] = {} if path is None else _read_toml(Path(path))
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     try:
         settings = Settings.model_validate(data)
@@ -543,6 +623,24 @@ def load_settings(path: Path | str | None, environ: Mapping[str, str] | None = N
     if not settings.routes and settings.personalize.tracking_id is None:
         raise ConfigError("invalid configuration:\n  personalize.tracking_id: required key is missing")
     return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The file's table, or one line saying why it cannot be read (a traceback would only hide that)."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied (the worker cannot read it)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded); TOML is UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

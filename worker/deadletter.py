@@ -208,6 +208,10 @@ class DeadLetterWriter:
     async def start(self) -> None:
         await self._ready_producer()
 
+    async def kafka_client(self) -> Any:
+        """The producer's aiokafka client, for cluster metadata at start-up (one connection, not another)."""
+        return (await self._ready_producer()).client
+
     async def stop(self) -> None:
         producer, self._producer, self._stale = self._producer, None, True
         if producer is not None:

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from worker import limits
-from worker.config import MappingSettings
+from worker.config import MappingSettings, camel_case
 from worker.errors import WorkerError
 
 SessionKey = tuple[str, str | None]
@@ -47,15 +47,6 @@ class InvalidRecord(WorkerError):
         self.stage = stage
         self.reason = reason
         self.message = message
-
-
-def camel_case(segment: str) -> str:
-    """`page_category` → `pageCategory`: Personalize wants camelCase keys matching the schema's fields."""
-    words = [w for w in segment.replace("-", "_").split("_") if w]
-    if not words:
-        return segment
-    first = words[0][0].lower() + words[0][1:]
-    return first + "".join(w[0].upper() + w[1:] for w in words[1:])
 
 
 def _missing(member: str, path: str) -> InvalidRecord:
@@ -158,13 +149,8 @@ class Mapper:
 
     def __init__(self, settings: MappingSettings) -> None:
         self.settings = settings
-        seen: dict[str, str] = {}
-        for path in settings.properties:
-            key = camel_case(path.rsplit(".", 1)[-1])
-            if key in seen:
-                raise ValueError(f"mapping.properties: {seen[key]!r} and {path!r} both become key {key!r}")
-            seen[key] = path
-            assert path, "an empty property path maps nothing"  # refused here, as it always was
+        # Config validation refuses empty paths and two paths with one key (check, map and run agree).
+        keys = [camel_case(path.rsplit(".", 1)[-1]) for path in settings.properties]
         property_paths = [tuple(path.split(".")) for path in settings.properties]
         # Properties usually sit side by side in one object: `_map` then reads it once, like a member,
         # and each property by its last segment. Otherwise each property walks its whole path.
@@ -173,7 +159,7 @@ class Mapper:
         self._properties_at_top = shared == ()
         self._properties = tuple(
             (key, path[-1], None if shared is not None else path)
-            for key, path in zip(seen, property_paths, strict=True)
+            for key, path in zip(keys, property_paths, strict=True)
         )
         paths = [
             tuple(path.split(".")) if path else None

@@ -215,6 +215,11 @@ class Metrics:
             registry=r,
         )
         self.assigned = Gauge(f"{p}_assigned_partitions", "Partitions assigned to this worker.", registry=r)
+        self.source_topics_missing = Gauge(
+            f"{p}_source_topics_missing",
+            "Configured source topics the cluster does not have (the worker never creates them).",
+            registry=r,
+        )
         self.lag = Gauge(
             f"{p}_consumer_lag", "High watermark minus committed offset.", ["topic", "partition"], registry=r
         )

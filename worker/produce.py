@@ -16,8 +16,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from worker.config import KafkaSettings
+from worker.connection import explain_connection_errors, kafka_security
 from worker.sample import generate
-from worker.source import explain_connection_errors, kafka_security
 
 
 def session_key(value: bytes, path: str) -> bytes | None:

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from worker.config import Settings
-from worker.source import kafka_security
+from worker.connection import kafka_security
 
 FETCH_SECONDS = 30.0
 

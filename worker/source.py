@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError, OffsetMetadataTooLargeError
-from aiokafka.helpers import create_ssl_context
+from aiokafka.errors import KafkaError, OffsetMetadataTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 
-from worker.config import KafkaSettings, Settings
-from worker.errors import KafkaConnectError
+from worker.config import Settings
+from worker.connection import CoordinatorNotReadyYet, kafka_security
 from worker.metrics import Metrics
 from worker.offsets import AHEAD_PREFIX, MetadataError, decode_ahead
 from worker.pipeline import Pipeline, Record
+from worker.topics import RECHECK_SECONDS, WATCH_SECONDS, TopicWatch, exact_pattern, keep_watching_every_topic
 
 if TYPE_CHECKING:
     from worker.offsets import PartitionOffsets
     from worker.routes import Routes
     from worker.schemas import Schemas
+
 
 log = logging.getLogger(__name__)
 
@@ -34,62 +34,6 @@ HELD_POLL_SECONDS = 0.05
 """With every partition held for crowded sessions, look again this often whether one is released."""
 INGEST_SLICE = 200
 """Records mapped between two turns of the event loop (~4 ms of work)."""
-
-
-def kafka_security(settings: KafkaSettings) -> dict[str, Any]:
-    """Connection options shared by the consumer, the dead-letter producer and `check`."""
-    options: dict[str, Any] = {
-        "bootstrap_servers": settings.bootstrap_servers,
-        "client_id": settings.client_id,
-        "security_protocol": settings.security_protocol,
-    }
-    if settings.security_protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = create_ssl_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
-    if settings.sasl_mechanism is not None:
-        options["sasl_mechanism"] = settings.sasl_mechanism
-        if settings.sasl_mechanism == "OAUTHBEARER":
-            from worker.msk import MskIamTokenProvider  # only for users of MSK IAM auth
-
-            options["sasl_oauth_token_provider"] = MskIamTokenProvider(settings.aws_region)
-        else:
-            options["sasl_plain_username"] = settings.sasl_username
-            password = settings.sasl_password
-            options["sasl_plain_password"] = password.get_secret_value() if password else None
-    return options
-
-
-class _BootstrapFailures(logging.Handler):
-    """aiokafka logs why each bootstrap server failed, then raises a bare "Unable to bootstrap": keep the why."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.reasons: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg, args = record.msg, record.args
-        if isinstance(msg, str) and msg.startswith("Unable connect to") and isinstance(args, tuple) and len(args) == 3:
-            self.reasons.append(str(args[2]))
-
-
-@contextlib.contextmanager
-def explain_connection_errors(settings: KafkaSettings) -> Iterator[None]:
-    """Turn a failed bootstrap into one start-up error naming the cause and the settings to check."""
-    failures = _BootstrapFailures()
-    client_log = logging.getLogger("aiokafka")
-    client_log.addHandler(failures)
-    try:
-        yield
-    except KafkaConnectionError as error:
-        reasons = "; ".join(dict.fromkeys(failures.reasons)) or str(error)
-        hint = ""
-        if "SaslAuthenticationFailed" in reasons or "authentication" in reasons.lower():
-            hint = " (authentication failed: check kafka.sasl_username, kafka.sasl_password, kafka.sasl_mechanism)"
-        elif "CERTIFICATE_VERIFY_FAILED" in reasons:
-            hint = " (the broker's certificate is not trusted: check kafka.ssl_cafile)"
-        where = f"{settings.bootstrap_servers} over {settings.security_protocol}"
-        raise KafkaConnectError(f"cannot connect to Kafka at {where}{hint}: {reasons}") from None
-    finally:
-        client_log.removeHandler(failures)
 
 
 class Source(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -123,6 +67,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             isolation_level="read_committed",
             **kafka_security(k),
         )
+        keep_watching_every_topic(self.consumer._client)
         self._commit_lock = asyncio.Lock()
         self._paused: set[TopicPartition] = set()
         self.metadata_limit = k.commit_metadata_max_bytes
@@ -140,13 +85,30 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             tuple[dict[TopicPartition, list[Record]], dict[TopicPartition, PartitionOffsets | None]] | None
         ) = None
         """A poll whose schemas the registry has not given yet: every partition stays paused until it has."""
+        self.topics = TopicWatch(self._topics, metrics)
+        self._coordinator_filter = CoordinatorNotReadyYet(self.assigned_once)
 
     async def start(self) -> None:
-        self.consumer.subscribe(topics=self._topics, listener=self)
+        """Join the group. A missing source topic is waited for, never created (see worker.topics)."""
+        logging.getLogger("aiokafka.consumer.group_coordinator").addFilter(self._coordinator_filter)
+        self.consumer.subscribe(pattern=exact_pattern(self._topics), listener=self)
         await self.consumer.start()
 
     async def stop(self) -> None:
+        logging.getLogger("aiokafka.consumer.group_coordinator").removeFilter(self._coordinator_filter)
         await self.consumer.stop()
+
+    async def watch_topics(self) -> None:
+        """Re-check the source topics, often while one is missing: the forced metadata refresh is also what
+        lets the pattern subscription take a new topic now rather than at aiokafka's next refresh (5 min)."""
+        client = self.consumer._client  # aiokafka has no public call that refreshes the consumer's metadata
+        while True:
+            if self.topics.missing:
+                await asyncio.sleep(RECHECK_SECONDS)
+                await client.force_metadata_update()
+            else:
+                await asyncio.sleep(WATCH_SECONDS)
+            self.topics.update(client.cluster.topics())
 
     # --- rebalance listener (aiokafka awaits these during a rebalance) -------------------------
 
