@@ -24,6 +24,8 @@ def model_defaults() -> dict[str, dict[str, Any]]:
     """{section: {key: default}}, with REQUIRED for keys without one; tuples as lists, as TOML reads them."""
     sections: dict[str, dict[str, Any]] = {}
     for section, field in Settings.model_fields.items():
+        if section == "routes":  # an array of tables, documented in its own README section, not a key table
+            continue
         model = field.annotation
         assert isinstance(model, type)
         keys: dict[str, Any] = {}
@@ -34,6 +36,8 @@ def model_defaults() -> dict[str, dict[str, Any]]:
                 value = info.get_default(call_default_factory=True)
                 keys[key] = list(value) if isinstance(value, tuple) else value
         sections[section] = keys
+    # Required unless [[routes]] name their destinations (load_settings says so by this key's name).
+    sections["personalize"]["tracking_id"] = REQUIRED
     return sections
 
 

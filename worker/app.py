@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from worker import codecs
 from worker.batching import Batch
@@ -18,9 +18,10 @@ from worker.config import Settings, redacted
 from worker.connection import explain_connection_errors, kafka_security
 from worker.deadletter import DeadLetterWriter
 from worker.health import Watchdog
-from worker.mapping import SessionKey
 from worker.metrics import Metrics, MetricsServer
+from worker.offsets import OffsetTracker
 from worker.pipeline import Item, Pipeline
+from worker.routes import Quotas, Routes, resolve
 from worker.sink import Sink
 from worker.source import Source
 from worker.topics import cluster_topics
@@ -48,7 +49,7 @@ class Worker:
         self.settings = settings
         self.until_drained = until_drained
         self.metrics = Metrics()
-        self.sink = Sink(settings.personalize, self.metrics)
+        self.routes = resolve(settings)
 
         def dead_letter_producer() -> AIOKafkaProducer:
             return AIOKafkaProducer(
@@ -59,16 +60,53 @@ class Worker:
                 **kafka_security(settings.kafka),
             )
 
-        self.dead_letters = DeadLetterWriter(dead_letter_producer, settings.dead_letter.topic, self.metrics)
         self.schemas = None
-        if settings.mapping.format != "json":
+        if settings.mapping.format != "json" and not settings.routes:
             from worker.schemas import Schemas  # Avro and Protobuf runtimes only for those who use them
 
             self.schemas = Schemas(settings, self.metrics)
-        self.pipeline = Pipeline(
-            settings, self.sink, self.dead_letters, self.metrics, quota=self.sink.limiter, schemas=self.schemas
-        )
-        self.source = Source(settings, self.pipeline, self.metrics, schemas=self.schemas)
+        # Per route: its sinks (one per destination, each with its own AIMD limiter), dead-letter writer and
+        # pipeline; one offset tracker for all, so the one consumer commits every route's partitions.
+        tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self.sinks: list[Sink] = []
+        self.letter_writers: list[DeadLetterWriter] = []
+        pipelines: dict[str, Pipeline] = {}
+        topics: dict[str, str] = {}
+        for route in self.routes:
+            labels = self.metrics.route(route.name)
+            sinks = {
+                destination: Sink(
+                    settings.personalize,
+                    self.metrics,
+                    operation=route.spec,
+                    destination=destination,
+                    max_rate=route.max_requests_per_second,
+                    route=labels,
+                    destination_name=name,
+                )
+                for name, destination in route.destinations
+            }
+            self.sinks.extend(sinks.values())
+            letters = DeadLetterWriter(dead_letter_producer, route.dead_letter_topic, self.metrics)
+            self.letter_writers.append(letters)
+            first = next(iter(sinks.values()))
+            quota = first.limiter if len(sinks) == 1 else Quotas([s.limiter for s in sinks.values()])
+            pipelines[route.name] = Pipeline(
+                settings,
+                first,
+                letters,
+                self.metrics,
+                quota=quota,
+                schemas=self.schemas,
+                route=route,
+                tracker=tracker,
+                sinks=sinks if route.tracking_id_field else None,
+            )
+            topics.update(dict.fromkeys(route.topics, route.name))
+        self.sink = self.sinks[0]
+        self.dead_letters = self.letter_writers[0]
+        self.pipeline = Routes(pipelines, topics, tracker)
+        self.source = Source(settings, self.pipeline, self.metrics, schemas=self.schemas, topics=list(topics))
         self.server = MetricsServer(self.metrics, self.readiness)
         self.watchdog = Watchdog(self.pipeline, self.metrics, self, settings.worker.stall_timeout_seconds)
         self.stop_requested = asyncio.Event()
@@ -83,10 +121,12 @@ class Worker:
             return False, self.source.topics.reason
         if not self.source.assigned_once.is_set():
             return False, "waiting for a partition assignment"
-        if self.dead_letters.blocked_reason:
-            return False, self.dead_letters.blocked_reason
-        if self.sink.refused:
-            return False, self.sink.refused
+        blocked = self.dead_letters_blocked()
+        if blocked:
+            return False, blocked
+        refused = next((sink.refused for sink in self.sinks if sink.refused), None)
+        if refused:
+            return False, refused
         if self.schemas is not None and self.schemas.blocked_reason:
             return False, self.schemas.blocked_reason
         if self.watchdog.reason:
@@ -96,16 +136,24 @@ class Worker:
     # --- what the watchdog asks (health.Causes) -------------------------------------------------
 
     def dead_letters_blocked(self) -> str | None:
-        return self.dead_letters.blocked_reason
+        return next((w.blocked_reason for w in self.letter_writers if w.blocked_reason), None)
 
     def calls_failing(self) -> str | None:
-        if self.sink.refused:
-            return self.sink.refused
-        error = self.sink.last_error  # a code, never the service's message: this reason is served on /readyz
-        return f"PutEvents failing: {error}" if error else None
+        for sink in self.sinks:
+            if sink.refused:
+                return sink.refused
+        for sink in self.sinks:
+            error = sink.last_error  # a code, never the service's message: this reason is served on /readyz
+            if error:
+                return f"{sink.operation.name} failing: {error}"
+        return None
 
-    def is_retrying(self, batch: Batch[SessionKey, Item]) -> bool:
-        return batch.key[0] in self.sink.retrying
+    def is_retrying(self, batch: Batch[Any, Item]) -> bool:
+        """Whether the batch's call is being retried: its sink marks the first argument it was delivered
+        with (the session; an items/users/actions route's destination; see `Pipeline._deliver`)."""
+        key = batch.key
+        first = key if isinstance(key, str) else key[1] if len(key) == 3 else key[0]
+        return any(first in sink.retrying for sink in self.sinks)
 
     def handing_over(self) -> bool:
         return self.source.handing_over
@@ -169,9 +217,10 @@ class Worker:
 
     async def _start(self) -> None:
         await self.server.start(self.settings.metrics.host, self.settings.metrics.port)
-        await self.sink.start()
+        await asyncio.gather(*(sink.start() for sink in self.sinks))
         with explain_connection_errors(self.settings.kafka):
-            await self.dead_letters.start()
+            # Together: every route's dead-letter producer (each waits mostly on the broker).
+            await asyncio.gather(*(w.start() for w in self.letter_writers))
             # Which source topics exist, before joining the group: a backfill has nothing to drain from a
             # missing one (and must not make the group rebalance for nothing); a service waits for it.
             present = await cluster_topics(await self.dead_letters.kafka_client())
@@ -233,12 +282,10 @@ class Worker:
 
     async def _close(self) -> None:
         """Close every client, each even if another fails: leaving the group spares the others a wait."""
-        closers = [
-            ("consumer", self.source.stop),
-            ("dead-letter producer", self.dead_letters.stop),
-            ("sink", self.sink.close),
-            ("metrics server", self.server.stop),
-        ]
+        closers = [("consumer", self.source.stop)]
+        closers += [("dead-letter producer", writer.stop) for writer in self.letter_writers]
+        closers += [("sink", sink.close) for sink in self.sinks]
+        closers.append(("metrics server", self.server.stop))
         if self.schemas is not None:
             closers.append(("schema registry client", self.schemas.close))
         for name, close in closers:

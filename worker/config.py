@@ -12,7 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Final, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 import orjson
@@ -22,12 +22,14 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from worker import limits
 from worker.errors import ConfigError
+from worker.operations.settings import ActionInteractionsMapping, ActionsMapping, ItemsMapping, UsersMapping
 
 ENV_PREFIX = "PW_"
 ENV_NESTING = "__"
@@ -130,7 +132,8 @@ class KafkaSettings(_Section):
 
 
 class PersonalizeSettings(_Section):
-    tracking_id: str = Field(min_length=limits.TRACKING_ID.min, max_length=limits.TRACKING_ID.max)
+    # Required without `[[routes]]` (the single flow's tracker); with routes each route names its destination.
+    tracking_id: str | None = Field(default=None, min_length=limits.TRACKING_ID.min, max_length=limits.TRACKING_ID.max)
     region: str = "us-east-1"
     endpoint_url: str = ""  # empty: the real AWS endpoint of the region
     max_in_flight: int = Field(default=64, ge=1, le=1024)
@@ -348,9 +351,142 @@ class WorkerSettings(_Section):
     log_format: Literal["json", "text"] = "json"
 
 
+RouteOperation = Literal["events", "items", "users", "actions", "action_interactions"]
+ROUTE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+"""A route's name is a metric label value and a log field: short, lower case, no surprises."""
+TRACKED: Final = frozenset({"events", "action_interactions"})
+"""Operations whose destination is an event tracker (trackingId); the others write a dataset (datasetArn)."""
+
+
+def _check_tracker(value: str) -> str:
+    from worker.operations.spec import EVENTS
+
+    problem = EVENTS.check_destination(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+class RouteSettings(_Section):
+    """One `[[routes]]` table: source topics → decode → mapping → one Personalize operation → a destination."""
+
+    name: str
+    topics: tuple[str, ...]
+    operation: RouteOperation = "events"
+    tracking_id: str = Field(default="", validate_default=True)
+    # events only: the record field naming the tracker, and `trackers` its value → tracking id; a value not
+    # listed is dead-lettered (reason unknown_tracker).
+    tracking_id_field: str = Field(default="", validate_default=True)
+    trackers: dict[str, str] = Field(default_factory=dict)
+    dataset_arn: str = Field(default="", validate_default=True)
+    mapping: MappingSettings | ItemsMapping | UsersMapping | ActionsMapping | ActionInteractionsMapping = Field(
+        default_factory=dict, validate_default=True
+    )
+    envelope: Literal["none", "debezium"] = "none"
+    dead_letter_topic: str = Field(min_length=1)
+    # Per destination (each tracker of a route has its own AIMD limiter); default: the operation's documented quota.
+    max_requests_per_second: float | None = Field(default=None, gt=0)
+    max_in_flight: int | None = Field(default=None, ge=1, le=1024)
+    max_records_per_call: int | None = Field(default=None, ge=1, le=10)
+    linger_ms: int | None = Field(default=None, ge=0, le=60_000)
+    dedup_window_seconds: float | None = Field(default=None, ge=0)  # events, action_interactions
+    # items, users, actions: an id is sent at most once per window; newer updates meanwhile replace the waiting one.
+    coalesce_window_seconds: float = Field(default=5.0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _label_safe(cls, value: str) -> str:
+        if not ROUTE_NAME.match(value):
+            raise ValueError(f"{value[:70]!r} must be 1-63 of a-z, 0-9 and _, starting with a letter")
+        return value
+
+    @field_validator("topics")
+    @classmethod
+    def _topics_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or any(not t.strip() for t in value):
+            raise ValueError("must list at least one non-empty topic name")
+        return value
+
+    @field_validator("tracking_id")
+    @classmethod
+    def _tracking_id(cls, value: str, info: ValidationInfo) -> str:
+        operation = info.data.get("operation")
+        if operation not in TRACKED:
+            if value:
+                raise ValueError(f"operation {operation!r} writes a dataset: set dataset_arn, not tracking_id")
+            return value
+        if not value:
+            if operation == "events":
+                return value  # or tracking_id_field (checked there)
+            raise ValueError(f"is required by operation {operation!r}")
+        return _check_tracker(value)
+
+    @field_validator("tracking_id_field")
+    @classmethod
+    def _tracker_field(cls, value: str, info: ValidationInfo) -> str:
+        operation = info.data.get("operation")
+        if value and operation != "events":
+            raise ValueError("only events routes choose the tracker per record")
+        if operation == "events" and "tracking_id" in info.data and bool(value) == bool(info.data["tracking_id"]):
+            raise ValueError("an events route sets tracking_id, or tracking_id_field with a trackers table (one)")
+        return value
+
+    @field_validator("dataset_arn")
+    @classmethod
+    def _dataset_arn(cls, value: str, info: ValidationInfo) -> str:
+        from worker.operations.spec import SPECS
+
+        operation = info.data.get("operation")
+        if operation is None:
+            return value
+        if operation in TRACKED:
+            if value:
+                raise ValueError(f"operation {operation!r} writes to a tracker: set tracking_id, not dataset_arn")
+            return value
+        if not value:
+            raise ValueError(f"is required by operation {operation!r}")
+        problem = SPECS[operation].check_destination(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("mapping", mode="before")
+    @classmethod
+    def _mapping_of_operation(cls, value: Any, info: ValidationInfo) -> Any:
+        from worker.operations.settings import MAPPINGS
+
+        operation = info.data.get("operation")
+        if operation is None or not isinstance(value, dict):
+            return value
+        model: type[BaseModel] = MappingSettings if operation == "events" else MAPPINGS[operation]
+        try:
+            return model.model_validate(value)
+        except ValidationError as error:
+            problems = [f"{_where(item['loc'])}: {_message(item)}" for item in error.errors()]
+            raise ValueError("; ".join(problems)) from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RouteSettings:
+        if self.tracking_id_field and not self.trackers:
+            raise ValueError("tracking_id_field needs a [routes.trackers] table (field value → tracking id)")
+        if self.trackers and not self.tracking_id_field:
+            raise ValueError("trackers needs tracking_id_field (the record field naming the tracker)")
+        for name, tracker in self.trackers.items():
+            try:
+                _check_tracker(tracker)
+            except ValueError as error:
+                raise ValueError(f"trackers.{name}: {error}") from None
+        if self.envelope != "none" and self.operation == "events":
+            raise ValueError("envelope applies to items, users, actions and action_interactions routes")
+        return self
+
+
 class Settings(_Section):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     personalize: PersonalizeSettings
+    routes: tuple[RouteSettings, ...] = ()
+    """Empty: the single flow of `[kafka] topics`, `[personalize] tracking_id`, `[mapping]` and `[dead_letter]`,
+    run as one route named `default` (see `worker.routes.resolve`)."""
     mapping: MappingSettings = Field(default_factory=MappingSettings)
     schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
@@ -359,8 +495,45 @@ class Settings(_Section):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _personalize_optional_with_routes(cls, data: Any) -> Any:
+        """With routes, `[personalize]` only carries shared client settings: it may be left out."""
+        if isinstance(data, dict) and data.get("routes") and "personalize" not in data:
+            return {**data, "personalize": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _routes_consistent(self) -> Settings:
+        """Across routes: unique names, a topic in one route only, no route reading another's dead letters."""
+        names: set[str] = set()
+        owner: dict[str, str] = {}
+        for index, route in enumerate(self.routes):
+            if route.name in names:
+                raise ValueError(f"routes[{index}].name: {route.name!r} is the name of an earlier route")
+            names.add(route.name)
+            for topic in route.topics:
+                if topic in owner:
+                    raise ValueError(
+                        f"routes[{index}].topics: {topic!r} is already read by route {owner[topic]!r} "
+                        "(a partition belongs to exactly one route)"
+                    )
+                owner[topic] = route.name
+        for index, route in enumerate(self.routes):
+            if route.dead_letter_topic in owner:
+                raise ValueError(
+                    f"routes[{index}].dead_letter_topic: {route.dead_letter_topic!r} is a source topic "
+                    "(records would loop)"
+                )
+            fmt = route.mapping.format if isinstance(route.mapping, MappingSettings) else "json"
+            if fmt != "json" and not self.schema_registry.url:
+                raise ValueError(f"routes[{index}].mapping.format = {fmt!r} needs schema_registry.url")
+        return self
+
     @model_validator(mode="after")
     def _dead_letter_not_a_source(self) -> Settings:
+        if self.routes:
+            return self
         if self.dead_letter.topic in self.kafka.topics:
             raise ValueError("dead_letter.topic must not be one of kafka.topics (records would loop)")
         if self.mapping.format != "json" and not self.schema_registry.url:
@@ -417,16 +590,25 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _where(loc: tuple[int | str, ...]) -> str:
+    """`("routes", 2, "dataset_arn")` → `routes[2].dataset_arn`; the model's own key names otherwise."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _message(item: Any) -> str:
+    """One pydantic error in the words of the other key errors."""
+    if item["type"] == "extra_forbidden":
+        return "unknown key"
+    if item["type"] == "missing":
+        return "required key is missing"
+    return str(item["msg"]).removeprefix("Value error, ")
+
+
 def _describe(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif item["type"] == "missing":
-            message = "required key is missing"
-        lines.append(f"  {where}: {message}")
+    lines = [f"  {_where(item['loc'])}: {_message(item)}" for item in error.errors()]
     return "invalid configuration:\n" + "\n".join(lines)
 
 
@@ -435,9 +617,12 @@ def load_settings(path: Path | str | None, environ: Mapping[str, str] | None = N
     data: dict[str, Any] = {} if path is None else _read_toml(Path(path))
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    if not settings.routes and settings.personalize.tracking_id is None:
+        raise ConfigError("invalid configuration:\n  personalize.tracking_id: required key is missing")
+    return settings
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

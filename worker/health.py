@@ -20,6 +20,7 @@ from worker.batching import Batch
 from worker.mapping import SessionKey
 from worker.metrics import WAITING_AFTER_SECONDS, Metrics
 from worker.pipeline import Item, Pipeline
+from worker.routes import Routes
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class Causes(Protocol):
 class Watchdog:
     def __init__(
         self,
-        pipeline: Pipeline,
+        pipeline: Pipeline | Routes,
         metrics: Metrics,
         causes: Causes,
         stall_after: float,

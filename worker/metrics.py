@@ -35,6 +35,17 @@ WAITING_AFTER_SECONDS = 5.0
 LETTER_FORMS = ("reduced", "minimal")
 CALL_OUTCOMES = ("ok", "throttled", "invalid", "server_error", "client_error", "connection", "error")
 REGISTRY_OUTCOMES = ("ok", "not_found", "unavailable")
+ROUTE_STATES = (
+    "consumed",
+    "sent",
+    "duplicate",
+    "filtered",
+    "superseded",
+    "deleted",
+    "invalid",
+    "dead_lettered",
+)
+"""Per-route record counts: fetched, then each record's one final state (invalid ones end dead-lettered)."""
 UNLIMITED = 1 << 60
 """cgroup v1 writes "no limit" as a huge number (9223372036854771712), v2 as "max"."""
 
@@ -184,6 +195,25 @@ class Metrics:
             registry=r,
         )
         self.schemas_cached = Gauge(f"{p}_schemas_cached", "Writer schemas decoded and cached, by id.", registry=r)
+        self.route_records = Counter(
+            f"{p}_route_records",
+            "Records per route: consumed, and by final state (sent, duplicate, filtered, superseded, deleted, "
+            "dead_lettered; invalid counts the mapping refusals among the dead letters).",
+            ["route", "state"],
+            registry=r,
+        )
+        self.route_calls = Counter(
+            f"{p}_route_calls",
+            "Personalize calls per route (any operation) by outcome.",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.route_rate_limit = Gauge(
+            f"{p}_route_rate_limit_requests_per_second",
+            "Current client-side request rate (AIMD) per route and destination (tracker name, or the route's one).",
+            ["route", "destination"],
+            registry=r,
+        )
         self.assigned = Gauge(f"{p}_assigned_partitions", "Partitions assigned to this worker.", registry=r)
         self.source_topics_missing = Gauge(
             f"{p}_source_topics_missing",
@@ -215,6 +245,10 @@ class Metrics:
         for outcome in REGISTRY_OUTCOMES:
             self.registry_requests.labels(outcome)
 
+    def route(self, name: str) -> RouteMetrics:
+        """The route's children, bound once: the hot path never looks a label up."""
+        return RouteMetrics(self, name)
+
     def forget_partition(self, topic: str, partition: int) -> None:
         """A revoked partition's series go away with it."""
         for gauge in (self.lag, self.committed, self.oldest_unfinished):
@@ -242,6 +276,26 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RouteMetrics:
+    """One route's counter children (the unlabelled series stay the process's totals, as before routes)."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.name = name
+        records = metrics.route_records
+        self.consumed, self.sent, self.duplicate, self.filtered, self.superseded, self.deleted = (
+            records.labels(name, state)
+            for state in ("consumed", "sent", "duplicate", "filtered", "superseded", "deleted")
+        )
+        self.invalid = records.labels(name, "invalid")
+        self.dead_lettered = records.labels(name, "dead_lettered")
+        self.calls = {outcome: metrics.route_calls.labels(name, outcome) for outcome in CALL_OUTCOMES}
+        self._rate = metrics.route_rate_limit
+        self.calls_ok = self.calls["ok"]
+
+    def rate_limit(self, destination: str) -> Gauge:
+        return self._rate.labels(self.name, destination)
 
 
 class MetricsServer:

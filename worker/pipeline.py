@@ -12,22 +12,26 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Final, Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 from aiokafka.structs import TopicPartition
 
 from worker.batching import Batch, Batcher
-from worker.config import Settings
+from worker.coalescing import CoalescingBatcher
+from worker.config import MappingSettings, Settings
 from worker.deadletter import DeadLetter
 from worker.dedup import NEW, SEEN, Dedup
-from worker.mapping import InvalidRecord, Mapper, SessionKey
+from worker.mapping import InvalidRecord, Mapper
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker, PartitionOffsets
+from worker.operations.coalesce import Call
+from worker.operations.spec import EVENTS
 from worker.retry import Rejection
 
 if TYPE_CHECKING:
+    from worker.routes import Route
     from worker.schemas import Schemas
 
 log = logging.getLogger(__name__)
@@ -78,7 +82,7 @@ class Quota(Protocol):
         ...
 
 
-Item = tuple[int, int, SessionKey, str, float, str, bytes | None, bytes | None, Sequence[tuple[str, bytes]]]
+Item = tuple[int, int, Any, str, float, str, bytes | None, bytes | None, Sequence[tuple[str, bytes]]]
 """One mapped record on its way to Personalize: (partition serial, offset, session, eventId, sentAt,
 the event as JSON, and the record's key, value and headers for a dead letter). `OffsetTracker.owners`
 resolves the serial.
@@ -158,30 +162,51 @@ class Pipeline:
         quota: Quota,
         clock: Callable[[], float] = time.monotonic,
         schemas: Schemas | None = None,
+        *,
+        route: Route | None = None,
+        tracker: OffsetTracker[TopicPartition] | None = None,
+        sinks: Mapping[str, Delivery] | None = None,
     ) -> None:
+        """`route`: which flow this is (default: the single flow of `settings`); `tracker`: shared by every
+        route's pipeline, so one committer sees all partitions; `sinks`: an events route's sink per tracking
+        id (its batch keys start with the tracking id), instead of the one `sink`."""
+        from worker.routes import converter, resolve, tracked_events  # routes builds on this module
+
+        self.route = route = route or resolve(settings)[0]
         self._settings = settings
-        self._mapper = Mapper(settings.mapping)
-        # Schema-registry formats decode with the writer's schema first (`Source` resolved it before intake).
-        self._map = self._mapper.map if schemas is None else schemas.mapping(self._mapper)
+        self._route_metrics = metrics.route(route.name)
+        self._convert = None if route.spec is EVENTS else converter(route)
+        self._coalescing = route.spec.coalesced
+        self._destination = route.destinations[0][1]
+        self._sinks = sinks
+        if isinstance(route.mapping, MappingSettings):
+            self._mapper = Mapper(route.mapping)
+            # Schema-registry formats decode with the writer's schema first (`Source` resolved it before intake).
+            self._map = self._mapper.map if schemas is None else schemas.mapping(self._mapper)
+            if route.tracking_id_field:
+                self._map = tracked_events(self._mapper, route.tracking_id_field, dict(route.destinations))
         self._sink = sink
         self._letters = dead_letters
         self._metrics = metrics
         self._quota = quota
         self._clock = clock
-        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
-        self.dedup: Dedup[Item] = Dedup(settings.dedup.window_seconds, settings.dedup.max_ids, clock)
-        b = settings.batching
-        self.batcher: Batcher[SessionKey, Item] = Batcher(b.max_events, b.max_calls_per_session, b.max_session_events)
+        self.tracker: OffsetTracker[TopicPartition] = tracker if tracker is not None else OffsetTracker()
+        self.dedup: Dedup[Item] = Dedup(route.dedup_window_seconds, route.dedup_max_ids, clock)
+        self.batcher: Batcher[Any, Item] | CoalescingBatcher[Any, Item] = (
+            CoalescingBatcher(route.max_records, route.coalesce_window_seconds)
+            if self._coalescing
+            else Batcher(route.max_records, route.max_calls_per_session, route.max_session_events)
+        )
         self._fetched_at = time.time()
         """Wall time of the last intake: caps a batch's order (its sentAt) so a future sentAt goes no later
         than its fetch would put it."""
-        self._linger = settings.batching.linger_ms / 1000.0
+        self._linger = route.linger_ms / 1000.0
         self._max_wait = MAX_WAIT_LINGERS * self._linger
         self._call_rate = 0.0
         """Calls started per second, averaged over the last ~RATE_SECONDS: how busy the quota is."""
         self._call_rate_at = clock()
-        self._max_in_flight = settings.personalize.max_in_flight
-        self._active: dict[asyncio.Task[None], Batch[SessionKey, Item]] = {}
+        self._max_in_flight = route.max_in_flight
+        self._active: dict[asyncio.Task[None], Batch[Any, Item] | Call[Any, Item]] = {}
         """Calls under way and their batches (where an unfinished record may be)."""
         self.failure: str | None = None
         """The first delivery task that failed with a bug: its records stay unfinished (see `where`)."""
@@ -197,6 +222,9 @@ class Pipeline:
     def ingest(self, partition: TopicPartition, records: Sequence[Record]) -> None:
         """Map one partition's fetched records; counts are per batch, never per event."""
         if not records:
+            return
+        if self._convert is not None:
+            self._ingest_members(partition, records)
             return
         now = self._clock()
         state = self.tracker.assign(partition, now)
@@ -242,22 +270,87 @@ class Pipeline:
             )
             if self._admit(item, now):
                 duplicates += 1
-        m = self._metrics
-        m.records_consumed.inc(len(records))
+        self._count_intake(len(records), filtered, duplicates, invalid)
+
+    def _count_intake(self, consumed: int, filtered: int, duplicates: int, invalid: Counter[str] | None) -> None:
+        m, r = self._metrics, self._route_metrics
+        m.records_consumed.inc(consumed)
+        r.consumed.inc(consumed)
         if filtered:
             m.filtered.inc(filtered)
+            r.filtered.inc(filtered)
         if duplicates:
             m.duplicates.inc(duplicates)
+            r.duplicate.inc(duplicates)
         if invalid:
             for reason, count in invalid.items():
                 m.invalid.labels(reason).inc(count)
+            r.invalid.inc(sum(invalid.values()))
         m.buffered.set(self.batcher.buffered)
         self.wakeup.set()
+
+    def _ingest_members(self, partition: TopicPartition, records: Sequence[Record]) -> None:
+        """`ingest` for items, users, actions (coalesced by id) and action interactions (deduplicated)."""
+        now = self._clock()
+        state = self.tracker.assign(partition, now)
+        serial = state.serial
+        state.track((r.offset for r in records), now)
+        convert = self._convert
+        assert convert is not None
+        self._fetched_at = time.time()
+        destination = self._destination
+        coalescer = self.batcher if isinstance(self.batcher, CoalescingBatcher) else None
+        duplicates = deleted = superseded = 0
+        invalid: Counter[str] | None = None
+        skip = state.skip
+        for record in records:
+            if skip and record.offset in skip:
+                skip.discard(record.offset)
+                state.finish(record.offset)
+                duplicates += 1
+                continue
+            try:
+                converted = convert(record.value)
+            except InvalidRecord as error:
+                if invalid is None:
+                    invalid = Counter()
+                invalid[error.reason] += 1
+                self._dead_letter(state, partition, record.offset, record.key, record.value, record.headers, error)
+                continue
+            if converted is None:
+                deleted += 1
+                state.finish(record.offset)
+                continue
+            record_id, order, member = converted
+            item = (
+                serial,
+                record.offset,
+                destination,
+                record_id,
+                order,
+                member,
+                record.key,
+                record.value,
+                record.headers,
+            )
+            if coalescer is not None:
+                older = coalescer.add(destination, record_id, item, serial, record.offset, now)
+                if older is not None:
+                    superseded += 1
+                    self._finish(older)
+            elif self._admit(item, now):
+                duplicates += 1
+        if deleted:
+            self._route_metrics.deleted.inc(deleted)
+        if superseded:
+            self._route_metrics.superseded.inc(superseded)
+        self._count_intake(len(records), 0, duplicates, invalid)
 
     def _admit(self, item: Item, now: float) -> bool:
         """True when the item is a duplicate (finished here)."""
         verdict = self.dedup.admit(item[EVENT_ID], item)
         if verdict == NEW:
+            assert isinstance(self.batcher, Batcher)
             # Ready batches go in event time (see Batcher.take): a backlog drains evenly across sessions.
             sent_at, fetched_at = item[SENT_AT], self._fetched_at
             self.batcher.add(item[SESSION], item, now, sent_at if sent_at < fetched_at else fetched_at)
@@ -300,7 +393,7 @@ class Pipeline:
         """Records fetched but not yet final: the bounded-memory measure that pauses fetching."""
         return self.tracker.outstanding
 
-    def where(self, wanted: dict[int, int], retrying: Callable[[Batch[SessionKey, Item]], bool]) -> dict[int, str]:
+    def where(self, wanted: dict[int, int], retrying: Callable[[Any], bool]) -> dict[int, str]:
         """Where each wanted record (partition serial → offset) waits (see `metrics.WAITING_ON`).
 
         One pass over everything held, run by the watchdog for records unfinished for a while only: the
@@ -320,6 +413,10 @@ class Pipeline:
         look(self.dedup.parked(), "parked")
         look(self.batcher.items(), "batch")
         return found
+
+    @property
+    def sessions_crowded(self) -> int:
+        return len(self.batcher.crowded)
 
     def crowded_partitions(self) -> set[TopicPartition]:
         """The owned partitions feeding a session over `batching.max_session_events`: the source leaves
@@ -392,13 +489,22 @@ class Pipeline:
                 self.failure = f"a delivery task failed (a bug; restart to re-send its records): {error!r}"[:300]
             log.error("delivery task failed", exc_info=error)
 
-    async def _deliver(self, batch: Batch[SessionKey, Item]) -> None:
+    async def _deliver(self, batch: Batch[Any, Item] | Call[Any, Item]) -> None:
         items = batch.items
-        session_id, user_id = batch.key
+        key = batch.key
+        records = [item[EVENT] for item in items]
         try:
-            rejected = await self._sink.deliver(session_id, user_id, [item[EVENT] for item in items], items[0][SENT_AT])
+            if self._convert is not None:  # one destination per route; no sessions in the call
+                rejected = await self._sink.deliver(key, None, records, items[0][SENT_AT])
+            elif self._sinks is not None:  # (trackingId, sessionId, userId)
+                rejected = await self._sinks[key[0]].deliver(key[1], key[2], records, items[0][SENT_AT])
+            else:
+                rejected = await self._sink.deliver(key[0], key[1], records, items[0][SENT_AT])
         finally:
-            self.batcher.done(batch.key)
+            if isinstance(batch, Batch):
+                self.batcher.done(batch.key)
+            else:
+                self.batcher.done(batch)
             self.wakeup.set()
         self._settle(items, rejected)
 
@@ -414,11 +520,12 @@ class Pipeline:
             if owner is not None:  # else revoked: its result no longer counts
                 owner[1].finish(item[OFFSET])
             delivered_ids.append(item[EVENT_ID])
-        duplicates = self.dedup.delivered(delivered_ids)
+        duplicates = [] if self._coalescing else self.dedup.delivered(delivered_ids)
         for copy in duplicates:
             self._finish(copy)
         if duplicates:
             self._metrics.duplicates.inc(len(duplicates))
+            self._route_metrics.duplicate.inc(len(duplicates))
         for index, rejection in bad.items():
             item = items[index]
             owner = owners.get(item[OWNER])
@@ -427,6 +534,7 @@ class Pipeline:
                 error = InvalidRecord("personalize", rejection.reason, rejection.message)
                 self._dead_letter(state, partition, item[OFFSET], item[KEY], item[VALUE], item[HEADERS], error)
             self._metrics.invalid.labels(rejection.reason).inc()
+            self._route_metrics.invalid.inc()
             for parked in self.dedup.failed(item[EVENT_ID]):
                 self._admit(parked, now)
         self.progress.set()
@@ -444,6 +552,7 @@ class Pipeline:
             self._writing = pending
             await self._letters.write([letter for _, letter in pending])
             self._writing = []
+            self._route_metrics.dead_lettered.inc(len(pending))
             for state, letter in pending:
                 state.finish(letter.offset)
             self.progress.set()
@@ -456,13 +565,17 @@ class Pipeline:
         self.batcher.flush()
         self.wakeup.set()
         deadline = self._clock() + timeout
-        while any(s.outstanding for s in states):
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                return False
-            self.progress.clear()
-            await self.progress.wait(min(remaining, 0.05))
-        return True
+        try:
+            while any(s.outstanding for s in states):
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    return False
+                self.progress.clear()
+                await self.progress.wait(min(remaining, 0.05))
+            return True
+        finally:
+            if isinstance(self.batcher, CoalescingBatcher):
+                self.batcher.unflush()  # windows apply again to what the partitions left keep sending
 
     def drop_unsent(self, partitions: Sequence[TopicPartition]) -> None:
         """Take the partitions' records that are in no call yet out of the batches. They stay unfinished,

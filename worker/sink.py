@@ -31,7 +31,9 @@ from botocore.httpsession import get_cert_path
 from worker import __version__
 from worker.config import PersonalizeSettings
 from worker.http import HttpClient, host_header
-from worker.metrics import Metrics
+from worker.metrics import Metrics, RouteMetrics
+from worker.operations.bodies import BODIES
+from worker.operations.spec import EVENTS, OperationSpec
 from worker.proxy import Proxy, client_options, resolve_proxy
 from worker.retry import (
     EXHAUSTED,
@@ -203,8 +205,10 @@ class PutEventsClient:
     to what botocore's own client sends.
     """
 
-    def __init__(self, settings: PersonalizeSettings) -> None:
+    def __init__(self, settings: PersonalizeSettings, path: str = EVENTS.http_path) -> None:
         self._settings = settings
+        self._path = path
+        """The operation's request path: the signature covers it, so each operation has its own signer."""
         self._stack = AsyncExitStack()
         self._credentials: Any = None
         self._http: HttpClient | None = None
@@ -223,7 +227,7 @@ class PutEventsClient:
                 "personalize-events", region_name=s.region, endpoint_url=s.endpoint_url or None, config=config
             )
         )
-        self.url = client.meta.endpoint_url.rstrip("/") + "/events"
+        self.url = client.meta.endpoint_url.rstrip("/") + self._path
         self.region = client.meta.region_name
         self._signer_name = client.meta.service_model.signing_name
         # aioboto3 returns a coroutine here, whatever its stubs say.
@@ -303,12 +307,30 @@ that comes and goes, or alternates with throttling, must not flood the logs."""
 class Sink:
     """Delivers one session's batch: retries, isolating the events that fail, and the request-level alarm."""
 
-    def __init__(self, settings: PersonalizeSettings, metrics: Metrics, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self,
+        settings: PersonalizeSettings,
+        metrics: Metrics,
+        backoff: Backoff | None = None,
+        *,
+        operation: OperationSpec = EVENTS,
+        destination: str | None = None,
+        max_rate: float | None = None,
+        route: RouteMetrics | None = None,
+        destination_name: str = "",
+    ) -> None:
+        """One destination (a tracker or a dataset) of one operation: its own client, signer and AIMD limiter.
+        Defaults: the single flow's PutEvents to `personalize.tracking_id`."""
         self._settings = settings
         self._metrics = metrics
         self._backoff = backoff or Backoff()
-        self.limiter = RateLimiter(settings.max_requests_per_second)
-        self.client = PutEventsClient(settings)
+        self.operation = operation
+        self.destination = destination or settings.tracking_id or ""
+        self._list_body = None if operation is EVENTS else BODIES[operation.key]
+        self._route = route or metrics.route("default")
+        self._rate_gauge = self._route.rate_limit(destination_name)
+        self.limiter = RateLimiter(max_rate or settings.max_requests_per_second)
+        self.client = PutEventsClient(settings, operation.http_path)
         self.health = Health()
         self.last_error: str | None = None
         """The latest unresolved call error's code (never the service's message), for the stall reason."""
@@ -324,6 +346,7 @@ class Sink:
 
     async def start(self) -> None:
         await self.client.start()
+        self._rate_gauge.set(self.limiter.rate)
 
     async def close(self) -> None:
         await self.client.close()
@@ -402,8 +425,12 @@ class Sink:
         self, session_id: str, user_id: str | None, events: list[str], sent_at: float, tries: Tries
     ) -> Verdict | None:
         """None once accepted; else the failure that ends the attempts: split the call, or dead-letter its event."""
-        body = request_body(self._settings.tracking_id, session_id, user_id, events)
+        if self._list_body is None:
+            body = request_body(self.destination, session_id, user_id, events)
+        else:  # the other operations carry only a destination per call (`session_id` is it, unused here)
+            body = self._list_body(self.destination, events)
         metrics = self._metrics
+        route = self._route
         health = self.health
         marked = False
         try:
@@ -422,6 +449,7 @@ class Sink:
                     tries.since = health.mark()
                     action = tries.failed(verdict, healthy)
                     metrics.calls.labels(verdict.outcome).inc()
+                    route.calls.get(verdict.outcome, route.calls["error"]).inc()
                     if action is Action.SPLIT or action is Action.DEAD_LETTER:
                         return verdict
                     self._retrying(verdict, action)
@@ -439,7 +467,9 @@ class Sink:
                 if self.refused is not None:
                     self._alarm_over()
                 metrics.calls_ok.inc()
+                route.calls_ok.inc()
                 metrics.events_sent.inc(len(events))
+                route.sent.inc(len(events))
                 metrics.events_per_call.observe(len(events))
                 # Once per call, for the first (in session order, the oldest) event: a bound for the rest.
                 metrics.event_age.observe(time.time() - sent_at)
@@ -456,8 +486,12 @@ class Sink:
         elif verdict.kind is Kind.THROTTLED:
             self.limiter.throttled()
             self._metrics.rate_limit.set(self.limiter.rate)
+            self._rate_gauge.set(self.limiter.rate)
         elif self._due(self._warned, verdict.code, WARN_LOG_SECONDS):
-            log.warning("PutEvents failed, retrying", extra={"error": verdict.message})
+            log.warning(
+                f"{self.operation.name} failed, retrying",
+                extra={"error": verdict.message, "route": self._route.name},
+            )
         self.last_error = verdict.code
 
     def _alarm(self, verdict: Verdict) -> None:

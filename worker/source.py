@@ -21,6 +21,7 @@ from worker.topics import RECHECK_SECONDS, WATCH_SECONDS, TopicWatch, exact_patt
 
 if TYPE_CHECKING:
     from worker.offsets import PartitionOffsets
+    from worker.routes import Routes
     from worker.schemas import Schemas
 
 
@@ -41,12 +42,16 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(
         self,
         settings: Settings,
-        pipeline: Pipeline,
+        pipeline: Pipeline | Routes,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         schemas: Schemas | None = None,
+        topics: Sequence[str] | None = None,
     ) -> None:
+        """`pipeline`: one Pipeline, or every route's (`routes.Routes`) routed by topic; `topics`: what to
+        subscribe to (default: `kafka.topics`, the single flow's)."""
         k = settings.kafka
+        self._topics = list(topics if topics is not None else k.topics)
         self._settings = settings
         self._pipeline = pipeline
         self._metrics = metrics
@@ -80,13 +85,13 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             tuple[dict[TopicPartition, list[Record]], dict[TopicPartition, PartitionOffsets | None]] | None
         ) = None
         """A poll whose schemas the registry has not given yet: every partition stays paused until it has."""
-        self.topics = TopicWatch(k.topics, metrics)
+        self.topics = TopicWatch(self._topics, metrics)
         self._coordinator_filter = CoordinatorNotReadyYet(self.assigned_once)
 
     async def start(self) -> None:
         """Join the group. A missing source topic is waited for, never created (see worker.topics)."""
         logging.getLogger("aiokafka.consumer.group_coordinator").addFilter(self._coordinator_filter)
-        self.consumer.subscribe(pattern=exact_pattern(self._settings.kafka.topics), listener=self)
+        self.consumer.subscribe(pattern=exact_pattern(self._topics), listener=self)
         await self.consumer.start()
 
     async def stop(self) -> None:
@@ -279,12 +284,12 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
                 "a session holds more than batching.max_session_events; holding its partitions until it catches up",
                 extra={
                     "partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in crowded),
-                    "sessions": len(self._pipeline.batcher.crowded),
+                    "sessions": self._pipeline.sessions_crowded,
                 },
             )
         self._held = crowded
         self._metrics.partitions_held.set(len(crowded))
-        self._metrics.sessions_crowded.set(len(self._pipeline.batcher.crowded))
+        self._metrics.sessions_crowded.set(self._pipeline.sessions_crowded)
 
     # --- committing -----------------------------------------------------------------------------
 

@@ -62,6 +62,11 @@ class Call(Generic[D, T]):
         self.ids: list[str] = []
         self.items: list[T] = []
 
+    @property
+    def key(self) -> D:
+        """The batch key, as `batching.Batch` names it (the pipeline delivers both alike)."""
+        return self.destination
+
 
 class Coalescer(Generic[D, T]):
     """Not thread-safe; driven from one event loop."""
