@@ -48,7 +48,8 @@ async def test_transaction_markers_are_committed_past_and_an_idle_partition_is_n
     topic = await topic_factory(1)
     stream = generate(60, seed=1101, duplicate_rate=0.0, malformed_rate=0.0)
     values = [m.value for m in stream.messages]
-    await produce_transactions(kafka_broker.bootstrap, topic, [values[:20], values[20:40], values[40:]], abort_last=True)
+    batches = [values[:20], values[20:40], values[40:]]
+    await produce_transactions(kafka_broker.bootstrap, topic, batches, abort_last=True)
     ends = await end_offsets(kafka_broker.bootstrap, topic)
     assert ends[0] == len(values) + 3, ends  # three markers
 

@@ -34,6 +34,8 @@ HELD_POLL_SECONDS = 0.05
 """With every partition held for crowded sessions, look again this often whether one is released."""
 INGEST_SLICE = 200
 """Records mapped between two turns of the event loop (~4 ms of work)."""
+GAP_CHECK_SECONDS = 1.0
+"""How often every owned partition's commit point is moved past offsets that hold no record for us."""
 
 
 class Source(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -87,6 +89,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         """A poll whose schemas the registry has not given yet: every partition stays paused until it has."""
         self.topics = TopicWatch(self._topics, metrics)
         self._coordinator_filter = CoordinatorNotReadyYet(self.assigned_once)
+        self._gaps_checked = -GAP_CHECK_SECONDS
 
     async def start(self) -> None:
         """Join the group. A missing source topic is waited for, never created (see worker.topics)."""
@@ -203,6 +206,8 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             # perhaps assigned again, to a new state) while the loop was let go takes no more of them; its
             # next owner reads them.
             owned = {tp: tracker.get(tp) for tp in batches}
+        # Read with the poll, before the loop is let go: positions past exactly what this poll returned.
+        positions = self._positions() if self._clock() - self._gaps_checked >= GAP_CHECK_SECONDS else None
         if self._schemas is not None and batches:
             # Held (not mapped, not tracked) until its schemas are in hand: `drained` must not take the
             # consumer's position for done meanwhile, and nothing commits past it.
@@ -220,15 +225,48 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
                         await asyncio.sleep(0)
                     state = owned[tp]
                     if state is None or tracker.get(tp) is not state or tp in self._revoking:
+                        positions = None if positions is None else {p: v for p, v in positions.items() if p != tp}
                         break
                     chunk = records[start : start + INGEST_SLICE]
                     self._pipeline.ingest(tp, chunk)
                     count += len(chunk)
         finally:
             self._handing_over = False
+        if positions is not None:
+            self._pass_gaps(positions)
         if count:
             self._metrics.last_fetch.set(time.time())
         return count
+
+    def _positions(self) -> dict[TopicPartition, tuple[PartitionOffsets, int]]:
+        """Each owned partition's state and the consumer's position in it, where the position is known now
+        (one being looked up or reset is left out: `consumer.position()` would wait for it)."""
+        subscription = self.consumer._subscription.subscription  # position() is async and may wait
+        assignment = subscription.assignment if subscription is not None else None
+        if assignment is None:
+            return {}
+        tracker = self._pipeline.tracker
+        positions: dict[TopicPartition, tuple[PartitionOffsets, int]] = {}
+        for tp in assignment.tps:
+            state = tracker.get(tp)
+            tp_state = assignment.state_value(tp)
+            if state is not None and tp_state is not None and tp_state.has_valid_position:
+                positions[tp] = (state, tp_state.position)
+        return positions
+
+    def _pass_gaps(self, positions: dict[TopicPartition, tuple[PartitionOffsets, int]]) -> None:
+        """Move each partition's commit point past offsets the consumer passed without a record for us:
+        transaction markers, aborted transactions' records, compaction gaps. Without it a partition whose
+        last offsets are such (every transaction ends with a marker) is never committed to its end: it
+        reads as behind forever, and the watchdog calls an idle partition stalled.
+
+        Only with the positions read with the poll just handed over in full, for the same ownership: a
+        position past records the pipeline has not taken would commit past them."""
+        self._gaps_checked = self._clock()
+        tracker = self._pipeline.tracker
+        for tp, (state, position) in positions.items():
+            if tracker.get(tp) is state and tp not in self._revoking:
+                state.advance(position)
 
     def _apply_backpressure(self) -> None:
         """Pause every partition while the buffer is full, and each partition whose commit point lags its
