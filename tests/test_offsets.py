@@ -327,7 +327,9 @@ def test_hostile_metadata_expands_to_at_most_the_span_quickly() -> None:
     assert decode_ahead(100, "pw1:7d0+5", 1000) == set(), "runs wholly beyond the span are dropped"
 
 
-@pytest.mark.parametrize("text", ["pw1:1+-5", "pw1:-1+5", "pw1:1+_5", "pw1:+1+5", "pw1: 1+5", "pw2:-0;1+2", "pw1:1+0x5"])
+@pytest.mark.parametrize(
+    "text", ["pw1:1+-5", "pw1:-1+5", "pw1:1+_5", "pw1:+1+5", "pw1: 1+5", "pw2:-0;1+2", "pw1:1+0x5"]
+)
 def test_signed_or_decorated_numbers_are_malformed(text: str) -> None:
     """Python's int() takes signs, underscores, blanks and 0x; the encoder writes plain lowercase hex only."""
     with pytest.raises(MetadataError):
