@@ -27,7 +27,7 @@ async def build() -> tuple[Pipeline, Source, FakeConsumer, list[tuple[str, BaseE
     source = Source(settings, pipeline, metrics)
     await source.consumer.stop()  # never started: closed only so it warns of nothing
     consumer = FakeConsumer({TP0, TP1})
-    source.consumer = consumer  # type: ignore[assignment]
+    source.consumer = consumer
     failures: list[tuple[str, BaseException]] = []
     source.on_failure = lambda where, error: failures.append((where, error))
     await source.on_partitions_assigned([TP0, TP1])
