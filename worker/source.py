@@ -17,6 +17,7 @@ from worker.connection import CoordinatorNotReadyYet, kafka_security
 from worker.metrics import Metrics
 from worker.offsets import AHEAD_PREFIX, MetadataError, decode_ahead
 from worker.pipeline import Pipeline, Record
+from worker.positions import known_positions, pass_gaps
 from worker.topics import RECHECK_SECONDS, WATCH_SECONDS, TopicWatch, exact_pattern, keep_watching_every_topic
 
 if TYPE_CHECKING:
@@ -224,7 +225,10 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             # next owner reads them.
             owned = {tp: tracker.get(tp) for tp in batches}
         # Read with the poll, before the loop is let go: positions past exactly what this poll returned.
-        positions = self._positions() if self._clock() - self._gaps_checked >= GAP_CHECK_SECONDS else None
+        now = self._clock()
+        positions = None
+        if now - self._gaps_checked >= GAP_CHECK_SECONDS:
+            positions, self._gaps_checked = known_positions(self.consumer, tracker), now
         if self._schemas is not None and batches:
             # Held (not mapped, not tracked) until its schemas are in hand: `drained` must not take the
             # consumer's position for done meanwhile, and nothing commits past it.
@@ -250,43 +254,10 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         finally:
             self._handing_over = False
         if positions is not None:
-            self._pass_gaps(positions)
+            pass_gaps(positions, tracker, self._revoking)
         if count:
             self._metrics.last_fetch.set(time.time())
         return count
-
-    def _positions(self) -> dict[TopicPartition, tuple[PartitionOffsets, int]]:
-        """Each owned partition's state and the consumer's position in it, where the position is known now
-        (one being looked up or reset is left out: `consumer.position()` would wait for it)."""
-        # position() is async and may wait; aiokafka's subscription state answers at once. Should a later
-        # aiokafka (or a test's fake consumer) not have it, gaps are only passed by `drained`, as before.
-        state_of = getattr(self.consumer, "_subscription", None)
-        subscription = getattr(state_of, "subscription", None)
-        assignment = getattr(subscription, "assignment", None)
-        if assignment is None:
-            return {}
-        tracker = self._pipeline.tracker
-        positions: dict[TopicPartition, tuple[PartitionOffsets, int]] = {}
-        for tp in assignment.tps:
-            state = tracker.get(tp)
-            tp_state = assignment.state_value(tp)
-            if state is not None and tp_state is not None and tp_state.has_valid_position:
-                positions[tp] = (state, tp_state.position)
-        return positions
-
-    def _pass_gaps(self, positions: dict[TopicPartition, tuple[PartitionOffsets, int]]) -> None:
-        """Move each partition's commit point past offsets the consumer passed without a record for us:
-        transaction markers, aborted transactions' records, compaction gaps. Without it a partition whose
-        last offsets are such (every transaction ends with a marker) is never committed to its end: it
-        reads as behind forever, and the watchdog calls an idle partition stalled.
-
-        Only with the positions read with the poll just handed over in full, for the same ownership: a
-        position past records the pipeline has not taken would commit past them."""
-        self._gaps_checked = self._clock()
-        tracker = self._pipeline.tracker
-        for tp, (state, position) in positions.items():
-            if tracker.get(tp) is state and tp not in self._revoking:
-                state.advance(position)
 
     def _apply_backpressure(self) -> None:
         """Pause every partition while the buffer is full, and each partition whose commit point lags its
