@@ -419,3 +419,19 @@ def test_metadata_walked_from_pending_equals_the_sorted_encoding(
 
 
 SPAN = 100_000
+
+
+def test_the_stall_clock_survives_a_partition_going_and_coming_back() -> None:
+    """A group that rebalances more often than the stall timeout must not hide a stuck partition."""
+    tracker: OffsetTracker[str] = OffsetTracker()
+    state = tracker.assign("p", now=1.0)
+    state.track([5, 6], now=1.0)
+    assert tracker.mark_committed({"p": 5}, now=2.0)
+    tracker.revoke("p")
+    again = tracker.assign("p", now=50.0)
+    again.track([5, 6], now=50.0)
+    assert not tracker.mark_committed({"p": 5}, now=51.0), "the same offset again is not progress"
+    assert again.advanced_at == 2.0
+    again.finish(5)
+    assert tracker.mark_committed({"p": 6}, now=52.0)
+    assert again.advanced_at == 52.0

@@ -30,6 +30,8 @@ default); `kafka.commit_metadata_max_bytes` sets it, and the committer shortens 
 _HEX = re.compile(r"[0-9a-f]{1,16}")
 """What the encoder writes for a number. Not int(x, 16) alone: it takes signs, blanks, `_` and `0x`, and a
 negative length once subtracted from the expansion total (see `decode_ahead`)."""
+MAX_REMEMBERED = 10_000
+"""Revoked partitions whose stall clock is remembered (see `OffsetTracker._progress`)."""
 MAX_DECODE_CHARS = 65_536
 """Commit metadata longer than this is not even parsed: it is untrusted input, read inside a rebalance."""
 
@@ -47,6 +49,7 @@ class PartitionOffsets:
         "_next",
         "_pending",
         "advanced_at",
+        "advanced_to",
         "committed",
         "committed_ahead",
         "retired",
@@ -73,6 +76,8 @@ class PartitionOffsets:
         self.advanced_at = now
         """When the committed offset last moved forward (or the partition was assigned): the stall clock.
         A commit whose offset stays put — only its metadata changed — is not progress."""
+        self.advanced_to: int | None = None
+        """The committed offset as of `advanced_at`, when known from an earlier ownership in this process."""
 
     def track(self, offsets: Iterable[int], now: float = 0.0) -> None:
         pending = self._pending
@@ -167,12 +172,19 @@ class OffsetTracker(Generic[P]):
         partition by serial (an int, so they stay plain tuples), and a serial from before a revocation
         finds nothing, even when the partition is assigned here again."""
         self._serials = itertools.count()
+        self._progress: dict[P, tuple[int, float]] = {}
+        """Revoked partitions' (committed offset, when it last advanced): a partition that comes back
+        keeps its stall clock, or a group rebalancing more often than the stall timeout would hide a
+        stuck partition for ever. Bounded: the oldest are forgotten past MAX_REMEMBERED."""
 
     def assign(self, partition: P, now: float = 0.0) -> PartitionOffsets:
         state = self._partitions.get(partition)
         if state is None:
             state = self._partitions[partition] = PartitionOffsets(serial=next(self._serials), now=now)
             self.owners[state.serial] = (partition, state)
+            remembered = self._progress.pop(partition, None)
+            if remembered is not None:
+                state.advanced_to, state.advanced_at = remembered
         return state
 
     def get(self, partition: P) -> PartitionOffsets | None:
@@ -183,6 +195,11 @@ class OffsetTracker(Generic[P]):
         if state is not None:
             state.retired = True
             del self.owners[state.serial]
+            committed = state.committed if state.committed is not None else state.advanced_to
+            if committed is not None:
+                self._progress[partition] = (committed, state.advanced_at)
+                if len(self._progress) > MAX_REMEMBERED:
+                    del self._progress[next(iter(self._progress))]
 
     def __iter__(self) -> Iterator[tuple[P, PartitionOffsets]]:
         return iter(list(self._partitions.items()))
@@ -209,7 +226,8 @@ class OffsetTracker(Generic[P]):
         for partition, offset in offsets.items():
             state = self._partitions.get(partition)
             if state is not None:
-                if state.committed is None or offset > state.committed:
+                before = state.committed if state.committed is not None else state.advanced_to
+                if before is None or offset > before:
                     state.advanced_at = now
                     advanced = True
                 state.committed = offset
