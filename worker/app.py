@@ -90,7 +90,7 @@ class Worker:
             letters = DeadLetterWriter(dead_letter_producer, route.dead_letter_topic, self.metrics)
             self.letter_writers.append(letters)
             first = next(iter(sinks.values()))
-            quota = first.limiter if len(sinks) == 1 else Quotas([s.limiter for s in sinks.values()])
+            quota = first.limiter if len(sinks) == 1 else Quotas({d: s.limiter for d, s in sinks.items()})
             pipelines[route.name] = Pipeline(
                 settings,
                 first,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -176,25 +176,12 @@ def converter(route: Route) -> Callable[[bytes | None], Converted | None]:
 
 
 class Quotas:
-    """The dispatcher's quota for a route with several trackers: any of their limiters' calls.
+    """The limiters of an events route's trackers, by tracking id: the pipeline gives each tracker its own
+    batcher, in-flight share and quota (`destinations.DestinationBatcher`), so a throttled tracker's calls
+    never hold the slots of the others."""
 
-    Each tracker's sink still waits for its own limiter per call; a throttled tracker's calls then hold
-    in-flight slots of the route (bounded by `max_in_flight`), never another route's."""
-
-    def __init__(self, quotas: Sequence[Any]) -> None:
-        self._quotas = quotas
-
-    @property
-    def rate(self) -> float:
-        return float(sum(q.rate for q in self._quotas))
-
-    def available(self) -> tuple[int, float]:
-        calls, wait = 0, float("inf")
-        for quota in self._quotas:
-            n, w = quota.available()
-            calls += n
-            wait = min(wait, w)
-        return calls, wait
+    def __init__(self, limiters: Mapping[str, Any]) -> None:
+        self.limiters = dict(limiters)
 
 
 class Routes:
