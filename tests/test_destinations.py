@@ -108,7 +108,13 @@ async def test_a_throttled_tracker_holds_only_its_share_and_the_other_tracker_de
         # a's events are older: in one shared pool they would go first and take every slot.
         at = 1.7e9 + (n if site == "a" else 1000 + n)
         return orjson.dumps(
-            {"event_id": f"{site}{n}", "session_id": f"{site}{n % 20}", "event_type": "click", "timestamp": at, "site": site}
+            {
+                "event_id": f"{site}{n}",
+                "session_id": f"{site}{n % 20}",
+                "event_type": "click",
+                "timestamp": at,
+                "site": site,
+            }
         )
 
     tp = TopicPartition("t", 0)

@@ -68,7 +68,9 @@ class DestinationBatcher(Generic[T]):
         calls, wait = 0, MAX_WAIT
         for name, limiter in self._limiters.items():
             batcher = self._batchers[name]
-            if self._active[name] >= self._max_in_flight or not (batcher.has_full() or batcher.oldest_open() is not None):
+            if self._active[name] >= self._max_in_flight or not (
+                batcher.has_full() or batcher.oldest_open() is not None
+            ):
                 continue
             free, next_in = limiter.available()
             calls += free
@@ -97,9 +99,7 @@ class DestinationBatcher(Generic[T]):
 
     def has_full(self) -> bool:
         """A full batch waits for a call at a tracker that has a slot for it."""
-        return any(
-            b.has_full() and self._active[name] < self._max_in_flight for name, b in self._batchers.items()
-        )
+        return any(b.has_full() and self._active[name] < self._max_in_flight for name, b in self._batchers.items())
 
     def oldest_open(self) -> float | None:
         times = [t for t in (b.oldest_open() for b in self._batchers.values()) if t is not None]

@@ -22,8 +22,8 @@ from worker.batching import Batch, Batcher
 from worker.coalescing import CoalescingBatcher
 from worker.config import MappingSettings, Settings
 from worker.deadletter import DeadLetter
-from worker.destinations import DestinationBatcher
 from worker.dedup import NEW, SEEN, Dedup
+from worker.destinations import DestinationBatcher
 from worker.mapping import InvalidRecord, Mapper
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker, PartitionOffsets
@@ -171,7 +171,7 @@ class Pipeline:
         """`route`: which flow this is (default: the single flow of `settings`); `tracker`: shared by every
         route's pipeline, so one committer sees all partitions; `sinks`: an events route's sink per tracking
         id (its batch keys start with the tracking id), instead of the one `sink`."""
-        from worker.routes import Quotas, converter, resolve, tracked_events  # noqa: F811  (at run time too)
+        from worker.routes import Quotas, converter, resolve, tracked_events
 
         self.route = route = route or resolve(settings)[0]
         self._settings = settings
@@ -185,7 +185,8 @@ class Pipeline:
             # Schema-registry formats decode with the writer's schema first (`Source` resolved it before intake).
             self._map = self._mapper.map if schemas is None else schemas.mapping(self._mapper)
             if route.tracking_id_field:
-                self._map = tracked_events(self._mapper, route.tracking_id_field, dict(route.destinations))
+                decode = None if schemas is None else schemas.objects()
+                self._map = tracked_events(self._mapper, route.tracking_id_field, dict(route.destinations), decode)
         self._sink = sink
         self._letters = dead_letters
         self._metrics = metrics

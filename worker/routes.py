@@ -125,15 +125,24 @@ def _decode(value: bytes | None) -> Any:
         raise InvalidRecord("decode", "not_json", f"not valid JSON: {exc}") from None
 
 
-def tracked_events(mapper: Mapper, field: str, trackers: dict[str, str]) -> Callable[[bytes | None], Any]:
+def _decode_object(value: bytes | None) -> Any:
+    obj = _decode(value)
+    if type(obj) is not dict:
+        raise InvalidRecord("decode", "not_object", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def tracked_events(
+    mapper: Mapper, field: str, trackers: dict[str, str], decode: Callable[[bytes | None], Any] | None = None
+) -> Callable[[bytes | None], Any]:
     """An events route with `tracking_id_field`: the batch key gains the record's tracking id in front,
-    (trackingId, sessionId, userId), so each call goes to one tracker. An unmapped value is dead-lettered."""
+    (trackingId, sessionId, userId), so each call goes to one tracker. An unmapped value is dead-lettered.
+    `decode`: value → dict (`Schemas.objects` for a registry format; default JSON)."""
     path = tuple(field.split("."))
+    decode_object = decode or _decode_object
 
     def map_tracked(value: bytes | None) -> Any:
-        obj = _decode(value)
-        if type(obj) is not dict:
-            raise InvalidRecord("decode", "not_object", f"expected a JSON object, got {type(obj).__name__}")
+        obj = decode_object(value)
         name: Any = obj
         for part in path:
             name = name.get(part) if type(name) is dict else None

@@ -22,7 +22,7 @@ from worker.topics import RECHECK_SECONDS, WATCH_SECONDS, TopicWatch, exact_patt
 if TYPE_CHECKING:
     from worker.offsets import PartitionOffsets
     from worker.routes import Routes
-    from worker.schemas import Schemas
+    from worker.schemas import Schemas, TopicSchemas
 
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         pipeline: Pipeline | Routes,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
-        schemas: Schemas | None = None,
+        schemas: Schemas | TopicSchemas | None = None,
         topics: Sequence[str] | None = None,
     ) -> None:
         """`pipeline`: one Pipeline, or every route's (`routes.Routes`) routed by topic; `topics`: what to
