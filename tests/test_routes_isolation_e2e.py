@@ -42,7 +42,7 @@ async def run(
     clicks, users, items = [await topic_factory(partitions=2) for _ in range(3)]
     dlqs = [await topic_factory(partitions=1) for _ in range(3)]
     now = time.time()
-    events = [
+    events: list[dict[str, Any]] = [
         {
             "event_id": f"e{n}",
             "session_id": f"s{n % SESSIONS}",
@@ -53,9 +53,9 @@ async def run(
         for n in range(CLICKS)
     ]
     await produce(bootstrap, clicks, [(e["session_id"].encode(), orjson.dumps(e)) for e in events])
-    people = [{"user_id": f"u{n}", "tier": "gold"} for n in range(USERS)]
+    people: list[dict[str, Any]] = [{"user_id": f"u{n}", "tier": "gold"} for n in range(USERS)]
     await produce(bootstrap, users, [(p["user_id"].encode(), orjson.dumps(p)) for p in people])
-    catalog = [{"item_id": f"item-{n}", "price": n} for n in range(ITEMS)]
+    catalog: list[dict[str, Any]] = [{"item_id": f"item-{n}", "price": n} for n in range(ITEMS)]
     await produce(bootstrap, items, [(c["item_id"].encode(), orjson.dumps(c)) for c in catalog])
 
     group = f"{clicks}-group"
