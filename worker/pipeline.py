@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
@@ -592,6 +592,14 @@ class Pipeline:
         finally:
             if isinstance(self.batcher, CoalescingBatcher):
                 self.batcher.unflush()  # windows apply again to what the partitions left keep sending
+
+    def lagging(self, partitions: Collection[TopicPartition]) -> None:
+        """The route's partitions paused at the commit-lag bound (see `Source._apply_backpressure`): while
+        there are some, coalescing windows release what they hold, so the commit point moves again."""
+        if isinstance(self.batcher, CoalescingBatcher):
+            self.batcher.lagging(bool(partitions))
+            if partitions:
+                self.wakeup.set()
 
     def drop_unsent(self, partitions: Sequence[TopicPartition]) -> None:
         """Take the partitions' records that are in no call yet out of the batches. They stay unfinished,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -240,6 +240,14 @@ class Routes:
         groups = self._split(partitions)
         results = await asyncio.gather(*(p.settle_partitions(parts, timeout) for p, parts in groups))
         return all(results)
+
+    def lagging(self, partitions: Collection[TopicPartition]) -> None:
+        """Every route hears which of its partitions lag (none: its windows apply again)."""
+        mine: dict[int, list[TopicPartition]] = {id(p): [] for p in self.pipelines.values()}
+        for pipeline, parts in self._split(partitions):
+            mine[id(pipeline)] = parts
+        for pipeline in self.pipelines.values():
+            pipeline.lagging(mine[id(pipeline)])
 
     def drop_unsent(self, partitions: Sequence[TopicPartition]) -> None:
         for pipeline, parts in self._split(partitions):

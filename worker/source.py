@@ -78,6 +78,8 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         self._handing_over = False
         """A poll is being handed to the pipeline a slice at a time (see `fetch_once`)."""
         self._held: set[TopicPartition] = set()
+        self._lagging: set[TopicPartition] = set()
+        """Partitions paused at `worker.max_commit_lag_records` (the pipeline was told)."""
         """Partitions left out of fetching for a crowded session (see `_getmany`)."""
         self._held_logged = -HELD_LOG_SECONDS
         self._schemas = schemas
@@ -245,6 +247,10 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
                 state = tracker.get(tp)
                 if state is not None and state.commit_lag >= bound:
                     wanted.add(tp)
+            if wanted != self._lagging:
+                # Coalescing windows stop holding while their partition waits on the commit point.
+                self._lagging = wanted
+                self._pipeline.lagging(wanted)
         # Newly assigned partitions start unpaused, so pausing is re-applied, never assumed.
         if wanted:
             self.consumer.pause(*wanted)
