@@ -137,6 +137,7 @@ class Worker:
         self.dead_letters = self.letter_writers[0]
         self.pipeline = Routes(pipelines, topics, tracker)
         self.source = Source(settings, self.pipeline, self.metrics, schemas=self.schemas, topics=list(topics))
+        self.source.on_failure = self._fail
         self.server = MetricsServer(self.metrics, self.readiness)
         self.watchdog = Watchdog(self.pipeline, self.metrics, self, settings.worker.stall_timeout_seconds)
         self.stop_requested = asyncio.Event()

@@ -13,6 +13,7 @@ records at once instead of sending them a second time.
 from __future__ import annotations
 
 import itertools
+import re
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator
 from typing import Generic, TypeVar
@@ -26,6 +27,9 @@ LEGACY_PREFIX = "pw1:"
 MAX_AHEAD_CHARS = 3800
 """Default length of commit metadata: Kafka refuses more than `offset.metadata.max.bytes` (4096 by
 default); `kafka.commit_metadata_max_bytes` sets it, and the committer shortens it when refused."""
+_HEX = re.compile(r"[0-9a-f]{1,16}")
+"""What the encoder writes for a number. Not int(x, 16) alone: it takes signs, blanks, `_` and `0x`, and a
+negative length once subtracted from the expansion total (see `decode_ahead`)."""
 MAX_DECODE_CHARS = 65_536
 """Commit metadata longer than this is not even parsed: it is untrusted input, read inside a rebalance."""
 
@@ -270,18 +274,15 @@ def decode_ahead(base: int, text: str | None, max_span: int) -> set[int]:
     body = text[len(AHEAD_PREFIX) :]
     if text.startswith(AHEAD_PREFIX):
         written_for, sep, body = body.partition(";")
-        if not sep or len(written_for) > 16 or written_for != f"{base:x}":
+        if not sep or written_for != f"{base:x}":
             raise MetadataError(f"written for another offset than the committed {base}")
     runs: list[tuple[int, int]] = []
     total = 0
     for part in body.split(","):
         start_hex, sep, length_hex = part.partition("+")
-        if not sep or not 0 < len(start_hex) <= 16 or not 0 < len(length_hex) <= 16:
+        if not sep or not _HEX.fullmatch(start_hex) or not _HEX.fullmatch(length_hex):
             raise MetadataError(f"malformed run {part[:40]!r}")
-        try:
-            start, length = int(start_hex, 16), int(length_hex, 16)
-        except ValueError:
-            raise MetadataError(f"malformed run {part[:40]!r}") from None
+        start, length = int(start_hex, 16), int(length_hex, 16)
         if start < 1 or start > max_span:
             continue
         count = min(length + 1, max_span - start + 1)
