@@ -23,7 +23,7 @@ from worker.topics import RECHECK_SECONDS, WATCH_SECONDS, TopicWatch, exact_patt
 if TYPE_CHECKING:
     from worker.offsets import PartitionOffsets
     from worker.routes import Routes
-    from worker.schemas import Schemas
+    from worker.schemas import Schemas, TopicSchemas
 
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         pipeline: Pipeline | Routes,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
-        schemas: Schemas | None = None,
+        schemas: Schemas | TopicSchemas | None = None,
         topics: Sequence[str] | None = None,
     ) -> None:
         """`pipeline`: one Pipeline, or every route's (`routes.Routes`) routed by topic; `topics`: what to
@@ -85,6 +85,8 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         self._handing_over = False
         """A poll is being handed to the pipeline a slice at a time (see `fetch_once`)."""
         self._held: set[TopicPartition] = set()
+        self._lagging: set[TopicPartition] = set()
+        """Partitions paused at `worker.max_commit_lag_records` (the pipeline was told)."""
         """Partitions left out of fetching for a crowded session (see `_getmany`)."""
         self._held_logged = -HELD_LOG_SECONDS
         self._schemas = schemas
@@ -274,6 +276,10 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
                 state = tracker.get(tp)
                 if state is not None and state.commit_lag >= bound:
                     wanted.add(tp)
+            if wanted != self._lagging:
+                # Coalescing windows stop holding while their partition waits on the commit point.
+                self._lagging = wanted
+                self._pipeline.lagging(wanted)
         # Newly assigned partitions start unpaused, so pausing is re-applied, never assumed.
         if wanted:
             self.consumer.pause(*wanted)
