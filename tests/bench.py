@@ -1,6 +1,6 @@
 """`make bench`: the issue-5 benchmark of the worker on the real local stack.
 
-    python -m tests.bench [--mode drain|shared-quota|memory|hot-session|decode] [options]      (see --help)
+    python -m tests.bench [--mode drain|shared-quota|memory|hot-session|decode|two-groups|catalog-burst] [options]
 
 Everything runs as real processes: a Kafka broker of its own (``deploy/local/kafka`` on a free port
 in a temp dir), the Personalize Events emulator (``python -m worker.emulator``) and the worker CLI
@@ -41,6 +41,10 @@ Modes (each runs on its own):
 
 ``decode``
     No stack: CPU per record of decoding schema-registry framed values (tests/bench_decode.py).
+
+``two-groups``, ``catalog-burst``
+    Issue 13, routes (tests/bench_routes.py): one worker feeding two dataset groups at their own quotas;
+    a 100,000-update catalogue burst over 5,000 ids through one coalescing items route.
 
 Results are printed as a table and written as JSON to ``.bench/results.json`` (drain), or
 ``.bench/results-MODE.json``.
@@ -1001,6 +1005,10 @@ def report(mode: str, results: dict[str, Any], args: argparse.Namespace) -> None
         from tests.bench_decode import TARGETS
 
         targets = dict(TARGETS)
+    if mode in ("two-groups", "catalog-burst"):
+        from tests.bench_routes import TARGETS as ROUTE_TARGETS
+
+        targets = dict(ROUTE_TARGETS[mode])
     print(f"\nresults ({mode})")
     print(f"  {'metric':<34} {'value':>14}  {'target':<18} verdict")
     for key, value in results.items():
@@ -1024,9 +1032,17 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--mode", choices=("drain", "shared-quota", "memory", "hot-session", "decode"), default="drain")
     parser.add_argument(
-        "--records", type=int, default=None, help="backlog size (drain/shared-quota 200,000; memory 1,000,000)"
+        "--mode",
+        choices=("drain", "shared-quota", "memory", "hot-session", "decode", "two-groups", "catalog-burst"),
+        default="drain",
+    )
+    parser.add_argument(
+        "--records",
+        type=int,
+        default=None,
+        help="backlog size (drain/shared-quota 200,000; memory 1,000,000; two-groups 100,000 per group; "
+        "catalog-burst 100,000 updates)",
     )
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--sessions", type=int, default=500, help="concurrent sessions in the generated backlog")
@@ -1060,6 +1076,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-session-events", type=int, default=None, help="worker batching.max_session_events")
     parser.add_argument("--decode-calls", type=int, default=20_000, help="decode mode: calls per timed repeat")
     parser.add_argument("--decode-repeats", type=int, default=7, help="decode mode: repeats (the best counts)")
+    from tests.bench_routes import add_arguments
+
+    add_arguments(parser)
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default .bench/results[-MODE].json)")
     return parser
 
@@ -1071,7 +1090,8 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.records is None:
-        args.records = 1_000_000 if args.mode == "memory" else 200_000
+        defaults = {"memory": 1_000_000, "two-groups": 100_000, "catalog-burst": 100_000}
+        args.records = defaults.get(args.mode, 200_000)
     out = args.out or OUT_DIR / ("results.json" if args.mode == "drain" else f"results-{args.mode}.json")
     signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM cleans up like Ctrl-C
     started = time.monotonic()
@@ -1105,6 +1125,10 @@ def run_stack(args: argparse.Namespace) -> dict[str, Any]:
             return mode_shared_quota(bench, args)
         if args.mode == "hot-session":
             return mode_hot_session(bench, args)
+        if args.mode in ("two-groups", "catalog-burst"):
+            from tests.bench_routes import mode_catalog_burst, mode_two_groups
+
+            return (mode_two_groups if args.mode == "two-groups" else mode_catalog_burst)(bench, args)
         return mode_memory(bench, args)
 
 

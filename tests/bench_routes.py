@@ -1,0 +1,454 @@
+"""`python -m tests.bench --mode two-groups|catalog-burst`: the issue-13 benchmark of routes.
+
+``two-groups``
+    One worker process feeding two dataset groups: one events route whose ``tracking_id_field`` (``site``)
+    picks one of two trackers (``--group-routes 2``: two topics, two routes, one tracker each). In the
+    emulator each tracker is its own dataset group with its own PutEvents quota (``--max-tps``, 1,000).
+    Two backlogs of ``--records`` each (``worker.sample``, distinct seeds, so distinct sessions and ids),
+    interleaved. Per group: calls/s and events/s *together* (between the later group's first accepted call
+    and the earlier group's last: both busy), as a share of the group's quota and of its ceiling
+    (quota x this data's optimal events per call, as ``drain`` computes ``share_of_ceiling``). The
+    worker's and the emulator's CPU over the run say which process was the limit.
+
+``catalog-burst``
+    ``--records`` (100,000) item updates over ``--item-ids`` (5,000) ids, as Debezium change events (or
+    plain rows: ``--catalog-envelope none``), keyed by id, loaded as a backlog and drained through one
+    items route; the emulator's PutItems quota is ``--items-tps`` (10) calls/s. Calls, items per call,
+    ids sent twice within the coalescing window, ids whose last accepted state is not their newest
+    update, the superseded share, and the burst's length against its floor: distinct ids / (10 x quota).
+
+Both note the load average: the machine is shared, and the figures are only as good as the CPU they got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import itertools
+import json
+import os
+import random
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from tests.bench import (
+    PROPERTIES,
+    Chunk,
+    Loaded,
+    Stack,
+    Worker,
+    _http,
+    _proc_cpu_seconds,
+    _toml_value,
+    batching_overrides,
+    log,
+    make_topics,
+    run_worker,
+)
+from worker.sample import generate, optimal_calls
+
+SITES = ("a", "b")
+TRACKERS = {site: f"bench-tracker-{site}" for site in SITES}
+ITEMS_ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/bench/ITEMS"
+CATEGORIES = ("shoes", "shirts", "bags", "watches", "hats", "socks")
+
+TARGETS = {
+    "two-groups": {"a_share_of_ceiling_together": ">= 0.90", "b_share_of_ceiling_together": ">= 0.90"},
+    "catalog-burst": {
+        "partial_calls": "<= 1",
+        "calls_with_repeated_ids": "<= 0",
+        "ids_sent_twice_within_window": "<= 0",
+        "stale_or_missing_ids": "<= 0",
+        "burst_vs_floor": "<= 1.2",
+    },
+}
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def routes_toml(routes: list[dict[str, Any]]) -> str:
+    """`[[routes]]` tables; dict values (trackers, mapping) as inline tables."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        return _toml_value(v)
+
+    lines: list[str] = []
+    for route in routes:
+        lines.append("[[routes]]")
+        lines.extend(f"{key} = {value(v)}" for key, v in route.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def route_worker(bench: Stack, name: str, group: str, routes: list[dict[str, Any]], args: argparse.Namespace) -> Worker:
+    """A draining worker whose whole flow is `[[routes]]` (no top-level topics, tracker or mapping)."""
+    sections: dict[str, dict[str, Any]] = {
+        "kafka": {"bootstrap_servers": bench.broker.bootstrap, "group_id": group},
+        "personalize": {"endpoint_url": bench.emulator.url},
+        "batching": {"linger_ms": args.linger_ms, **batching_overrides(args)},
+        "dedup": {"max_ids": args.dedup_ids},
+        "worker": {"log_format": "json", "commit_interval_seconds": 0.5},
+    }
+    worker = Worker(bench.tmp, name, sections, True)
+    worker.config.write_text(worker.config.read_text(encoding="utf-8") + "\n" + routes_toml(routes), encoding="utf-8")
+    return worker
+
+
+def emulator_cpu(bench: Stack) -> float:
+    process = bench.emulator.process
+    assert process is not None
+    return _proc_cpu_seconds(process.pid)
+
+
+# --------------------------------------------------------------------------- two-groups
+
+
+def _site_chunk(records: int, seed: int, sessions: int, start: float, min_session_events: int, site: str) -> Chunk:
+    """`generate()` with a `site` field naming the group; re-delivered copies stay byte-identical."""
+    stream = generate(
+        records, seed=seed, concurrent_sessions=sessions, start=start, min_session_events=min_session_events
+    )
+    encoded: dict[int, bytes] = {}
+    out: list[tuple[bytes, bytes]] = []
+    for m in stream.messages:
+        if m.source is None:  # malformed: dead-lettered whatever its site
+            out.append((m.key, m.value))
+            continue
+        value = encoded.get(id(m.source))
+        if value is None:
+            value = encoded[id(m.source)] = orjson.dumps({**m.source, "site": site})
+        out.append((m.key, value))
+    counts = Counter(m.kind for m in stream.messages)
+    return Chunk(out, dict(counts), optimal_calls(stream))
+
+
+def _group_chunks(args: argparse.Namespace) -> Iterator[tuple[str, Chunk]]:
+    """Both groups' chunks, alternating, generated on `--jobs` processes (distinct seeds per group)."""
+    sizes = [min(args.chunk, args.records - start) for start in range(0, args.records, args.chunk)]
+    span = args.chunk / 200.0
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = []
+        for index, size in enumerate(sizes):
+            for number, site in enumerate(SITES):
+                seed = (args.seed + 100 * (number + 1)) * 1000 + index
+                start = 1_790_000_000.0 + index * span
+                futures.append(
+                    (site, pool.submit(_site_chunk, size, seed, args.sessions, start, args.min_session_events, site))
+                )
+            while len(futures) > args.jobs * 2:
+                site, future = futures.pop(0)
+                yield site, future.result()
+        for site, future in futures:
+            yield site, future.result()
+
+
+async def _load_groups(bootstrap: str, topics: dict[str, str], args: argparse.Namespace) -> dict[str, Loaded]:
+    loaded = {site: Loaded(topics[site]) for site in SITES}
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=20, acks="all", max_batch_size=512 * 1024, compression_type=None
+    )
+    await producer.start()
+    started = time.monotonic()
+    try:
+        for site, chunk in _group_chunks(args):
+            futures = [await producer.send(topics[site], value, key=key) for key, value in chunk.records]
+            await asyncio.gather(*futures)
+            group = loaded[site]
+            group.records += len(chunk.records)
+            group.counts.update(chunk.counts)
+            group.optimal_calls += chunk.optimal_calls
+            print(f"    produced {sum(g.records for g in loaded.values()):,}/{2 * args.records:,}", end="\r")
+    finally:
+        await producer.stop()
+    print()
+    for group in loaded.values():
+        group.seconds = time.monotonic() - started
+    return loaded
+
+
+def group_metrics(
+    events: list[dict[str, Any]], loaded: dict[str, Loaded], throttled: dict[str, int], max_tps: float
+) -> dict[str, Any]:
+    """Per group: own sending span, and the window both groups were being sent ("together")."""
+    times: dict[str, list[float]] = {site: [] for site in SITES}
+    calls: dict[str, list[tuple[float, str]]] = {site: [] for site in SITES}
+    site_of = {tracker: site for site, tracker in TRACKERS.items()}
+    seen: set[str] = set()
+    for event in events:
+        site = site_of[event["trackingId"]]
+        times[site].append(event["received_at"])
+        if event["request_id"] not in seen:
+            seen.add(event["request_id"])
+            calls[site].append((event["received_at"], event["request_id"]))
+    if not all(times.values()):
+        return {"error": "a group received no events"}
+    t0 = max(min(t) for t in times.values())
+    t1 = min(max(t) for t in times.values())
+    together = t1 - t0
+    out: dict[str, Any] = {"together_seconds": round(together, 2)}
+    for site in SITES:
+        group, sent, made = loaded[site], times[site], calls[site]
+        optimal = group.valid / group.optimal_calls if group.optimal_calls else 0.0
+        ceiling = max_tps * optimal
+        span = max(sent) - min(sent)
+        both_events = sum(1 for t in sent if t0 <= t <= t1)
+        both_calls = sum(1 for t, _ in made if t0 <= t <= t1)
+        eps = both_events / together if together > 0 else 0.0
+        out.update(
+            {
+                f"{site}_valid_unique_events": group.valid,
+                f"{site}_events": len(sent),
+                f"{site}_calls": len(made),
+                f"{site}_throttled_calls": throttled.get(TRACKERS[site], 0),
+                f"{site}_events_per_call": round(len(sent) / len(made), 3),
+                f"{site}_optimal_events_per_call": round(optimal, 3),
+                f"{site}_ceiling_events_per_second": round(ceiling, 1),
+                f"{site}_sending_seconds": round(span, 2),
+                f"{site}_calls_per_second_own_span": round(len(made) / span, 1) if span else 0.0,
+                f"{site}_events_per_second_own_span": round(len(sent) / span, 1) if span else 0.0,
+                f"{site}_calls_per_second_together": round(both_calls / together, 1) if together > 0 else 0.0,
+                f"{site}_events_per_second_together": round(eps, 1),
+                f"{site}_calls_share_of_quota_together": round(both_calls / together / max_tps, 3)
+                if together > 0
+                else 0.0,
+                f"{site}_share_of_ceiling_together": round(eps / ceiling, 3) if ceiling else 0.0,
+            }
+        )
+    return out
+
+
+def mode_two_groups(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    bootstrap = bench.broker.bootstrap
+    tag = uuid.uuid4().hex[:6]
+    if args.group_routes == 2:
+        topics = {site: f"bench-groups-{site}-{tag}" for site in SITES}
+        routes: list[dict[str, Any]] = [
+            {
+                "name": f"clicks_{site}",
+                "topics": [topics[site]],
+                "operation": "events",
+                "tracking_id": TRACKERS[site],
+                "mapping": {"properties": PROPERTIES},
+                "dead_letter_topic": f"{topics[site]}.dlq",
+            }
+            for site in SITES
+        ]
+    else:
+        topic = f"bench-groups-{tag}"
+        topics = dict.fromkeys(SITES, topic)
+        routes = [
+            {
+                "name": "clicks",
+                "topics": [topic],
+                "operation": "events",
+                "tracking_id_field": "site",
+                "trackers": TRACKERS,
+                "mapping": {"properties": PROPERTIES},
+                "dead_letter_topic": f"{topic}.dlq",
+            }
+        ]
+    for name in sorted(set(topics.values())):
+        asyncio.run(make_topics(bootstrap, name, args.partitions))
+    log(
+        f"generating and producing 2 x {args.records:,} records ({args.sessions} concurrent sessions each) to "
+        f"{sorted(set(topics.values()))} ({args.partitions} partitions); {args.group_routes} route(s)"
+    )
+    loaded = asyncio.run(_load_groups(bootstrap, topics, args))
+    for site, group in loaded.items():
+        log(f"group {site}: {group.valid:,} valid, optimal calls {group.optimal_calls:,}")
+    bench.emulator.reset()
+    load_before = load_average()
+    cpu_before = emulator_cpu(bench)
+    log(f"running one worker for both groups (run --until-drained); load average {load_before}")
+    worker = route_worker(bench, "worker-two-groups", "bench-groups", routes, args)
+    result = run_worker(bench, worker, args.timeout)
+    emulator_seconds = emulator_cpu(bench) - cpu_before
+    load_after = load_average()
+    stats = bench.emulator.stats()
+    events = bench.emulator.events()
+    throttled = {d: int(t["throttled"]) for d, t in stats.get("destinations", {}).get("events", {}).items()}
+    results: dict[str, Any] = {
+        "records": sum(g.records for g in loaded.values()),
+        "group_routes": args.group_routes,
+        "worker_exit": result.returncode,
+        "wall_seconds": round(result.wall_seconds, 2),
+        "events": stats["events"],
+        "duplicate_events_at_emulator": stats["duplicate_events"],
+        "events_per_second": round(stats["events"] / result.wall_seconds, 1) if result.wall_seconds else 0.0,
+        **group_metrics(events, loaded, throttled, args.max_tps),
+        "worker_cpu_seconds": round(result.cpu_seconds, 2),
+        "worker_cpu_utilization": round(result.cpu_seconds / result.wall_seconds, 2) if result.wall_seconds else 0.0,
+        "cpu_us_per_call": round((result.cpu_seconds - result.startup_cpu_seconds) / stats["calls"] * 1e6, 1)
+        if stats["calls"]
+        else 0.0,
+        "emulator_cpu_utilization": round(emulator_seconds / result.wall_seconds, 2) if result.wall_seconds else 0.0,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "worker_totals": result.totals,
+    }
+    del events
+    gc.collect()
+    return results
+
+
+# --------------------------------------------------------------------------- catalog-burst
+
+
+def catalog_updates(args: argparse.Namespace) -> tuple[list[tuple[bytes, bytes]], dict[str, int]]:
+    """(key, value) of each update in production order, and each id's newest version (a global sequence,
+    so the newest is the highest). Ids drawn uniformly: ~20 updates each at the defaults."""
+    rng = random.Random(args.seed)
+    newest: dict[str, int] = {}
+    out: list[tuple[bytes, bytes]] = []
+    for version in range(args.records):
+        item_id = f"item-{rng.randrange(args.item_ids):05d}"
+        row = {
+            "item_id": item_id,
+            "price": round(rng.uniform(1, 500), 2),
+            "category": rng.choice(CATEGORIES),
+            "stock": rng.randrange(1000),
+            "version": version,
+        }
+        if args.catalog_envelope == "debezium":
+            before = {**row, "version": newest[item_id]} if item_id in newest else None
+            change = {
+                "before": before,
+                "after": row,
+                "source": {"connector": "postgresql", "db": "shop", "table": "items", "lsn": 1000 + version},
+                "op": "u" if before else "c",
+                "ts_ms": 1_790_000_000_000 + version,
+            }
+            value = orjson.dumps(change)
+        else:
+            value = orjson.dumps(row)
+        newest[item_id] = version
+        out.append((item_id.encode(), value))
+    return out, newest
+
+
+async def _produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all", max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value, key=key) for key, value in messages]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def item_records(bench: Stack) -> list[dict[str, Any]]:
+    raw = _http(f"{bench.emulator.url}/_emulator/items", timeout=600)
+    return [orjson.loads(line) for line in raw.splitlines() if line]
+
+
+def catalog_metrics(
+    sent: list[dict[str, Any]], newest: dict[str, int], updates: int, window: float, args: argparse.Namespace
+) -> dict[str, Any]:
+    """From the accepted PutItems records, in arrival order."""
+    per_call: dict[str, list[str]] = defaultdict(list)
+    sends: dict[str, list[float]] = defaultdict(list)
+    last: dict[str, int] = {}
+    for record in sent:
+        per_call[record["request_id"]].append(record["itemId"])
+        sends[record["itemId"]].append(record["received_at"])
+        last[record["itemId"]] = orjson.loads(record["properties"])["version"]
+    sizes = Counter(len(ids) for ids in per_call.values())
+    # Received times carry the emulator's latency jitter (up to 2 x jitter between two calls); the worker's
+    # rule holds at the time it takes a call, so a gap that much under the window is not a breach.
+    allowance = 2 * args.jitter_ms / 1000.0
+    gaps = [b - a for times in sends.values() for a, b in itertools.pairwise(times)]
+    received = [r["received_at"] for r in sent]
+    span = max(received) - min(received) if received else 0.0
+    floor = len(newest) / (10 * args.items_tps)
+    calls = len(per_call)
+    return {
+        "items_sent": len(sent),
+        "calls": calls,
+        "items_per_call": round(len(sent) / calls, 3) if calls else 0.0,
+        "items_per_call_histogram": {str(k): v for k, v in sorted(sizes.items())},
+        "partial_calls": sum(n for size, n in sizes.items() if size < 10),
+        "calls_with_repeated_ids": sum(1 for ids in per_call.values() if len(set(ids)) < len(ids)),
+        "ids_sent_more_than_once": sum(1 for times in sends.values() if len(times) > 1),
+        "extra_sends": len(sent) - len(sends),
+        "ids_sent_twice_within_window": sum(
+            1 for times in sends.values() if any(b - a < window - allowance for a, b in itertools.pairwise(times))
+        ),
+        "min_resend_gap_seconds": round(min(gaps), 3) if gaps else None,
+        "stale_or_missing_ids": sum(1 for item, version in newest.items() if last.get(item) != version),
+        # Every update ends sent or superseded here (no deletes, no invalid rows; the worker drained and exited 0).
+        "superseded": updates - len(sent),
+        "superseded_share": round((updates - len(sent)) / updates, 4) if updates else 0.0,
+        "sending_seconds": round(span, 2),
+        "floor_seconds": round(floor, 2),
+        # N calls at r/s hold the quota N/r seconds: the span between the first and last plus one interval.
+        "burst_vs_floor": round((span + 1 / args.items_tps) / floor, 3) if floor else 0.0,
+    }
+
+
+def mode_catalog_burst(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    bootstrap = bench.broker.bootstrap
+    topic = f"bench-catalog-{uuid.uuid4().hex[:6]}"
+    asyncio.run(make_topics(bootstrap, topic, args.partitions))
+    messages, newest = catalog_updates(args)
+    log(
+        f"producing {len(messages):,} {args.catalog_envelope} item updates over {len(newest):,} ids "
+        f"to {topic!r} ({args.partitions} partitions)"
+    )
+    asyncio.run(_produce(bootstrap, topic, messages))
+    del messages
+    bench.emulator.reset()
+    _http(f"{bench.emulator.url}/_emulator/config", orjson.dumps({"quotas": {"items": args.items_tps}}))
+    window = args.coalesce_window_seconds
+    route: dict[str, Any] = {
+        "name": "catalog",
+        "topics": [topic],
+        "operation": "items",
+        "dataset_arn": ITEMS_ARN,
+        "envelope": args.catalog_envelope,
+        "mapping": {"properties": "*"},
+        "coalesce_window_seconds": window,
+        "max_requests_per_second": args.items_tps,
+        "dead_letter_topic": f"{topic}.dlq",
+    }
+    load_before = load_average()
+    log(f"running the worker: one items route, PutItems quota {args.items_tps:g}/s; load average {load_before}")
+    worker = route_worker(bench, "worker-catalog", "bench-catalog", [route], args)
+    result = run_worker(bench, worker, args.timeout)
+    stats = bench.emulator.stats()
+    sent = item_records(bench)
+    return {
+        "updates": args.records,
+        "distinct_ids": len(newest),
+        "envelope": args.catalog_envelope,
+        "items_quota_per_second": args.items_tps,
+        "coalesce_window_seconds": window,
+        "worker_exit": result.returncode,
+        "wall_seconds": round(result.wall_seconds, 2),
+        "worker_cpu_seconds": round(result.cpu_seconds, 2),
+        "throttled_calls": stats["throttled"],
+        **catalog_metrics(sent, newest, args.records, window, args),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--group-routes", type=int, choices=(1, 2), default=1, help="two-groups: 1 route by tracking_id_field, or 2"
+    )
+    parser.add_argument("--item-ids", type=int, default=5000, help="catalog-burst: distinct item ids")
+    parser.add_argument("--items-tps", type=float, default=10.0, help="catalog-burst: emulator PutItems quota")
+    parser.add_argument("--catalog-envelope", choices=("debezium", "none"), default="debezium")
+    parser.add_argument("--coalesce-window-seconds", type=float, default=5.0, help="catalog-burst: the route's")
