@@ -29,11 +29,13 @@ import itertools
 import json
 import os
 import random
+import sys
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -45,8 +47,8 @@ from tests.bench import (
     Loaded,
     Stack,
     Worker,
+    WorkerResult,
     _http,
-    _proc_cpu_seconds,
     _toml_value,
     batching_overrides,
     log,
@@ -106,10 +108,41 @@ def route_worker(bench: Stack, name: str, group: str, routes: list[dict[str, Any
     return worker
 
 
-def emulator_cpu(bench: Stack) -> float:
+def emulator_pid(bench: Stack) -> int:
     process = bench.emulator.process
     assert process is not None
-    return _proc_cpu_seconds(process.pid)
+    return process.pid
+
+
+def schedstat(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of a process so far: the second says how
+    much the machine, not the process, held it back (/proc/PID/schedstat, nanoseconds)."""
+    try:
+        running, waiting, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(running) / 1e9, int(waiting) / 1e9
+
+
+def run_sampled(bench: Stack, worker: Worker, timeout: float) -> tuple[WorkerResult, tuple[float, float]]:
+    """`run_worker`, plus the worker's schedstat sampled until it exits (a reaped pid has none)."""
+    bench.workers.append(worker)
+    worker.start()
+    worker.wait_running()
+    assert worker.process is not None
+    last = (0.0, 0.0)
+    deadline = time.monotonic() + timeout
+    while worker.running and time.monotonic() < deadline:
+        sample = schedstat(worker.process.pid)
+        last = sample if sample[0] else last
+        time.sleep(0.2)
+    if worker.running:
+        print(f"bench: {worker.name} still running after {timeout}s; stopping it", file=sys.stderr)
+    worker.stop()
+    result = worker.result()
+    if result.returncode != 0:
+        print(f"bench: {worker.name} exited with {result.returncode}\n{worker.log_tail()}", file=sys.stderr)
+    return result, last
 
 
 # --------------------------------------------------------------------------- two-groups
@@ -134,27 +167,37 @@ def _site_chunk(records: int, seed: int, sessions: int, start: float, min_sessio
     return Chunk(out, dict(counts), optimal_calls(stream))
 
 
-def _group_chunks(args: argparse.Namespace) -> Iterator[tuple[str, Chunk]]:
-    """Both groups' chunks, alternating, generated on `--jobs` processes (distinct seeds per group)."""
+def _group_chunks(args: argparse.Namespace) -> Iterator[dict[str, Chunk]]:
+    """Each chunk index of both groups (distinct seeds per group), generated on `--jobs` processes."""
     sizes = [min(args.chunk, args.records - start) for start in range(0, args.records, args.chunk)]
     span = args.chunk / 200.0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = []
+        futures: list[dict[str, Future[Chunk]]] = []
         for index, size in enumerate(sizes):
-            for number, site in enumerate(SITES):
-                seed = (args.seed + 100 * (number + 1)) * 1000 + index
-                start = 1_790_000_000.0 + index * span
-                futures.append(
-                    (site, pool.submit(_site_chunk, size, seed, args.sessions, start, args.min_session_events, site))
-                )
-            while len(futures) > args.jobs * 2:
-                site, future = futures.pop(0)
-                yield site, future.result()
-        for site, future in futures:
-            yield site, future.result()
+            start = 1_790_000_000.0 + index * span
+            futures.append(
+                {
+                    site: pool.submit(
+                        _site_chunk,
+                        size,
+                        (args.seed + 100 * (number + 1)) * 1000 + index,
+                        args.sessions,
+                        start,
+                        args.min_session_events,
+                        site,
+                    )
+                    for number, site in enumerate(SITES)
+                }
+            )
+            while len(futures) > args.jobs:
+                yield {site: future.result() for site, future in futures.pop(0).items()}
+        for pair in futures:
+            yield {site: future.result() for site, future in pair.items()}
 
 
 async def _load_groups(bootstrap: str, topics: dict[str, str], args: argparse.Namespace) -> dict[str, Loaded]:
+    """Both groups' records interleaved one by one, as two sites' traffic mixed in one stream: fetched
+    together, so both groups have calls to make at the same time from the first fetch to the last."""
     loaded = {site: Loaded(topics[site]) for site in SITES}
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, linger_ms=20, acks="all", max_batch_size=512 * 1024, compression_type=None
@@ -162,13 +205,20 @@ async def _load_groups(bootstrap: str, topics: dict[str, str], args: argparse.Na
     await producer.start()
     started = time.monotonic()
     try:
-        for site, chunk in _group_chunks(args):
-            futures = [await producer.send(topics[site], value, key=key) for key, value in chunk.records]
+        for chunks in _group_chunks(args):
+            pairs = itertools.zip_longest(*(chunks[site].records for site in SITES))
+            futures = [
+                await producer.send(topics[site], record[1], key=record[0])
+                for pair in pairs
+                for site, record in zip(SITES, pair, strict=True)
+                if record is not None
+            ]
             await asyncio.gather(*futures)
-            group = loaded[site]
-            group.records += len(chunk.records)
-            group.counts.update(chunk.counts)
-            group.optimal_calls += chunk.optimal_calls
+            for site, chunk in chunks.items():
+                group = loaded[site]
+                group.records += len(chunk.records)
+                group.counts.update(chunk.counts)
+                group.optimal_calls += chunk.optimal_calls
             print(f"    produced {sum(g.records for g in loaded.values()):,}/{2 * args.records:,}", end="\r")
     finally:
         await producer.stop()
@@ -270,11 +320,12 @@ def mode_two_groups(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
         log(f"group {site}: {group.valid:,} valid, optimal calls {group.optimal_calls:,}")
     bench.emulator.reset()
     load_before = load_average()
-    cpu_before = emulator_cpu(bench)
+    emulator_before = schedstat(emulator_pid(bench))
     log(f"running one worker for both groups (run --until-drained); load average {load_before}")
     worker = route_worker(bench, "worker-two-groups", "bench-groups", routes, args)
-    result = run_worker(bench, worker, args.timeout)
-    emulator_seconds = emulator_cpu(bench) - cpu_before
+    result, (_, worker_waited) = run_sampled(bench, worker, args.timeout)
+    emulator_after = schedstat(emulator_pid(bench))
+    emulator_seconds, emulator_waited = (b - a for a, b in zip(emulator_before, emulator_after, strict=True))
     load_after = load_average()
     stats = bench.emulator.stats()
     events = bench.emulator.events()
@@ -293,7 +344,10 @@ def mode_two_groups(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
         "cpu_us_per_call": round((result.cpu_seconds - result.startup_cpu_seconds) / stats["calls"] * 1e6, 1)
         if stats["calls"]
         else 0.0,
+        # Runnable but not running, as a share of the wall time: what the shared machine took away.
+        "worker_runqueue_wait_share": round(worker_waited / result.wall_seconds, 2) if result.wall_seconds else 0.0,
         "emulator_cpu_utilization": round(emulator_seconds / result.wall_seconds, 2) if result.wall_seconds else 0.0,
+        "emulator_runqueue_wait_share": round(emulator_waited / result.wall_seconds, 2) if result.wall_seconds else 0.0,
         "load_average_before": load_before,
         "load_average_after": load_after,
         "worker_totals": result.totals,
