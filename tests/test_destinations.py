@@ -73,6 +73,21 @@ def test_a_tracker_at_its_in_flight_share_is_not_full_for_the_dispatcher() -> No
     assert b.available()[0] == 0
 
 
+def test_who_goes_first_rotates_so_no_tracker_is_always_served_last() -> None:
+    """With two trackers a rotation that steps once per tracker each `take` starts with the same one every
+    time: under scarce calls the other would get none, and its calls would always start second."""
+    b = batcher({"a": Limiter(100), "b": Limiter(100)}, max_in_flight=10)
+    fill(b, "a", 4)
+    fill(b, "b", 4)
+    firsts = [b.take(now=0.0, linger=0.0, limit=1)[0].key[0] for _ in range(4)]
+    assert firsts == ["a", "b", "a", "b"]
+    three = batcher({"a": Limiter(100), "b": Limiter(100), "c": Limiter(100)}, max_in_flight=10)
+    for tracker in "abc":
+        fill(three, tracker, 3)
+    firsts = [three.take(now=0.0, linger=0.0, limit=1)[0].key[0] for _ in range(6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+
+
 class Throttled:
     """A tracker whose calls never return while the test runs: each waits on its quota, holding its slot."""
 

@@ -12,7 +12,6 @@ dispatcher's `Quota` at once: the calls it may start now are what every tracker 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -46,8 +45,10 @@ class DestinationBatcher(Generic[T]):
         self._batchers: dict[str, Batcher[Any, T]] = {name: batcher() for name in limiters}
         self._active = dict.fromkeys(limiters, 0)
         self._max_in_flight = max_in_flight
-        self._turn = itertools.cycle(list(limiters))
-        """Who goes first in `take` rotates: no tracker is always served last when calls are scarce."""
+        self._order = list(limiters)
+        self._first = 0
+        """Who goes first in `take` rotates by one each time: no tracker is always served last when calls are
+        scarce, nor always has its calls started (and its requests written) after the others'."""
         self.max_events = next(iter(self._batchers.values())).max_events
 
     # --- the dispatcher's quota ---------------------------------------------------------------------
@@ -108,8 +109,9 @@ class DestinationBatcher(Generic[T]):
     def take(self, now: float, linger: float, limit: int, max_wait: float | None = None) -> list[Batch[Any, T]]:
         """Up to `limit` batches, each tracker's within its own allowance (see `allowance`)."""
         taken: list[Batch[Any, T]] = []
-        for _ in range(len(self._batchers)):
-            name = next(self._turn)
+        order, first = self._order, self._first
+        self._first = (first + 1) % len(order)
+        for name in order[first:] + order[:first]:
             room = min(limit - len(taken), self.allowance(name))
             if room <= 0:
                 continue
