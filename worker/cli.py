@@ -99,6 +99,11 @@ def dry_run(
     id and the decoded object. With `offsets` (records read from Kafka) each entry names its offset."""
     mapper = Mapper(settings.mapping)
     map_record = mapper.map if schemas is None else schemas.mapping(mapper)
+    if mapper.reads_record:  # `_kafka.*` or a layout: each line stands for a record (see LineRecord)
+        from worker.layouts import LineRecord
+
+        layout = settings.mapping.layout
+        map_record = lambda line: mapper.map_record(LineRecord(line or b"", 0, layout))  # noqa: E731
     dedup: Dedup[int] = Dedup(float("inf"), sys.maxsize, lambda: 0.0)
     open_calls: dict[SessionKey, list[int]] = {}  # session → [call number, events in it]
     outcomes: Counter[str] = Counter()
