@@ -107,7 +107,8 @@ async def test_check_and_run_deliver_through_the_proxy(
 ) -> None:
     topic, dlq = await fresh_topics(factory.broker)
     await produce(factory.broker.bootstrap, topic, records(80))
-    sections = factory.config(topic, dlq, f"{topic}-group")
+    # One call per session at a time: 8 calls over 4 sessions then reuse their 4 connections.
+    sections = factory.config(topic, dlq, f"{topic}-group", batching={"max_calls_per_session": 1})
     env = proxy_env(proxy.authorized_url(), ca_and_server[0])
     tunnel = f"CONNECT localhost:{tls_emulator.url.rsplit(':', 1)[1]} HTTP/1.1"
 
