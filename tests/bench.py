@@ -1,6 +1,6 @@
 """`make bench`: the issue-5 benchmark of the worker on the real local stack.
 
-    python -m tests.bench [--mode drain|shared-quota|memory|hot-session|decode] [options]      (see --help)
+    python -m tests.bench [--mode drain|shared-quota|memory|hot-session|decode|map] [options]      (see --help)
 
 Everything runs as real processes: a Kafka broker of its own (``deploy/local/kafka`` on a free port
 in a temp dir), the Personalize Events emulator (``python -m worker.emulator``) and the worker CLI
@@ -41,6 +41,8 @@ Modes (each runs on its own):
 
 ``decode``
     No stack: CPU per record of decoding schema-registry framed values (tests/bench_decode.py).
+``map``
+    No stack: CPU per record of mapping: plain paths, and the presets (tests/bench_map.py).
 
 Results are printed as a table and written as JSON to ``.bench/results.json`` (drain), or
 ``.bench/results-MODE.json``.
@@ -1001,6 +1003,10 @@ def report(mode: str, results: dict[str, Any], args: argparse.Namespace) -> None
         from tests.bench_decode import TARGETS
 
         targets = dict(TARGETS)
+    if mode == "map":
+        from tests.bench_map import TARGETS as MAP_TARGETS
+
+        targets = dict(MAP_TARGETS)
     print(f"\nresults ({mode})")
     print(f"  {'metric':<34} {'value':>14}  {'target':<18} verdict")
     for key, value in results.items():
@@ -1024,7 +1030,8 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--mode", choices=("drain", "shared-quota", "memory", "hot-session", "decode"), default="drain")
+    modes = ("drain", "shared-quota", "memory", "hot-session", "decode", "map")
+    parser.add_argument("--mode", choices=modes, default="drain")
     parser.add_argument(
         "--records", type=int, default=None, help="backlog size (drain/shared-quota 200,000; memory 1,000,000)"
     )
@@ -1058,8 +1065,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-buffered-events", type=int, default=None, help="worker batching.max_buffered_events")
     parser.add_argument("--max-calls-per-session", type=int, default=None, help="worker batching.max_calls_per_session")
     parser.add_argument("--max-session-events", type=int, default=None, help="worker batching.max_session_events")
-    parser.add_argument("--decode-calls", type=int, default=20_000, help="decode mode: calls per timed repeat")
-    parser.add_argument("--decode-repeats", type=int, default=7, help="decode mode: repeats (the best counts)")
+    parser.add_argument("--decode-calls", type=int, default=20_000, help="decode, map modes: calls per timed repeat")
+    parser.add_argument("--decode-repeats", type=int, default=7, help="decode, map modes: repeats (the best counts)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default .bench/results[-MODE].json)")
     return parser
 
@@ -1080,6 +1087,10 @@ def main(argv: list[str] | None = None) -> int:
             from tests.bench_decode import mode_decode
 
             results = mode_decode(args)
+        elif args.mode == "map":
+            from tests.bench_map import mode_map
+
+            results = mode_map(args)
         else:
             results = run_stack(args)
     except KeyboardInterrupt:

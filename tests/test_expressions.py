@@ -223,6 +223,9 @@ def _expressions() -> st.SearchStrategy[str]:
             pair.map(lambda t: f"({t[0]} && {t[1]})"),
             pair.map(lambda t: f"({t[0]} | {t[1]})"),
             pair.map(lambda t: f"({t[0]} == {t[1]})"),
+            pair.map(lambda t: f"({t[0]} != {t[1]})"),
+            pair.map(lambda t: f"[{t[0]}, {t[1]}]"),
+            pair.map(lambda t: f"contains({t[0]}, {t[1]})"),
             inner.map(lambda e: f"!{e}"),
             inner.map(lambda e: f"to_string({e})"),
             inner.map(lambda e: f"length({e})"),
@@ -237,7 +240,7 @@ def _expressions() -> st.SearchStrategy[str]:
 def _run(call: Any, value: Any) -> Any:
     try:
         return ("ok", call(value))
-    except jmespath.exceptions.JMESPathError as error:
+    except (jmespath.exceptions.JMESPathError, TypeError) as error:  # TypeError: contains('a', null)
         return ("error", type(error).__name__)
 
 

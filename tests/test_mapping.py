@@ -783,6 +783,17 @@ SIZE_MAPPERS = [
     Mapper(
         MappingSettings(properties=("ctx.page_category", "ctx.device_type", "f", "event_value", "item_id", "event_id"))
     ),
+    # Expressions that still yield one value of the message, or a literal: bounded as paths are.
+    Mapper(
+        MappingSettings(
+            event_type="f || '" + '"' * 200 + "'",
+            item_id="ctx.page_category || f",
+            event_id="f[0] || f",
+            impression="f[].a || f[*] || f",
+            recommendation_id="f == 'x' && f",
+            properties={"a": "f || event_type", "b": "!f", "c": '`"\\\\\\\\"`', "d": "ctx.device_type[]"},
+        )
+    ),
 ]
 
 

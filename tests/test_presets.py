@@ -381,3 +381,25 @@ def test_an_unknown_preset_stops_start_up_naming_the_key(name: str, tmp_path: Pa
     config.write_text(f'[personalize]\ntracking_id = "t"\n[mapping]\npreset = "{tmp_path / name}"\n')
     with pytest.raises(ConfigError, match=r"mapping: .*(not a preset|not found)"):
         load_settings(config, {})
+
+
+def test_the_map_command_runs_presets_and_layouts() -> None:
+    import io
+
+    from worker.cli import dry_run
+    from worker.config import Settings
+
+    def run(mapping: dict[str, Any], lines: list[bytes]) -> list[dict[str, Any]]:
+        settings = Settings.model_validate({"personalize": {"tracking_id": "t"}, "mapping": mapping})
+        out = io.StringIO()
+        dry_run(settings, lines, out)
+        return [orjson.loads(line) for line in out.getvalue().splitlines()]
+
+    identify = orjson.dumps({"type": "identify", "userId": "u"})
+    out = run({"preset": "segment"}, [orjson.dumps(SEGMENT_PRODUCT_VIEWED), identify])
+    assert out[0]["event"]["itemId"] == "507f1f77bcf86cd799439011" and out[1]["filtered"] is True
+    structured = {"specversion": "1.0", "type": "t", "source": "/s", "id": "e-1", "time": "2024-05-31T16:08:37Z"}
+    out = run({"preset": "cloudevents"}, [orjson.dumps({**structured, "data": CE_DATA})])
+    assert (out[0]["request"]["sessionId"], out[0]["event"]["eventId"]) == ("s-77", "e-1")
+    out = run({"preset": "snowplow"}, [enriched(**SNOWPLOW_PAGE_VIEW)])
+    assert out[0]["event"]["eventType"] == "page_view"

@@ -109,8 +109,10 @@ def dry_run(
     outcomes: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     next_call = 0
+    tsv = settings.mapping.layout == "snowplow_tsv"
     for number, raw in enumerate(lines, start=1):
-        line = raw.strip() if schemas is None else raw
+        # A Snowplow TSV line ends in tabs when its last fields are empty: only the line break goes.
+        line = raw if schemas is not None else raw.rstrip(b"\r\n") if tsv else raw.strip()
         if not line and offsets is None:
             continue
         outcomes["lines"] += 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, tzinfo
-from functools import partial
 from hashlib import blake2b
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -21,7 +20,7 @@ import orjson
 
 from worker import limits
 from worker.config import MappingSettings, property_sources
-from worker.expressions import KAFKA, EvaluationError, Getter, Source, compile_source, is_truthy, references_kafka
+from worker.expressions import KAFKA, Getter, Source, compile_source, is_truthy, literal_bytes, references_kafka
 from worker.values import (
     AUTO_MS_THRESHOLD,
     MAX_EPOCH_SECONDS,
@@ -85,15 +84,25 @@ class Mapper:
         shared = parents.pop() if len(parents) == 1 and len(plain) == len(named) else None
         self._properties_at_top = shared == ()
         self._properties = tuple(
-            (key, src[-1] if type(src) is tuple else "", None if shared is not None else src)
+            (key, src[-1] if type(src) is tuple else "", None if shared is not None else _getter(src))
             for key, src in property_sources_compiled
         )
         self._property_texts = dict(named)
         sources: list[Source | None] = [_source(member, text) for member, text in members.items()]
         sources.append(shared or None)
         # A source is usually one key of the message, read with `obj.get`; only a mapping with a nested
-        # path or an expression pays for `_lookup` (see `_map`). None is a key no JSON object has.
+        # path or an expression calls a getter per member (see `_map`). None is a key no JSON object has.
         self._flat = all(src is None or (type(src) is tuple and len(src) == 1) for src in sources)
+        self._expressions: list[tuple[Getter, str, str]] = [
+            (src, member, text)  # type: ignore[misc]  # the filter keeps the getters
+            for (member, text), src in zip(
+                [*members.items(), *((f"properties.{k}", t) for k, t in named)],
+                [*sources[:-1], *(src for _, src in property_sources_compiled)],
+                strict=True,
+            )
+            if src is not None and type(src) is not tuple
+        ]
+        """(getter, member, text) of each expression: `_culprit` finds the one that failed on a record."""
         (
             self._event_type_key,
             self._session_id_key,
@@ -106,8 +115,10 @@ class Mapper:
             self._source_key,
             self._event_id_key,
             self._properties_key,
-        ) = (src[0] if self._flat and type(src) is tuple else src for src in sources)
-        self._where: Source | None = _source("where", s.where) if s.where else None
+        ) = (src[0] if self._flat and type(src) is tuple else src if self._flat else _getter(src) for src in sources)
+        self._where = _getter(_source("where", s.where)) if s.where else None
+        if self._where is not None:
+            self._expressions.append((self._where, "where", s.where))
         texts = [*members.values(), *(text for _, text in named), s.where]
         self.reads_record = s.layout != "json" or any(text and references_kafka(text) for text in texts)
         """Whether `map_record` must be used: the Kafka key, headers or metadata are read, or the layout needs them."""
@@ -133,7 +144,10 @@ class Mapper:
             raise InvalidRecord("decode", "not_json", f"not valid JSON: {exc}") from None
         if type(obj) is not dict:
             raise InvalidRecord("decode", "not_object", f"expected a JSON object, got {type_name(obj)}")
-        return self._map(obj, len(value) <= self._surely_fits)
+        try:
+            return self._map(obj, len(value) <= self._surely_fits)
+        except Exception as error:
+            raise self._culprit(obj, error) from None
 
     def map_record(self, record: Any, topic: str = "", partition: int = 0) -> tuple[SessionKey, dict[str, Any]] | None:
         """`map` for a whole Kafka record: its key, headers and metadata are readable as `_kafka.*`, and the
@@ -143,11 +157,32 @@ class Mapper:
         headers: Sequence[tuple[str, bytes]] = record.headers or ()
         obj = decode_record(self.settings.layout, record.value, headers)
         obj[KAFKA] = kafka_fields(record, headers, topic, partition)
-        return self._map(obj, False)
+        try:
+            return self._map(obj, False)
+        except Exception as error:
+            raise self._culprit(obj, error) from None
 
     def map_object(self, obj: dict[str, Any]) -> tuple[SessionKey, dict[str, Any]] | None:
         """`map` for an object decoded elsewhere."""
-        return self._map(obj, False)
+        try:
+            return self._map(obj, False)
+        except Exception as error:
+            raise self._culprit(obj, error) from None
+
+    def _culprit(self, obj: dict[str, Any], error: Exception) -> Exception:
+        """The error to raise for `error` out of `_map`: an `InvalidRecord` as it is; any other is an
+        expression failing on this record (jmespath's type errors, or its bugs: `contains('a', null)`),
+        found by evaluating each again, so the hot path carries no handler per member."""
+        if isinstance(error, InvalidRecord):
+            return error
+        for getter, member, text in self._expressions:
+            try:
+                getter(obj)
+            except Exception as failure:
+                # jmespath's message quotes the value it choked on: cut short, it may be any size.
+                reason = (str(failure).splitlines() or [type(failure).__name__])[0][:120]
+                return InvalidRecord("mapping", "expression_failed", f"{member}: {text} failed: {reason}")
+        return error  # not an expression's: a bug, raised as it is
 
     def _map(self, obj: dict[str, Any], fits: bool) -> tuple[SessionKey, dict[str, Any]] | None:
         """`fits`: the event is known to be within the size quota, so it need not be serialized to check.
@@ -155,9 +190,9 @@ class Mapper:
         The common case of each member (a string of valid length, a number) is checked inline; anything
         else goes to the member's function, which returns the same value or raises the reason.
         """
-        if self._where is not None and not is_truthy(_lookup(obj, self._where)):
+        if self._where is not None and not is_truthy(self._where(obj)):
             return None
-        get: Callable[[Any], Any] = obj.get if self._flat else partial(_lookup, obj)
+        get: Callable[[Any], Any] = obj.get if self._flat else _call_with(obj)
         texts = self._texts
         event_type = get(self._event_type_key)
         if type(event_type) is not str or not _EVENT_TYPE_MIN <= len(event_type) <= _EVENT_TYPE_MAX:
@@ -246,7 +281,7 @@ class Mapper:
             parent = {}
         found: dict[str, Any] = {}
         for key, leaf, src in self._properties:
-            value = parent.get(leaf) if src is None else _lookup(obj, src)
+            value = parent.get(leaf) if src is None else src(obj)
             if type(value) is str:  # the common case, with one test
                 found[key] = value
             elif value is not None:
@@ -270,17 +305,20 @@ class Mapper:
         an integer. A float takes at most 24 bytes however it was written. `properties` is JSON inside a
         JSON string: escaping can double it. The rest is constants: names and punctuation, a derived
         eventId, the quotes impression items gain, rename targets, the attribution constant. An
-        expression can build a value from several of the message's (`join`) or a literal: such a
-        mapping gets no bound (a = a huge factor), and every event is measured instead.
+        expression made of paths, fallbacks, indexes, projections, comparisons and literals still yields
+        one value of the message (or a boolean, or a literal, counted in b); one that can build a
+        longer value (`join`, `[a, a]`) gets no bound (a huge factor), and every event is measured.
         """
         s = self.settings
         texts = [s.event_type, s.item_id, s.recommendation_id, s.impression, s.event_id, s.metric_attribution_source]
-        if any(text and type(compile_source(text)) is not tuple for text in texts) or any(
-            src is not None and type(src) is not tuple for _, _, src in self._properties
-        ):
-            return 1 << 40, 0
+        texts += [text for _, text in property_sources(s)]
+        literals = [literal_bytes(text) if text else 0 for text in texts]
+        if None in literals:
+            return 1 << 40, 0  # an expression that can build a longer value: every event is measured
+        literal_total = sum(n for n in literals if n is not None)
         a = sum(1 for path in (s.event_type, s.item_id, s.recommendation_id, s.impression, s.event_id) if path)
         b = 256 + 24 + 24 + 4 * 2 + 2 * limits.IMPRESSION_ITEMS[1] + len(EVENT_ID_PREFIX) + 32 + 2
+        b += 2 * literal_total  # a literal may stand in a member (once) or in properties (escaped: twice)
         b += max((len(orjson.dumps(target)) for target in self._renames.values()), default=0)
         if s.metric_attribution_source:
             a += 1
@@ -293,35 +331,28 @@ class Mapper:
 
 
 def _source(member: str, text: str) -> Source | None:
-    """A member's compiled source: None when not mapped; an expression fails as a named `InvalidRecord`."""
-    if not text:
-        return None
-    compiled = compile_source(text)
-    if type(compiled) is tuple:
-        return compiled
-    assert callable(compiled)
-    return _guarded(member, text, compiled)
+    """A member's compiled source: None when not mapped (config validation named any fault already)."""
+    return compile_source(text) if text else None
 
 
-def _guarded(member: str, text: str, getter: Getter) -> Getter:
-    def guarded(obj: Any) -> Any:
-        try:
-            return getter(obj)
-        except EvaluationError as error:
-            # jmespath's message quotes the value it choked on: cut short, it may be any size.
-            reason = str(error).splitlines()[0][:120]
-            raise InvalidRecord("mapping", "expression_failed", f"{member}: {text} failed: {reason}") from None
-
-    return guarded
-
-
-def _lookup(obj: dict[str, Any], source: Source | None) -> Any:
-    """`_map`'s reader when some source is nested or an expression: a tuple of keys, a closure, or None."""
+def _getter(source: Source | None) -> Getter:
+    """A source as a function of the object: a walk for a path, the closure itself for an expression."""
     if source is None:
-        return None
+        return _nothing
     if type(source) is tuple:
-        return _walk(obj, source)
-    return source(obj)  # type: ignore[operator]
+        path: tuple[str, ...] = source
+        return lambda obj: _walk(obj, path)
+    assert callable(source)
+    return source
+
+
+def _nothing(obj: Any) -> None:
+    return None
+
+
+def _call_with(obj: dict[str, Any]) -> Callable[[Getter], Any]:
+    """`_map`'s reader when some source is nested or an expression: each member's getter on `obj`."""
+    return lambda getter: getter(obj)
 
 
 def _walk(value: Any, path: tuple[str, ...]) -> Any:
