@@ -98,6 +98,7 @@ def test_alert_rules_pass_promtool() -> None:
         "PersonalizeWorkerPutEventsRefused",
         "PersonalizeWorkerEventsRetriesExhausted",
         "PersonalizeWorkerSourceTopicMissing",
+        "PersonalizeWorkerRouteThrottled",
     } <= alerts
 
 
@@ -172,6 +173,55 @@ def test_request_level_and_retries_exhausted_alerts_fire(tmp_path: Path) -> None
     path.write_text(yaml.safe_dump(spec), encoding="utf-8")
     result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_route_throttled_alert_fires_for_the_throttled_route_only(tmp_path: Path) -> None:
+    """promtool's rule unit test: one route throttled on half its calls alerts, naming it; its neighbour does not."""
+    assert PROMTOOL is not None
+    where = 'job="personalize-worker",instance="w:9108"'
+    series = [
+        (f'personalize_worker_route_calls_total{{{where},route="catalog",outcome="throttled"}}', "0+30x30"),
+        (f'personalize_worker_route_calls_total{{{where},route="catalog",outcome="ok"}}', "0+30x30"),
+        (f'personalize_worker_route_calls_total{{{where},route="clicks",outcome="ok"}}', "0+600x30"),
+        (f'personalize_worker_route_calls_total{{{where},route="clicks",outcome="throttled"}}', "0+0x30"),
+    ]
+    spec = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": name, "values": values} for name, values in series],
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": "PersonalizeWorkerRouteThrottled", "exp_alerts": []},
+                    {
+                        "eval_time": "25m",
+                        "alertname": "PersonalizeWorkerRouteThrottled",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "job": "personalize-worker", "route": "catalog"},
+                                "exp_annotations": {
+                                    "summary": "Route catalog throttled on 50% of its calls for 15 minutes",
+                                    "description": rule_annotation("PersonalizeWorkerRouteThrottled", "description"),
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "route-alerts.test.yml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def rule_annotation(alert: str, key: str) -> str:
+    rules = {rule["alert"]: rule for group in documents(ALERTS)[0]["groups"] for rule in group["rules"]}
+    text: str = rules[alert]["annotations"][key]
+    return text
 
 
 @needs_promtool
@@ -321,6 +371,21 @@ def test_dashboard_has_the_panels() -> None:
         assert topic in titles, topic
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert any("histogram_quantile(0.99" in e and "put_events_latency_seconds_bucket" in e for e in exprs)
+    # Per route: records by final state (superseded and deleted among them), calls by outcome, rate per destination.
+    for title, metric_name, by in (
+        ("route records by state", "personalize_worker_route_records_total", "(route, state)"),
+        ("route calls by outcome", "personalize_worker_route_calls_total", "(route, outcome)"),
+        (
+            "route rate limit per destination",
+            "personalize_worker_route_rate_limit_requests_per_second",
+            "(route, destination)",
+        ),
+    ):
+        (panel,) = [p for p in dashboard["panels"] if p["title"].lower().startswith(title)]
+        assert any(metric_name in t["expr"] and by in t["expr"] and "$route" in t["expr"] for t in panel["targets"]), (
+            title
+        )
+    assert "superseded" in titles and "route" in {v["name"] for v in dashboard["templating"]["list"]}
 
 
 def test_no_aws_key_settings_exist() -> None:

@@ -327,6 +327,26 @@ def test_hostile_metadata_expands_to_at_most_the_span_quickly() -> None:
     assert decode_ahead(100, "pw1:7d0+5", 1000) == set(), "runs wholly beyond the span are dropped"
 
 
+@pytest.mark.parametrize(
+    "text", ["pw1:1+-5", "pw1:-1+5", "pw1:1+_5", "pw1:+1+5", "pw1: 1+5", "pw2:-0;1+2", "pw1:1+0x5"]
+)
+def test_signed_or_decorated_numbers_are_malformed(text: str) -> None:
+    """Python's int() takes signs, underscores, blanks and 0x; the encoder writes plain lowercase hex only."""
+    with pytest.raises(MetadataError):
+        decode_ahead(0, text, 40)
+
+
+def test_negative_runs_cannot_buy_room_for_more_expansion() -> None:
+    """A negative length once subtracted from the expansion total, so runs of the whole span could repeat:
+    ~64 KB of `1+-186a0,1+1869f` pairs expanded 4,000 x 100,000 offsets inside the rebalance callback."""
+    pair = "1+-186a0,1+1869f"
+    text = "pw1:" + ",".join([pair] * ((65_000 - 4) // (len(pair) + 1)))
+    started = time.process_time()
+    with pytest.raises(MetadataError):
+        decode_ahead(0, text, 100_000)
+    assert time.process_time() - started < 1.0
+
+
 def test_metadata_names_its_base_and_round_trips() -> None:
     text = encode_ahead(0x1234, {0x1236, 0x1237})
     assert text.startswith("pw2:1234;")
@@ -399,3 +419,19 @@ def test_metadata_walked_from_pending_equals_the_sorted_encoding(
 
 
 SPAN = 100_000
+
+
+def test_the_stall_clock_survives_a_partition_going_and_coming_back() -> None:
+    """A group that rebalances more often than the stall timeout must not hide a stuck partition."""
+    tracker: OffsetTracker[str] = OffsetTracker()
+    state = tracker.assign("p", now=1.0)
+    state.track([5, 6], now=1.0)
+    assert tracker.mark_committed({"p": 5}, now=2.0)
+    tracker.revoke("p")
+    again = tracker.assign("p", now=50.0)
+    again.track([5, 6], now=50.0)
+    assert not tracker.mark_committed({"p": 5}, now=51.0), "the same offset again is not progress"
+    assert again.advanced_at == 2.0
+    again.finish(5)
+    assert tracker.mark_committed({"p": 6}, now=52.0)
+    assert again.advanced_at == 52.0

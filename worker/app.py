@@ -8,23 +8,26 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from worker import codecs
 from worker.batching import Batch
-from worker.config import Settings, redacted
+from worker.config import MappingSettings, Settings, redacted
 from worker.connection import explain_connection_errors, kafka_security
 from worker.deadletter import DeadLetterWriter
 from worker.health import Watchdog
 from worker.metrics import Metrics, MetricsServer
 from worker.offsets import OffsetTracker
 from worker.pipeline import Item, Pipeline
-from worker.routes import Quotas, Routes, resolve
+from worker.routes import Quotas, Route, Routes, resolve
 from worker.sink import Sink
 from worker.source import Source
 from worker.topics import cluster_topics
+
+if TYPE_CHECKING:
+    from worker.schemas import Schemas, TopicSchemas
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,28 @@ def tune_garbage_collector() -> None:
     gc.freeze()
 
 
+def route_schemas(settings: Settings, routes: list[Route], metrics: Metrics) -> dict[str, Schemas]:
+    """Per route reading a schema-registry format, its `Schemas` — one per format, shared by the routes using
+    it; "" for the single flow's. Avro and Protobuf runtimes load only for those who use them."""
+    if not settings.routes:
+        if settings.mapping.format == "json":
+            return {}
+        from worker.schemas import Schemas
+
+        return {"": Schemas(settings, metrics)}
+    by_format: dict[str, Schemas] = {}
+    found: dict[str, Schemas] = {}
+    for route in routes:
+        fmt = route.mapping.format if isinstance(route.mapping, MappingSettings) else "json"
+        if fmt != "json":
+            from worker.schemas import Schemas
+
+            if fmt not in by_format:
+                by_format[fmt] = Schemas(settings, metrics, format=fmt)
+            found[route.name] = by_format[fmt]
+    return found
+
+
 class Worker:
     def __init__(self, settings: Settings, *, until_drained: bool = False) -> None:
         self.settings = settings
@@ -60,11 +85,16 @@ class Worker:
                 **kafka_security(settings.kafka),
             )
 
-        self.schemas = None
+        self.schemas: Schemas | TopicSchemas | None = None
+        by_format = route_schemas(settings, self.routes, self.metrics)
         if settings.mapping.format != "json" and not settings.routes:
-            from worker.schemas import Schemas  # Avro and Protobuf runtimes only for those who use them
+            self.schemas = by_format[""]
+        elif by_format:
+            from worker.schemas import TopicSchemas
 
-            self.schemas = Schemas(settings, self.metrics)
+            self.schemas = TopicSchemas(
+                {topic: by_format[r.name] for r in self.routes if r.name in by_format for topic in r.topics}
+            )
         # Per route: its sinks (one per destination, each with its own AIMD limiter), dead-letter writer and
         # pipeline; one offset tracker for all, so the one consumer commits every route's partitions.
         tracker: OffsetTracker[TopicPartition] = OffsetTracker()
@@ -90,14 +120,14 @@ class Worker:
             letters = DeadLetterWriter(dead_letter_producer, route.dead_letter_topic, self.metrics)
             self.letter_writers.append(letters)
             first = next(iter(sinks.values()))
-            quota = first.limiter if len(sinks) == 1 else Quotas([s.limiter for s in sinks.values()])
+            quota = first.limiter if len(sinks) == 1 else Quotas({d: s.limiter for d, s in sinks.items()})
             pipelines[route.name] = Pipeline(
                 settings,
                 first,
                 letters,
                 self.metrics,
                 quota=quota,
-                schemas=self.schemas,
+                schemas=by_format.get(route.name) if settings.routes else by_format.get(""),
                 route=route,
                 tracker=tracker,
                 sinks=sinks if route.tracking_id_field else None,
@@ -107,6 +137,7 @@ class Worker:
         self.dead_letters = self.letter_writers[0]
         self.pipeline = Routes(pipelines, topics, tracker)
         self.source = Source(settings, self.pipeline, self.metrics, schemas=self.schemas, topics=list(topics))
+        self.source.on_failure = self._fail
         self.server = MetricsServer(self.metrics, self.readiness)
         self.watchdog = Watchdog(self.pipeline, self.metrics, self, settings.worker.stall_timeout_seconds)
         self.stop_requested = asyncio.Event()

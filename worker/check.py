@@ -11,14 +11,17 @@ import aioboto3
 from aiobotocore.config import AioConfig
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from botocore import xform_name
 from botocore.exceptions import ClientError, ProxyConnectionError
 
 from worker import codecs
-from worker.config import Settings
+from worker.config import MappingSettings, Settings
 from worker.connection import explain_connection_errors, kafka_security
 from worker.errors import WorkerError
+from worker.operations.spec import EVENTS, OperationSpec
 from worker.proxy import Proxy, client_options, resolve_proxy, status_text
 from worker.retry import INVALID_CODES
+from worker.routes import resolve
 
 MAX_BYTES = "max.message.bytes"
 DLQ_HEADROOM_BYTES = 16 * 1024
@@ -39,6 +42,21 @@ def check_codecs() -> bool:
     if absent:
         return _say(False, "compression codecs", f"{', '.join(absent)} unavailable ({codecs.HINT})")
     return _say(True, "compression codecs", ", ".join(codecs.CODECS))
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one flow reads and where its dead letters go; `label` prefixes its lines ("" for the single flow)."""
+
+    label: str
+    topics: tuple[str, ...]
+    dead_letter_topic: str
+
+
+def targets(settings: Settings) -> list[Target]:
+    if not settings.routes:
+        return [Target("", settings.kafka.topics, settings.dead_letter.topic)]
+    return [Target(f"route {r.name!r}: ", r.topics, r.dead_letter_topic) for r in settings.routes]
 
 
 @dataclass
@@ -63,10 +81,11 @@ async def _configs(admin: AIOKafkaAdminClient, resources: list[ConfigResource]) 
     return found
 
 
-async def _describe(admin: AIOKafkaAdminClient, settings: Settings) -> _Cluster:
+async def _describe(admin: AIOKafkaAdminClient, flows: list[Target]) -> _Cluster:
     # list_topics asks for every topic: unlike a request naming one, it never creates a topic.
     topics = set(await admin.list_topics())
-    wanted = [t for t in (*settings.kafka.topics, settings.dead_letter.topic) if t in topics]
+    named = dict.fromkeys(t for f in flows for t in (*f.topics, f.dead_letter_topic))
+    wanted = [t for t in named if t in topics]
     described = await admin.describe_topics(wanted) if wanted else []
     limits = await _configs(admin, [ConfigResource(ConfigResourceType.TOPIC, t, {MAX_BYTES: None}) for t in wanted])
     cluster = _Cluster(
@@ -97,32 +116,36 @@ async def check_kafka(settings: Settings, timeout: float = 15.0) -> bool:
     try:
         with explain_connection_errors(settings.kafka):
             await asyncio.wait_for(admin.start(), timeout)
-        cluster = await _describe(admin, settings)
+        flows = targets(settings)
+        cluster = await _describe(admin, flows)
     except Exception as error:
         return _say(False, where, f"{type(error).__name__}: {error}")
     finally:
         await admin.close()
     ok = _say(True, where, f"{len(cluster.topics)} topics visible")
-    for topic in settings.kafka.topics:
-        count = cluster.partitions.get(topic)
-        limit = cluster.max_message_bytes.get(topic)
-        detail = f"{count} partitions" + (f", {MAX_BYTES} {limit}" if limit else "")
-        if not count:
-            detail = "does not exist (the worker never creates source topics: create it, or fix kafka.topics)"
-        ok &= _say(bool(count), f"source topic {topic!r}", detail)
-    ok &= _check_dead_letter_topic(settings, cluster)
+    fix = "routes[].topics" if settings.routes else "kafka.topics"
+    for flow in flows:
+        for topic in flow.topics:
+            count = cluster.partitions.get(topic)
+            limit = cluster.max_message_bytes.get(topic)
+            detail = f"{count} partitions" + (f", {MAX_BYTES} {limit}" if limit else "")
+            if not count:
+                detail = f"does not exist (the worker never creates source topics: create it, or fix {fix})"
+            ok &= _say(bool(count), f"{flow.label}source topic {topic!r}", detail)
+        ok &= _check_dead_letter_topic(settings, cluster, flow)
     return ok
 
 
-def _check_dead_letter_topic(settings: Settings, cluster: _Cluster) -> bool:
+def _check_dead_letter_topic(settings: Settings, cluster: _Cluster, flow: Target | None = None) -> bool:
     """Exists, or will be created; and takes the largest source record plus its headers (else that record
-    can never be dead-lettered, and its partition stops committing)."""
-    dlq = settings.dead_letter.topic
+    can never be dead-lettered, and its partition stops committing). `flow`: default the first."""
+    flow = flow or targets(settings)[0]
+    dlq = flow.dead_letter_topic
     bootstrap = settings.kafka.bootstrap_servers.split(",")[0].strip()
-    sources = [cluster.max_message_bytes[t] for t in settings.kafka.topics if t in cluster.max_message_bytes]
+    sources = [cluster.max_message_bytes[t] for t in flow.topics if t in cluster.max_message_bytes]
     largest = max(sources, default=0)
     needed = largest + DLQ_HEADROOM_BYTES
-    what = f"dead-letter topic {dlq!r}"
+    what = f"{flow.label}dead-letter topic {dlq!r}"
     broker = cluster.broker or {}
     auto_create = broker.get("auto.create.topics.enable")
     ok = True
@@ -150,8 +173,12 @@ def _check_dead_letter_topic(settings: Settings, cluster: _Cluster) -> bool:
             detail = f"does not exist, and whether the broker would create it is unknown ({why}); create it: {create}"
             _say(None, what, detail)
     if not largest:
-        if any(t in cluster.topics for t in settings.kafka.topics):  # they exist, but their limits went unsaid
-            _say(None, "dead-letter sizes", f"the source topics' {MAX_BYTES} could not be read (DescribeConfigs)")
+        if any(t in cluster.topics for t in flow.topics):  # they exist, but their limits went unsaid
+            _say(
+                None,
+                f"{flow.label}dead-letter sizes",
+                f"the source topics' {MAX_BYTES} could not be read (DescribeConfigs)",
+            )
         return ok
     fix = (
         f"kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {dlq} "
@@ -164,7 +191,9 @@ def _check_dead_letter_topic(settings: Settings, cluster: _Cluster) -> bool:
     elif dlq in cluster.topics:
         _say(None, f"{what} {MAX_BYTES}", f"could not be read (DescribeConfigs); it must be at least {needed}")
     producer = settings.dead_letter.max_message_bytes
-    ok &= _compare("dead_letter.max_message_bytes", producer, largest, f"set dead_letter.max_message_bytes = {needed}")
+    ok &= _compare(
+        f"{flow.label}dead_letter.max_message_bytes", producer, largest, f"set dead_letter.max_message_bytes = {needed}"
+    )
     return ok
 
 
@@ -181,8 +210,43 @@ def _compare(what: str, limit: int, largest: int, fix: str) -> bool:
     return _say(None, what, f"{numbers}: the largest records, with their dlq headers, would be refused; {fix}")
 
 
+def destinations(settings: Settings) -> list[tuple[str, OperationSpec, str]]:
+    """(label, operation, tracking id or dataset ARN) for every destination `run` would write to."""
+    if not settings.routes:
+        assert settings.personalize.tracking_id is not None  # config validation requires it without routes
+        return [("", EVENTS, settings.personalize.tracking_id)]
+    return [
+        (f"route {route.name!r}: ", route.spec, destination)
+        for route in resolve(settings)
+        for _, destination in route.destinations
+    ]
+
+
+def empty_request(spec: OperationSpec, destination: str) -> dict[str, Any]:
+    """The operation's call with no records: refused by validation once authenticated, so nothing is written."""
+    request: dict[str, Any] = {spec.destination: destination, spec.list_member: []}
+    if "sessionId" in spec.session_members:
+        request["sessionId"] = "personalize-worker-check"
+    return request
+
+
+def verdict(spec: OperationSpec, destination: str, error: ClientError, proxy: Proxy | None) -> tuple[bool, str]:
+    """(ok, detail) for the error answer to an empty call."""
+    code = error.response.get("Error", {}).get("Code", "")
+    if code in INVALID_CODES:
+        return True, "reachable, credentials accepted"
+    if code == "ResourceNotFoundException":
+        kind = "tracker" if spec.destination == "trackingId" else "dataset"
+        return False, f"{code}: the {kind} {destination!r} does not exist (or is in another region or account)"
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if proxy is not None and not error.response.get("ResponseMetadata", {}).get("RequestId"):
+        # Not AWS's answer (no request id) but the proxy's own, in the words `run` uses; its page is not shown.
+        return False, f"ProxyError: proxy answered {status_text(status)}"
+    return False, f"{code}: {error.response['Error'].get('Message', '')}"
+
+
 async def check_personalize(settings: Settings) -> bool:
-    """An empty eventList is refused by validation after authentication: reachability without sending data.
+    """An empty record list is refused by validation after authentication: reachability without sending data.
     Through the same proxy `run` uses: both take the client Config's proxy options from worker/proxy.py."""
     p = settings.personalize
     where = p.endpoint_url or f"AWS {p.region}"
@@ -194,6 +258,7 @@ async def check_personalize(settings: Settings) -> bool:
         **client_options(p),
     )
     proxy: Proxy | None = None
+    ok = True
     try:
         async with aioboto3.Session().client(
             "personalize-events", region_name=p.region, endpoint_url=p.endpoint_url or None, config=config
@@ -201,21 +266,19 @@ async def check_personalize(settings: Settings) -> bool:
             proxy = resolve_proxy(client.meta.endpoint_url, client.meta.config)
             if proxy is not None:
                 where += f" via proxy {proxy.url}"
-            request: dict[str, Any] = {
-                "trackingId": p.tracking_id,
-                "sessionId": "personalize-worker-check",
-                "eventList": [],
-            }
-            await client.put_events(**request)
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code", "")
-        if code in INVALID_CODES:
-            return _say(True, f"Personalize Events at {where}", "reachable, credentials accepted")
-        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if proxy is not None and not error.response.get("ResponseMetadata", {}).get("RequestId"):
-            # Not AWS's answer (no request id) but the proxy's own, in the words `run` uses; its page is not shown.
-            return _say(False, f"Personalize Events at {where}", f"ProxyError: proxy answered {status_text(status)}")
-        return _say(False, f"Personalize Events at {where}", f"{code}: {error.response['Error'].get('Message', '')}")
+            for label, spec, destination in destinations(settings):
+                what = (
+                    f"{label}Personalize {spec.name} to {destination!r} at {where}"
+                    if label
+                    else f"Personalize Events at {where}"
+                )
+                try:
+                    await getattr(client, xform_name(spec.name))(**empty_request(spec, destination))
+                except ClientError as error:
+                    passed, detail = verdict(spec, destination, error, proxy)
+                    ok &= _say(passed, what, detail)
+                else:
+                    _say(True, what, "reachable")
     except ProxyConnectionError as error:
         # Said here, not by botocore: its message masks the proxy URL's credentials unreliably, and
         # aiohttp's error repeats them (URL and Proxy-Authorization).
@@ -226,7 +289,7 @@ async def check_personalize(settings: Settings) -> bool:
         return _say(False, f"Personalize Events at {where}", f"ProxyError: {why}" + (f": {cause}" if cause else ""))
     except Exception as error:
         return _say(False, f"Personalize Events at {where}", f"{type(error).__name__}: {error}")
-    return _say(True, f"Personalize Events at {where}", "reachable")
+    return ok
 
 
 async def run_checks(settings: Settings) -> int:
@@ -235,7 +298,8 @@ async def run_checks(settings: Settings) -> int:
     kafka_ok = await check_kafka(settings)
     personalize_ok = await check_personalize(settings)
     registry_ok = True
-    if settings.mapping.format != "json":
+    mappings = [r.mapping for r in settings.routes] if settings.routes else [settings.mapping]
+    if any(isinstance(m, MappingSettings) and m.format != "json" for m in mappings):
         from worker.registry_check import check_schema_registry
 
         registry_ok = await check_schema_registry(settings, _say)

@@ -165,21 +165,49 @@ def dry_run(
 
 def cmd_map(args: argparse.Namespace) -> int:
     settings = _load(args.config)
+    if settings.routes or args.route is not None:
+        return _map_route(settings, args)
     if args.topic is not None or settings.mapping.format != "json":
         from worker import replay
 
         return replay.run(settings, args, sys.stdout)
+    return _map_lines(args, lambda lines: dry_run(settings, lines, sys.stdout))
+
+
+def _map_lines(args: argparse.Namespace, run: Callable[[Iterable[bytes]], dict[str, Any]]) -> int:
     if args.input in (None, "-"):
-        summary = dry_run(settings, sys.stdin.buffer, sys.stdout)
+        summary = run(sys.stdin.buffer)
     else:
         try:
             with open(args.input, "rb") as source:
-                summary = dry_run(settings, source, sys.stdout)
+                summary = run(source)
         except OSError as error:
             print(f"personalize-worker: {args.input}: {error.strerror or error}", file=sys.stderr)
             return 2
     # A sample that would feed the dead-letter topic fails, so a mapping change can be gated in CI.
     return 1 if summary["dead_lettered"] else 0
+
+
+def _map_route(settings: Settings, args: argparse.Namespace) -> int:
+    """`map --route NAME`: one route's dry run; without it on a multi-route config, which routes there are."""
+    from worker.config import MappingSettings
+    from worker.route_map import describe_routes, dry_run_route, find
+
+    name = args.route if args.route is not None or len(settings.routes) != 1 else settings.routes[0].name
+    route = find(settings, name) if name is not None else None
+    if route is None:
+        said = f"no route named {name!r}" if name is not None else "this config has several routes"
+        routes = describe_routes(settings)
+        print(f"personalize-worker: {said}; choose one with --route NAME:\n{routes}", file=sys.stderr)
+        return 2
+    if args.topic is not None or (isinstance(route.mapping, MappingSettings) and route.mapping.format != "json"):
+        print(
+            "personalize-worker: map --route reads JSON lines (--input or standard input); --topic and the "
+            "registry formats are dry-run without routes for now",
+            file=sys.stderr,
+        )
+        return 2
+    return _map_lines(args, lambda lines: dry_run_route(route, lines, sys.stdout))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -285,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         "dead-lettered; 2 invalid configuration or unreadable input",
     )
     dry.add_argument("--config", required=True, help=CONFIG_HELP)
+    dry.add_argument(
+        "--route",
+        help="with [[routes]]: the route to dry-run (its operation's mapping, batch or coalescing key); "
+        "without it, map lists the routes",
+    )
     dry.add_argument(
         "--input",
         help="JSON lines; for mapping.format avro/protobuf/json_schema one record value per line in base64 "

@@ -24,6 +24,8 @@ class CoalescingBatcher(Generic[D, T]):
     def __init__(self, max_records: int, window: float) -> None:
         self.coalescer: Coalescer[D, T] = Coalescer(max_records, window)
         self.max_events = max_records
+        self._flushing = False
+        self._lagging = False
 
     @property
     def buffered(self) -> int:
@@ -54,10 +56,18 @@ class CoalescingBatcher(Generic[D, T]):
 
     def flush(self) -> None:
         """Drain: windows hold nothing until `unflush` (shutdown, revocation)."""
+        self._flushing = True
         self.coalescer.draining = True
 
     def unflush(self) -> None:
-        self.coalescer.draining = False
+        self._flushing = False
+        self.coalescer.draining = self._lagging
+
+    def lagging(self, on: bool) -> None:
+        """While a partition of the route is paused at `worker.max_commit_lag_records`, windows hold nothing
+        either: a held update holds its partition's commit point, and the window only saves quota."""
+        self._lagging = on
+        self.coalescer.draining = on or self._flushing
 
     def drop(self, keep: Callable[[T], bool]) -> list[T]:
         return self.coalescer.drop(keep)

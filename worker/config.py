@@ -462,6 +462,7 @@ class RouteSettings(_Section):
     dead_letter_topic: str = Field(min_length=1)
     # Per destination (each tracker of a route has its own AIMD limiter); default: the operation's documented quota.
     max_requests_per_second: float | None = Field(default=None, gt=0)
+    # Per destination too: each tracker its own share of calls at once, so a throttled one never holds the others'.
     max_in_flight: int | None = Field(default=None, ge=1, le=1024)
     max_records_per_call: int | None = Field(default=None, ge=1, le=10)
     linger_ms: int | None = Field(default=None, ge=0, le=60_000)

@@ -13,6 +13,7 @@ records at once instead of sending them a second time.
 from __future__ import annotations
 
 import itertools
+import re
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator
 from typing import Generic, TypeVar
@@ -26,6 +27,11 @@ LEGACY_PREFIX = "pw1:"
 MAX_AHEAD_CHARS = 3800
 """Default length of commit metadata: Kafka refuses more than `offset.metadata.max.bytes` (4096 by
 default); `kafka.commit_metadata_max_bytes` sets it, and the committer shortens it when refused."""
+_HEX = re.compile(r"[0-9a-f]{1,16}")
+"""What the encoder writes for a number. Not int(x, 16) alone: it takes signs, blanks, `_` and `0x`, and a
+negative length once subtracted from the expansion total (see `decode_ahead`)."""
+MAX_REMEMBERED = 10_000
+"""Revoked partitions whose stall clock is remembered (see `OffsetTracker._progress`)."""
 MAX_DECODE_CHARS = 65_536
 """Commit metadata longer than this is not even parsed: it is untrusted input, read inside a rebalance."""
 
@@ -43,6 +49,7 @@ class PartitionOffsets:
         "_next",
         "_pending",
         "advanced_at",
+        "advanced_to",
         "committed",
         "committed_ahead",
         "retired",
@@ -69,6 +76,8 @@ class PartitionOffsets:
         self.advanced_at = now
         """When the committed offset last moved forward (or the partition was assigned): the stall clock.
         A commit whose offset stays put — only its metadata changed — is not progress."""
+        self.advanced_to: int | None = None
+        """The committed offset as of `advanced_at`, when known from an earlier ownership in this process."""
 
     def track(self, offsets: Iterable[int], now: float = 0.0) -> None:
         pending = self._pending
@@ -163,12 +172,19 @@ class OffsetTracker(Generic[P]):
         partition by serial (an int, so they stay plain tuples), and a serial from before a revocation
         finds nothing, even when the partition is assigned here again."""
         self._serials = itertools.count()
+        self._progress: dict[P, tuple[int, float]] = {}
+        """Revoked partitions' (committed offset, when it last advanced): a partition that comes back
+        keeps its stall clock, or a group rebalancing more often than the stall timeout would hide a
+        stuck partition for ever. Bounded: the oldest are forgotten past MAX_REMEMBERED."""
 
     def assign(self, partition: P, now: float = 0.0) -> PartitionOffsets:
         state = self._partitions.get(partition)
         if state is None:
             state = self._partitions[partition] = PartitionOffsets(serial=next(self._serials), now=now)
             self.owners[state.serial] = (partition, state)
+            remembered = self._progress.pop(partition, None)
+            if remembered is not None:
+                state.advanced_to, state.advanced_at = remembered
         return state
 
     def get(self, partition: P) -> PartitionOffsets | None:
@@ -179,6 +195,11 @@ class OffsetTracker(Generic[P]):
         if state is not None:
             state.retired = True
             del self.owners[state.serial]
+            committed = state.committed if state.committed is not None else state.advanced_to
+            if committed is not None:
+                self._progress[partition] = (committed, state.advanced_at)
+                if len(self._progress) > MAX_REMEMBERED:
+                    del self._progress[next(iter(self._progress))]
 
     def __iter__(self) -> Iterator[tuple[P, PartitionOffsets]]:
         return iter(list(self._partitions.items()))
@@ -205,7 +226,8 @@ class OffsetTracker(Generic[P]):
         for partition, offset in offsets.items():
             state = self._partitions.get(partition)
             if state is not None:
-                if state.committed is None or offset > state.committed:
+                before = state.committed if state.committed is not None else state.advanced_to
+                if before is None or offset > before:
                     state.advanced_at = now
                     advanced = True
                 state.committed = offset
@@ -270,18 +292,15 @@ def decode_ahead(base: int, text: str | None, max_span: int) -> set[int]:
     body = text[len(AHEAD_PREFIX) :]
     if text.startswith(AHEAD_PREFIX):
         written_for, sep, body = body.partition(";")
-        if not sep or len(written_for) > 16 or written_for != f"{base:x}":
+        if not sep or written_for != f"{base:x}":
             raise MetadataError(f"written for another offset than the committed {base}")
     runs: list[tuple[int, int]] = []
     total = 0
     for part in body.split(","):
         start_hex, sep, length_hex = part.partition("+")
-        if not sep or not 0 < len(start_hex) <= 16 or not 0 < len(length_hex) <= 16:
+        if not sep or not _HEX.fullmatch(start_hex) or not _HEX.fullmatch(length_hex):
             raise MetadataError(f"malformed run {part[:40]!r}")
-        try:
-            start, length = int(start_hex, 16), int(length_hex, 16)
-        except ValueError:
-            raise MetadataError(f"malformed run {part[:40]!r}") from None
+        start, length = int(start_hex, 16), int(length_hex, 16)
         if start < 1 or start > max_span:
             continue
         count = min(length + 1, max_span - start + 1)

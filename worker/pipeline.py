@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
@@ -23,6 +23,7 @@ from worker.coalescing import CoalescingBatcher
 from worker.config import MappingSettings, Settings
 from worker.deadletter import DeadLetter
 from worker.dedup import NEW, SEEN, Dedup
+from worker.destinations import DestinationBatcher
 from worker.errors import ConfigError
 from worker.mapping import InvalidRecord, Mapper
 from worker.metrics import Metrics
@@ -32,7 +33,7 @@ from worker.operations.spec import EVENTS
 from worker.retry import Rejection
 
 if TYPE_CHECKING:
-    from worker.routes import Route
+    from worker.routes import Quotas, Route
     from worker.schemas import Schemas
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class Pipeline:
         sink: Delivery,
         dead_letters: LetterWriter,
         metrics: Metrics,
-        quota: Quota,
+        quota: Quota | Quotas,
         clock: Callable[[], float] = time.monotonic,
         schemas: Schemas | None = None,
         *,
@@ -171,7 +172,7 @@ class Pipeline:
         """`route`: which flow this is (default: the single flow of `settings`); `tracker`: shared by every
         route's pipeline, so one committer sees all partitions; `sinks`: an events route's sink per tracking
         id (its batch keys start with the tracking id), instead of the one `sink`."""
-        from worker.routes import converter, resolve, tracked_events  # routes builds on this module
+        from worker.routes import Quotas, converter, resolve, tracked_events
 
         self.route = route = route or resolve(settings)[0]
         self._settings = settings
@@ -186,7 +187,8 @@ class Pipeline:
             # Schema-registry formats decode with the writer's schema first (`Source` resolved it before intake).
             self._map = self._mapper.map if schemas is None else schemas.mapping(self._mapper)
             if route.tracking_id_field:
-                self._map = tracked_events(self._mapper, route.tracking_id_field, dict(route.destinations))
+                decode = None if schemas is None else schemas.objects()
+                self._map = tracked_events(self._mapper, route.tracking_id_field, dict(route.destinations), decode)
             # A mapping reading `_kafka.*` or a layout built from headers is handed the whole record.
             self._map_record = self._mapper.map_record if self._mapper.reads_record else None
             if self._map_record is not None and route.tracking_id_field:
@@ -194,15 +196,26 @@ class Pipeline:
         self._sink = sink
         self._letters = dead_letters
         self._metrics = metrics
-        self._quota = quota
         self._clock = clock
         self.tracker: OffsetTracker[TopicPartition] = tracker if tracker is not None else OffsetTracker()
         self.dedup: Dedup[Item] = Dedup(route.dedup_window_seconds, route.dedup_max_ids, clock)
-        self.batcher: Batcher[Any, Item] | CoalescingBatcher[Any, Item] = (
+        self.batcher: Batcher[Any, Item] | CoalescingBatcher[Any, Item] | DestinationBatcher[Item] = (
             CoalescingBatcher(route.max_records, route.coalesce_window_seconds)
             if self._coalescing
             else Batcher(route.max_records, route.max_calls_per_session, route.max_session_events)
         )
+        self._max_in_flight = route.max_in_flight
+        self._quota: Quota
+        if isinstance(quota, Quotas):  # several trackers: each its own batcher, in-flight share and quota
+            per_tracker: DestinationBatcher[Item] = DestinationBatcher(
+                quota.limiters,
+                route.max_in_flight,
+                lambda: Batcher(route.max_records, route.max_calls_per_session, route.max_session_events),
+            )
+            self.batcher = self._quota = per_tracker
+            self._max_in_flight = route.max_in_flight * len(quota.limiters)
+        else:
+            self._quota = quota
         self._fetched_at = time.time()
         """Wall time of the last intake: caps a batch's order (its sentAt) so a future sentAt goes no later
         than its fetch would put it."""
@@ -211,7 +224,6 @@ class Pipeline:
         self._call_rate = 0.0
         """Calls started per second, averaged over the last ~RATE_SECONDS: how busy the quota is."""
         self._call_rate_at = clock()
-        self._max_in_flight = route.max_in_flight
         self._active: dict[asyncio.Task[None], Batch[Any, Item] | Call[Any, Item]] = {}
         """Calls under way and their batches (where an unfinished record may be)."""
         self.failure: str | None = None
@@ -360,7 +372,7 @@ class Pipeline:
         """True when the item is a duplicate (finished here)."""
         verdict = self.dedup.admit(item[EVENT_ID], item)
         if verdict == NEW:
-            assert isinstance(self.batcher, Batcher)
+            assert not isinstance(self.batcher, CoalescingBatcher)
             # Ready batches go in event time (see Batcher.take): a backlog drains evenly across sessions.
             sent_at, fetched_at = item[SENT_AT], self._fetched_at
             self.batcher.add(item[SESSION], item, now, sent_at if sent_at < fetched_at else fetched_at)
@@ -489,6 +501,9 @@ class Pipeline:
 
     def _delivery_done(self, task: asyncio.Task[None]) -> None:
         self._active.pop(task, None)
+        # Again here: woken by `_deliver` alone, the dispatcher may run before this callback and still
+        # count the call as in flight (then, with every slot taken, it slept half a second).
+        self.wakeup.set()
         if not task.cancelled() and task.exception() is not None:
             # A bug, not a delivery failure (those never raise): the records stay unfinished, so the
             # partition stops committing; the watchdog reports it at once (readiness, metric), and the
@@ -514,6 +529,7 @@ class Pipeline:
             if isinstance(batch, Batch):
                 self.batcher.done(batch.key)
             else:
+                assert isinstance(self.batcher, CoalescingBatcher)
                 self.batcher.done(batch)
             self.wakeup.set()
         self._settle(items, rejected)
@@ -586,6 +602,14 @@ class Pipeline:
         finally:
             if isinstance(self.batcher, CoalescingBatcher):
                 self.batcher.unflush()  # windows apply again to what the partitions left keep sending
+
+    def lagging(self, partitions: Collection[TopicPartition]) -> None:
+        """The route's partitions paused at the commit-lag bound (see `Source._apply_backpressure`): while
+        there are some, coalescing windows release what they hold, so the commit point moves again."""
+        if isinstance(self.batcher, CoalescingBatcher):
+            self.batcher.lagging(bool(partitions))
+            if partitions:
+                self.wakeup.set()
 
     def drop_unsent(self, partitions: Sequence[TopicPartition]) -> None:
         """Take the partitions' records that are in no call yet out of the batches. They stay unfinished,

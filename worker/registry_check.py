@@ -73,9 +73,21 @@ async def schema_paths(schemas: Schemas, raw: RawSchema, mapping: MappingSetting
     return best[1], f" (message {best[2]})" if best[2] else ""
 
 
+def registry_flows(settings: Settings) -> list[tuple[tuple[str, ...], MappingSettings]]:
+    """(topics, mapping) of each flow reading a registry format: the single flow, or each such route."""
+    if not settings.routes:
+        return [(settings.kafka.topics, settings.mapping)] if settings.mapping.format != "json" else []
+    return [
+        (r.topics, r.mapping)
+        for r in settings.routes
+        if isinstance(r.mapping, MappingSettings) and r.mapping.format != "json"
+    ]
+
+
 async def check_schema_registry(settings: Settings, say: Say) -> bool:
-    schemas = Schemas(settings, Metrics())
-    client = schemas.client
+    flows = registry_flows(settings)
+    by_format = {m.format: Schemas(settings, Metrics(), format=m.format) for _, m in flows}
+    client = next(iter(by_format.values())).client
     where = f"schema registry at {client.url}"
     try:
         try:
@@ -83,34 +95,36 @@ async def check_schema_registry(settings: Settings, say: Say) -> bool:
         except RegistryError as error:
             return say(False, where, str(error))
         ok = say(True, where, f"{len(subjects)} subjects")
-        for topic in settings.kafka.topics:
-            ok &= await _check_subject(settings, schemas, f"{topic}-value", subjects, say)
+        for topics, mapping in flows:
+            for topic in topics:
+                ok &= await _check_subject(mapping, by_format[mapping.format], f"{topic}-value", subjects, say)
         return ok
     finally:
-        await schemas.close()
+        for schemas in by_format.values():
+            await schemas.close()
 
 
-async def _check_subject(settings: Settings, schemas: Schemas, subject: str, subjects: set[str], say: Say) -> bool:
+async def _check_subject(
+    mapping: MappingSettings, schemas: Schemas, subject: str, subjects: set[str], say: Say
+) -> bool:
     if subject not in subjects:
         return say(False, f"subject {subject!r}", "not registered (the default subject of the topic's values)")
     try:
         raw = await schemas.client.schema_version(subject, "latest")
     except RegistryError as error:
         return say(False, f"subject {subject!r}", str(error))
-    expected = SCHEMA_TYPES[settings.mapping.format]
+    expected = SCHEMA_TYPES[mapping.format]
     detail = f"latest schema id {raw.schema_id}, version {raw.version}, {raw.schema_type}"
     if raw.schema_type != expected:
-        return say(
-            False, f"subject {subject!r}", f"{detail}; mapping.format {settings.mapping.format!r} needs {expected}"
-        )
+        return say(False, f"subject {subject!r}", f"{detail}; mapping.format {mapping.format!r} needs {expected}")
     say(True, f"subject {subject!r}", detail)
     try:
-        paths, of = await schema_paths(schemas, raw, settings.mapping)
+        paths, of = await schema_paths(schemas, raw, mapping)
     except (RegistryError, ValueError) as error:
         return say(False, f"schema id {raw.schema_id}", f"cannot be used: {error}")
     if paths is None:
         return say(False, f"schema id {raw.schema_id}", "is not a record/object schema")
-    required, optional = mapped_paths(settings.mapping)
+    required, optional = mapped_paths(mapping)
     missing = [p for p in required if p not in paths]
     absent = [p for p in optional if p not in paths]
     what = f"mapping vs {subject!r} version {raw.version}{of}"

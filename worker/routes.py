@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -125,15 +125,24 @@ def _decode(value: bytes | None) -> Any:
         raise InvalidRecord("decode", "not_json", f"not valid JSON: {exc}") from None
 
 
-def tracked_events(mapper: Mapper, field: str, trackers: dict[str, str]) -> Callable[[bytes | None], Any]:
+def _decode_object(value: bytes | None) -> Any:
+    obj = _decode(value)
+    if type(obj) is not dict:
+        raise InvalidRecord("decode", "not_object", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def tracked_events(
+    mapper: Mapper, field: str, trackers: dict[str, str], decode: Callable[[bytes | None], Any] | None = None
+) -> Callable[[bytes | None], Any]:
     """An events route with `tracking_id_field`: the batch key gains the record's tracking id in front,
-    (trackingId, sessionId, userId), so each call goes to one tracker. An unmapped value is dead-lettered."""
+    (trackingId, sessionId, userId), so each call goes to one tracker. An unmapped value is dead-lettered.
+    `decode`: value → dict (`Schemas.objects` for a registry format; default JSON)."""
     path = tuple(field.split("."))
+    decode_object = decode or _decode_object
 
     def map_tracked(value: bytes | None) -> Any:
-        obj = _decode(value)
-        if type(obj) is not dict:
-            raise InvalidRecord("decode", "not_object", f"expected a JSON object, got {type(obj).__name__}")
+        obj = decode_object(value)
         name: Any = obj
         for part in path:
             name = name.get(part) if type(name) is dict else None
@@ -176,25 +185,12 @@ def converter(route: Route) -> Callable[[bytes | None], Converted | None]:
 
 
 class Quotas:
-    """The dispatcher's quota for a route with several trackers: any of their limiters' calls.
+    """The limiters of an events route's trackers, by tracking id: the pipeline gives each tracker its own
+    batcher, in-flight share and quota (`destinations.DestinationBatcher`), so a throttled tracker's calls
+    never hold the slots of the others."""
 
-    Each tracker's sink still waits for its own limiter per call; a throttled tracker's calls then hold
-    in-flight slots of the route (bounded by `max_in_flight`), never another route's."""
-
-    def __init__(self, quotas: Sequence[Any]) -> None:
-        self._quotas = quotas
-
-    @property
-    def rate(self) -> float:
-        return float(sum(q.rate for q in self._quotas))
-
-    def available(self) -> tuple[int, float]:
-        calls, wait = 0, float("inf")
-        for quota in self._quotas:
-            n, w = quota.available()
-            calls += n
-            wait = min(wait, w)
-        return calls, wait
+    def __init__(self, limiters: Mapping[str, Any]) -> None:
+        self.limiters = dict(limiters)
 
 
 class Routes:
@@ -244,6 +240,14 @@ class Routes:
         groups = self._split(partitions)
         results = await asyncio.gather(*(p.settle_partitions(parts, timeout) for p, parts in groups))
         return all(results)
+
+    def lagging(self, partitions: Collection[TopicPartition]) -> None:
+        """Every route hears which of its partitions lag (none: its windows apply again)."""
+        mine: dict[int, list[TopicPartition]] = {id(p): [] for p in self.pipelines.values()}
+        for pipeline, parts in self._split(partitions):
+            mine[id(pipeline)] = parts
+        for pipeline in self.pipelines.values():
+            pipeline.lagging(mine[id(pipeline)])
 
     def drop_unsent(self, partitions: Sequence[TopicPartition]) -> None:
         for pipeline, parts in self._split(partitions):

@@ -99,8 +99,10 @@ class Schemas:
         client: RegistryClient | None = None,
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
+        format: str | None = None,
     ) -> None:
-        self.format = settings.mapping.format
+        """`format`: a route's `mapping.format` (default: the single flow's)."""
+        self.format = format or settings.mapping.format
         self._expected_type = SCHEMA_TYPES[self.format]
         r = settings.schema_registry
         self.client = client or RegistryClient(r)
@@ -321,9 +323,22 @@ class Schemas:
             return map_json_schema
 
         map_object = mapper.map_object
-        kind = "Avro" if self.format == "avro" else "Protobuf"
+        decode = self.objects()
 
         def map_framed(value: bytes | None) -> Mapped:
+            return map_object(decode(value))
+
+        return map_framed
+
+    def objects(self) -> Callable[[bytes | None], dict[str, Any]]:
+        """Framed value → the record as a dict, what `Mapper.map_object` reads (a route that looks at a field
+        before mapping — `tracking_id_field` — decodes with this, then maps)."""
+        decoders = self.decoders
+        failure = self.failure
+        fmt = self.format
+        kind = {"avro": "Avro", "protobuf": "Protobuf"}.get(fmt, "JSON")
+
+        def decode(value: bytes | None) -> dict[str, Any]:
             if value is None or len(value) < HEADER or value[0] != MAGIC:
                 raise not_framed(value)
             schema_id = int.from_bytes(value[1:HEADER], "big")
@@ -331,7 +346,7 @@ class Schemas:
             if decoder is None:
                 raise failure(schema_id)
             try:
-                obj = decoder.decode(value, HEADER)
+                obj = orjson.loads(value[HEADER:]) if fmt == "json_schema" else decoder.decode(value, HEADER)
             except FrameError as error:
                 raise InvalidRecord("decode", "bad_frame", f"schema id {schema_id}: {error}") from None
             except Exception as error:  # whatever the decoder raises, the payload is at fault
@@ -339,6 +354,32 @@ class Schemas:
                 raise InvalidRecord("decode", "bad_payload", message[:500]) from None
             if type(obj) is not dict:
                 raise InvalidRecord("decode", "not_object", f"schema id {schema_id}: the {kind} value is not a record")
-            return map_object(obj)
+            return obj
 
-        return map_framed
+        return decode
+
+
+class TopicSchemas:
+    """With routes: one `Schemas` per format in use, each resolving the records of its routes' topics (a
+    JSON route's records are never peeked); the source and the readiness check see one face."""
+
+    def __init__(self, by_topic: Mapping[str, Schemas]) -> None:
+        self._by_topic = dict(by_topic)
+        self.all = list({id(s): s for s in by_topic.values()}.values())
+
+    @property
+    def blocked_reason(self) -> str | None:
+        return next((s.blocked_reason for s in self.all if s.blocked_reason), None)
+
+    async def resolve(self, batches: Mapping[Any, Sequence[Framed]], wait: float) -> bool:
+        groups: dict[int, tuple[Schemas, dict[Any, Sequence[Framed]]]] = {}
+        for tp, records in batches.items():
+            schemas = self._by_topic.get(tp.topic)
+            if schemas is not None:
+                groups.setdefault(id(schemas), (schemas, {}))[1][tp] = records
+        results = await asyncio.gather(*(s.resolve(part, wait) for s, part in groups.values()))
+        return all(results)
+
+    async def close(self) -> None:
+        for schemas in self.all:
+            await schemas.close()

@@ -17,12 +17,13 @@ from worker.connection import CoordinatorNotReadyYet, kafka_security
 from worker.metrics import Metrics
 from worker.offsets import AHEAD_PREFIX, MetadataError, decode_ahead
 from worker.pipeline import Pipeline, Record
+from worker.positions import known_positions, pass_gaps
 from worker.topics import RECHECK_SECONDS, WATCH_SECONDS, TopicWatch, exact_pattern, keep_watching_every_topic
 
 if TYPE_CHECKING:
     from worker.offsets import PartitionOffsets
     from worker.routes import Routes
-    from worker.schemas import Schemas
+    from worker.schemas import Schemas, TopicSchemas
 
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,12 @@ HELD_POLL_SECONDS = 0.05
 """With every partition held for crowded sessions, look again this often whether one is released."""
 INGEST_SLICE = 200
 """Records mapped between two turns of the event loop (~4 ms of work)."""
+GAP_CHECK_SECONDS = 1.0
+"""How often every owned partition's commit point is moved past offsets that hold no record for us."""
+
+
+def _log_failure(where: str, error: BaseException) -> None:
+    log.error("worker failed", extra={"where": where, "error": repr(error)}, exc_info=error)
 
 
 class Source(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -45,7 +52,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         pipeline: Pipeline | Routes,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
-        schemas: Schemas | None = None,
+        schemas: Schemas | TopicSchemas | None = None,
         topics: Sequence[str] | None = None,
     ) -> None:
         """`pipeline`: one Pipeline, or every route's (`routes.Routes`) routed by topic; `topics`: what to
@@ -78,6 +85,8 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         self._handing_over = False
         """A poll is being handed to the pipeline a slice at a time (see `fetch_once`)."""
         self._held: set[TopicPartition] = set()
+        self._lagging: set[TopicPartition] = set()
+        """Partitions paused at `worker.max_commit_lag_records` (the pipeline was told)."""
         """Partitions left out of fetching for a crowded session (see `_getmany`)."""
         self._held_logged = -HELD_LOG_SECONDS
         self._schemas = schemas
@@ -87,6 +96,9 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         """A poll whose schemas the registry has not given yet: every partition stays paused until it has."""
         self.topics = TopicWatch(self._topics, metrics)
         self._coordinator_filter = CoordinatorNotReadyYet(self.assigned_once)
+        self._gaps_checked = -GAP_CHECK_SECONDS
+        self.on_failure: Callable[[str, BaseException], None] = _log_failure
+        """Told of a bug in a rebalance callback (the worker stops on it): aiokafka would only log it."""
 
     async def start(self) -> None:
         """Join the group. A missing source topic is waited for, never created (see worker.topics)."""
@@ -119,6 +131,11 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         self._revoking.update(revoked)
         try:
             await self._hand_over(revoked)
+        except Exception as error:  # a bug: aiokafka would log it and go on with the partitions still tracked
+            self.on_failure("rebalance", error)
+            self._pipeline.forget(list(revoked))  # so no later commit or gauge touches them
+            for tp in revoked:
+                self._metrics.forget_partition(tp.topic, tp.partition)
         finally:
             self._revoking.difference_update(revoked)
 
@@ -142,6 +159,12 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         self._metrics.assigned.set(len(self.consumer.assignment()) - len(revoked))
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        try:
+            await self._take_over(assigned)
+        except Exception as error:  # a bug: aiokafka would log it and go on
+            self.on_failure("rebalance", error)
+
+    async def _take_over(self, assigned: Sequence[TopicPartition]) -> None:
         ahead = await self._committed_ahead(assigned)
         now = self._clock()
         for tp in assigned:
@@ -203,6 +226,11 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             # perhaps assigned again, to a new state) while the loop was let go takes no more of them; its
             # next owner reads them.
             owned = {tp: tracker.get(tp) for tp in batches}
+        # Read with the poll, before the loop is let go: positions past exactly what this poll returned.
+        now = self._clock()
+        positions = None
+        if now - self._gaps_checked >= GAP_CHECK_SECONDS:
+            positions, self._gaps_checked = known_positions(self.consumer, tracker), now
         if self._schemas is not None and batches:
             # Held (not mapped, not tracked) until its schemas are in hand: `drained` must not take the
             # consumer's position for done meanwhile, and nothing commits past it.
@@ -220,12 +248,15 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
                         await asyncio.sleep(0)
                     state = owned[tp]
                     if state is None or tracker.get(tp) is not state or tp in self._revoking:
+                        positions = None if positions is None else {p: v for p, v in positions.items() if p != tp}
                         break
                     chunk = records[start : start + INGEST_SLICE]
                     self._pipeline.ingest(tp, chunk)
                     count += len(chunk)
         finally:
             self._handing_over = False
+        if positions is not None:
+            pass_gaps(positions, tracker, self._revoking)
         if count:
             self._metrics.last_fetch.set(time.time())
         return count
@@ -245,6 +276,10 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
                 state = tracker.get(tp)
                 if state is not None and state.commit_lag >= bound:
                     wanted.add(tp)
+            if wanted != self._lagging:
+                # Coalescing windows stop holding while their partition waits on the commit point.
+                self._lagging = wanted
+                self._pipeline.lagging(wanted)
         # Newly assigned partitions start unpaused, so pausing is re-applied, never assumed.
         if wanted:
             self.consumer.pause(*wanted)
