@@ -226,6 +226,7 @@ def _expressions() -> st.SearchStrategy[str]:
             pair.map(lambda t: f"({t[0]} != {t[1]})"),
             pair.map(lambda t: f"[{t[0]}, {t[1]}]"),
             pair.map(lambda t: f"contains({t[0]}, {t[1]})"),
+            pair.map(lambda t: f"not_null({t[0]}, {t[1]})"),
             inner.map(lambda e: f"!{e}"),
             inner.map(lambda e: f"to_string({e})"),
             inner.map(lambda e: f"length({e})"),

@@ -254,6 +254,9 @@ class MappingSettings(_Section):
     event_types_only: bool = False
     # Records for which this expression is false (false, null, '', [], {}) finish as `filtered`.
     where: str = ""
+    # The Interactions schema (Avro JSON, as given to CreateSchema): properties must be its fields, values of
+    # their types; without `properties`, one per metadata field (read from its snake_case or camelCase name).
+    schema_file: str = Field(default="", alias="schema")
 
     @model_validator(mode="before")
     @classmethod
@@ -261,7 +264,11 @@ class MappingSettings(_Section):
         if isinstance(data, dict) and data.get("preset"):
             from worker.presets import apply_preset
 
-            return apply_preset(data)
+            data = apply_preset(data)
+        if isinstance(data, dict) and data.get("schema") and not data.get("properties"):
+            from worker.interactions import derived_properties
+
+            data = {**data, "properties": derived_properties(str(data["schema"]))}
         return data
 
     @field_validator("session_id", "event_type", "sent_at")
@@ -330,6 +337,14 @@ class MappingSettings(_Section):
             raise ValueError("metric_attribution_source_value must be 1-1024 printable ASCII characters")
         if self.event_types_only and not self.event_types:
             raise ValueError("event_types_only = true needs an event_types table")
+        if self.schema_file:
+            from worker.interactions import load_schema
+
+            fields = load_schema(self.schema_file)
+            for key, source in property_sources(self):
+                if key not in fields:
+                    known = ", ".join(sorted(fields)) or "none"
+                    raise ValueError(f"properties.{key} ({source}): not a field of {self.schema_file} (it has {known})")
         if self.format != "json":
             from worker.expressions import references_kafka
 
@@ -724,5 +739,5 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def redacted(settings: Settings) -> dict[str, Any]:
     """The settings as plain data for logs and `check`: secrets stay masked."""
-    dumped: dict[str, Any] = settings.model_dump(mode="json")
+    dumped: dict[str, Any] = settings.model_dump(mode="json", by_alias=True)  # the TOML keys (mapping.schema)
     return dumped

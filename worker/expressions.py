@@ -330,12 +330,25 @@ def _projection(base: Getter, each: Getter) -> Getter:
 
 
 def _function(name: str, arguments: list[Getter]) -> Getter:
+    if name == "not_null":  # the fallback that keeps false and 0; no argument types to check
+        return _not_null(arguments)
     call = _FUNCTIONS.call_function
 
     def function(value: Any) -> Any:
         return call(name, [argument(value) for argument in arguments])
 
     return function
+
+
+def _not_null(arguments: list[Getter]) -> Getter:
+    def not_null(value: Any) -> Any:
+        for argument in arguments:
+            found = argument(value)
+            if found is not None:
+                return found
+        return None
+
+    return not_null
 
 
 def _interpreted(node: dict[str, Any]) -> Getter:

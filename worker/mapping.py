@@ -21,6 +21,7 @@ import orjson
 from worker import limits
 from worker.config import MappingSettings, property_sources
 from worker.expressions import KAFKA, Getter, Source, compile_source, is_truthy, literal_bytes, references_kafka
+from worker.interactions import PropertyField, check_value, load_schema
 from worker.values import (
     AUTO_MS_THRESHOLD,
     MAX_EPOCH_SECONDS,
@@ -88,6 +89,8 @@ class Mapper:
             for key, src in property_sources_compiled
         )
         self._property_texts = dict(named)
+        # With `mapping.schema`: each property's field, whose type its values must have (see worker.interactions).
+        self._fields = load_schema(s.schema_file) if s.schema_file else None
         sources: list[Source | None] = [_source(member, text) for member, text in members.items()]
         sources.append(shared or None)
         # A source is usually one key of the message, read with `obj.get`; only a mapping with a nested
@@ -280,8 +283,11 @@ class Mapper:
         if type(parent) is not dict:
             parent = {}
         found: dict[str, Any] = {}
+        fields = self._fields
         for key, leaf, src in self._properties:
             value = parent.get(leaf) if src is None else src(obj)
+            if fields is not None and value is not None:
+                value = self._typed(key, value, fields[key])
             if type(value) is str:  # the common case, with one test
                 found[key] = value
             elif value is not None:
@@ -296,6 +302,14 @@ class Mapper:
         if not _PROPERTIES_MIN <= len(properties) <= _PROPERTIES_MAX:
             check_length(properties, "properties", limits.PROPERTIES)
         return properties
+
+    def _typed(self, key: str, value: Any, field: PropertyField) -> Any:
+        try:
+            return check_value(field, value)
+        except ValueError as error:
+            source = self._property_texts[key]
+            message = f"properties.{key}: {excerpt(value)} at {source} {error}"
+            raise InvalidRecord("mapping", "wrong_type", message) from None
 
     def _size_bound(self) -> tuple[int, int]:
         """(a, b) such that every event `map(raw)` returns serializes to at most a·len(raw) + b bytes.
