@@ -1,6 +1,6 @@
 """`make bench`: the issue-5 benchmark of the worker on the real local stack.
 
-    python -m tests.bench [--mode drain|shared-quota|memory|hot-session|decode|two-groups|catalog-burst] [options]
+    python -m tests.bench [--mode MODE] [options]      (see --help; modes below)
 
 Everything runs as real processes: a Kafka broker of its own (``deploy/local/kafka`` on a free port
 in a temp dir), the Personalize Events emulator (``python -m worker.emulator``) and the worker CLI
@@ -41,6 +41,9 @@ Modes (each runs on its own):
 
 ``decode``
     No stack: CPU per record of decoding schema-registry framed values (tests/bench_decode.py).
+
+``map``
+    No stack: CPU per record of mapping: plain paths, and the presets (tests/bench_map.py).
 
 ``two-groups``, ``catalog-burst``
     Issue 13, routes (tests/bench_routes.py): one worker feeding two dataset groups at their own quotas;
@@ -1005,6 +1008,10 @@ def report(mode: str, results: dict[str, Any], args: argparse.Namespace) -> None
         from tests.bench_decode import TARGETS
 
         targets = dict(TARGETS)
+    if mode == "map":
+        from tests.bench_map import TARGETS as MAP_TARGETS
+
+        targets = dict(MAP_TARGETS)
     if mode in ("two-groups", "catalog-burst"):
         from tests.bench_routes import TARGETS as ROUTE_TARGETS
 
@@ -1032,11 +1039,8 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument(
-        "--mode",
-        choices=("drain", "shared-quota", "memory", "hot-session", "decode", "two-groups", "catalog-burst"),
-        default="drain",
-    )
+    modes = ("drain", "shared-quota", "memory", "hot-session", "decode", "map", "two-groups", "catalog-burst")
+    parser.add_argument("--mode", choices=modes, default="drain")
     parser.add_argument(
         "--records",
         type=int,
@@ -1074,8 +1078,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-buffered-events", type=int, default=None, help="worker batching.max_buffered_events")
     parser.add_argument("--max-calls-per-session", type=int, default=None, help="worker batching.max_calls_per_session")
     parser.add_argument("--max-session-events", type=int, default=None, help="worker batching.max_session_events")
-    parser.add_argument("--decode-calls", type=int, default=20_000, help="decode mode: calls per timed repeat")
-    parser.add_argument("--decode-repeats", type=int, default=7, help="decode mode: repeats (the best counts)")
+    parser.add_argument("--decode-calls", type=int, default=20_000, help="decode, map modes: calls per timed repeat")
+    parser.add_argument("--decode-repeats", type=int, default=7, help="decode, map modes: repeats (the best counts)")
     from tests.bench_routes import add_arguments
 
     add_arguments(parser)
@@ -1100,6 +1104,10 @@ def main(argv: list[str] | None = None) -> int:
             from tests.bench_decode import mode_decode
 
             results = mode_decode(args)
+        elif args.mode == "map":
+            from tests.bench_map import mode_map
+
+            results = mode_map(args)
         else:
             results = run_stack(args)
     except KeyboardInterrupt:

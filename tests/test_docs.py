@@ -29,7 +29,8 @@ def model_defaults() -> dict[str, dict[str, Any]]:
         model = field.annotation
         assert isinstance(model, type)
         keys: dict[str, Any] = {}
-        for key, info in model.model_fields.items():
+        for name, info in model.model_fields.items():
+            key = info.alias or name  # the TOML key (mapping.schema is `schema_file` in the model)
             if info.default is PydanticUndefined and info.default_factory is None:
                 keys[key] = REQUIRED
             else:

@@ -126,7 +126,6 @@ REJECTED: list[tuple[str, dict[str, Any], str, str, str]] = [
     ("sessionId-257", {"session_id": "s" * 257}, "validation", "too_long", "sessionId"),
     ("sessionId-empty", {"session_id": ""}, "validation", "too_short", "sessionId"),
     ("userId-257", {"user_id": "u" * 257}, "validation", "too_long", "userId"),
-    ("userId-empty", {"user_id": ""}, "validation", "too_short", "userId"),
     ("itemId-257", {"item_id": "i" * 257}, "validation", "too_long", "itemId"),
     ("eventId-257", {"event_id": "e" * 257}, "validation", "too_long", "eventId"),
     ("recommendationId-41", {"recommendation_id": "r" * 41}, "validation", "too_long", "recommendationId"),
@@ -155,9 +154,7 @@ REJECTED: list[tuple[str, dict[str, Any], str, str, str]] = [
         "impression",
     ),
     ("impression-item-257", {"impression": ["ok", "i" * 257]}, "validation", "too_long", "impression"),
-    ("impression-empty-list", {"impression": []}, "validation", "too_short", "impression"),
     ("impression-empty-item-text", {"impression": "a,,b"}, "validation", "too_short", "impression"),
-    ("impression-empty-text", {"impression": ""}, "validation", "too_short", "impression"),
     ("impression-object", {"impression": {"a": 1}}, "mapping", "wrong_type", "impression"),
     ("impression-number", {"impression": 5}, "mapping", "wrong_type", "impression"),
     ("impression-item-bool", {"impression": ["a", True]}, "mapping", "wrong_type", "impression"),
@@ -180,13 +177,6 @@ REJECTED: list[tuple[str, dict[str, Any], str, str, str]] = [
     (
         "attribution-blank",
         {"source": "   "},
-        "validation",
-        "bad_value",
-        "metricAttribution.eventAttributionSource",
-    ),
-    (
-        "attribution-empty",
-        {"source": ""},
         "validation",
         "bad_value",
         "metricAttribution.eventAttributionSource",
@@ -252,6 +242,28 @@ def test_rule_violation_is_rejected_with_reason_naming_the_member(
     assert (error.stage, error.reason) == (stage, reason)
     assert member in error.message
     assert str(error) == error.message
+
+
+@pytest.mark.parametrize(
+    ("field", "member"),
+    [
+        ("user_id", "userId"),
+        ("item_id", "itemId"),
+        ("event_id", "eventId"),
+        ("recommendation_id", "recommendationId"),
+        ("event_value", "eventValue"),
+        ("impression", "impression"),
+        ("source", "metricAttribution"),
+    ],
+)
+@pytest.mark.parametrize("empty", ["", []])
+def test_empty_optional_member_is_absent_not_an_error(field: str, member: str, empty: Any) -> None:
+    if empty == [] and field != "impression":
+        return  # a list is the wrong type for the others: still an error
+    key, event = mapped(FULL, message(**{field: empty}))
+    assert key == ("s-1", None)
+    assert member == "eventId" or member not in event
+    assert event["eventId"].startswith(EVENT_ID_PREFIX)  # an empty eventId is derived, as an absent one
 
 
 @pytest.mark.parametrize("field", ["event_type", "session_id", "timestamp"])
@@ -771,6 +783,17 @@ SIZE_MAPPERS = [
     Mapper(
         MappingSettings(properties=("ctx.page_category", "ctx.device_type", "f", "event_value", "item_id", "event_id"))
     ),
+    # Expressions that still yield one value of the message, or a literal: bounded as paths are.
+    Mapper(
+        MappingSettings(
+            event_type="f || '" + '"' * 200 + "'",
+            item_id="ctx.page_category || f",
+            event_id="f[0] || f",
+            impression="f[].a || f[*] || f",
+            recommendation_id="f == 'x' && f",
+            properties={"a": "f || event_type", "b": "!f", "c": '`"\\\\\\\\"`', "d": "ctx.device_type[]"},
+        )
+    ),
 ]
 
 
@@ -821,6 +844,9 @@ def test_nested_paths_map_like_top_level_ones(obj: dict[str, Any]) -> None:
     got = _outcome(Mapper(nested).map, orjson.dumps({"m": obj}))
     if type(expected) is tuple and expected[1] == "missing_field":
         assert got[:2] == expected[:2]  # the message names the configured path
+    elif type(got) is tuple and type(got[-1]) is str:
+        assert got[:-1] == expected[:-1]
+        assert got[-1].replace(" at m.", " at ") == expected[-1]  # errors name the configured source
     else:
         assert got == expected
 

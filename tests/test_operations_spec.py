@@ -10,7 +10,7 @@ import orjson
 import pytest
 from botocore.validate import ParamValidator
 
-from worker.emulator import compiled_model, format_problems
+from worker.emulator.model import compiled_model, format_problems
 from worker.operations.bodies import BODIES, action_interactions_body, events_body, items_body
 from worker.operations.spec import (
     ACTION_INTERACTIONS,

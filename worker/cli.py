@@ -99,13 +99,20 @@ def dry_run(
     id and the decoded object. With `offsets` (records read from Kafka) each entry names its offset."""
     mapper = Mapper(settings.mapping)
     map_record = mapper.map if schemas is None else schemas.mapping(mapper)
+    if mapper.reads_record:  # `_kafka.*` or a layout: each line stands for a record (see LineRecord)
+        from worker.layouts import LineRecord
+
+        layout = settings.mapping.layout
+        map_record = lambda line: mapper.map_record(LineRecord(line or b"", 0, layout))  # noqa: E731
     dedup: Dedup[int] = Dedup(float("inf"), sys.maxsize, lambda: 0.0)
     open_calls: dict[SessionKey, list[int]] = {}  # session → [call number, events in it]
     outcomes: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     next_call = 0
+    tsv = settings.mapping.layout == "snowplow_tsv"
     for number, raw in enumerate(lines, start=1):
-        line = raw.strip() if schemas is None else raw
+        # A Snowplow TSV line ends in tabs when its last fields are empty: only the line break goes.
+        line = raw if schemas is not None else raw.rstrip(b"\r\n") if tsv else raw.strip()
         if not line and offsets is None:
             continue
         outcomes["lines"] += 1

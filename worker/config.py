@@ -49,6 +49,13 @@ def camel_case(segment: str) -> str:
     return first + "".join(w[0].upper() + w[1:] for w in words[1:])
 
 
+def property_sources(settings: MappingSettings) -> list[tuple[str, str]]:
+    """(key, source) of each property, in order: a list's keys are its paths' last names, camelCased."""
+    if isinstance(settings.properties, dict):
+        return list(settings.properties.items())
+    return [(camel_case(path.rsplit(".", 1)[-1]), path) for path in settings.properties]
+
+
 def _topic_name(name: str) -> str:
     if not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
         raise ValueError(f"{name!r} is not a valid Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)")
@@ -198,14 +205,35 @@ def _region_name(value: str) -> str:
 
 SentAtFormat = Literal["auto", "iso8601", "epoch_s", "epoch_ms"]
 MessageFormat = Literal["json", "avro", "protobuf", "json_schema"]
+Layout = Literal["json", "cloudevents", "snowplow_tsv"]
+_MEMBER_KEYS = (
+    "user_id",
+    "session_id",
+    "event_id",
+    "event_type",
+    "event_value",
+    "item_id",
+    "sent_at",
+    "impression",
+    "recommendation_id",
+    "metric_attribution_source",
+    "where",
+)
 
 
 class MappingSettings(_Section):
-    """Where each Event member comes from: dotted paths into the message's JSON object; "" = not mapped."""
+    """Where each Event member comes from: a dotted path or a JMESPath expression (see worker.expressions);
+    "" = not mapped. `preset` fills the keys left out from a shipped mapping (config/presets/)."""
 
+    # A shipped preset's name (segment, rudderstack, snowplow, cloudevents) or a preset file's path; the keys
+    # set here override it. Resolved when the settings are read (see worker.presets).
+    preset: str = ""
     # How a record's value becomes that object: plain JSON, or Confluent-framed (magic byte 0, 4-byte schema
     # id) Avro, Protobuf or JSON Schema decoded with the writer's schema from `[schema_registry]`.
     format: MessageFormat = "json"
+    # How the record's parts form that object: json (the value), cloudevents (Kafka protocol binding: binary
+    # mode from ce_* headers or structured mode, told apart by content-type), snowplow_tsv (enriched TSV).
+    layout: Layout = "json"
     user_id: str = "user_id"
     session_id: str = "session_id"
     event_id: str = "event_id"
@@ -214,13 +242,34 @@ class MappingSettings(_Section):
     item_id: str = "item_id"
     sent_at: str = "timestamp"
     sent_at_format: SentAtFormat = "auto"
+    # The zone of timestamps written without an offset (ISO 8601 naive): an IANA name.
+    timezone: str = "UTC"
     impression: str = "impression"
     recommendation_id: str = "recommendation_id"
     metric_attribution_source: str = ""
     metric_attribution_source_value: str = ""
-    properties: tuple[str, ...] = ()
+    # A list of sources (the key: the last field name, camelCased) or a table key → source.
+    properties: tuple[str, ...] | dict[str, str] = ()
     event_types: dict[str, str] = Field(default_factory=dict)
     event_types_only: bool = False
+    # Records for which this expression is false (false, null, '', [], {}) finish as `filtered`.
+    where: str = ""
+    # The Interactions schema (Avro JSON, as given to CreateSchema): properties must be its fields, values of
+    # their types; without `properties`, one per metadata field (read from its snake_case or camelCase name).
+    schema_file: str = Field(default="", alias="schema")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset"):
+            from worker.presets import apply_preset
+
+            data = apply_preset(data)
+        if isinstance(data, dict) and data.get("schema") and not data.get("properties"):
+            from worker.interactions import derived_properties
+
+            data = {**data, "properties": derived_properties(str(data["schema"]))}
+        return data
 
     @field_validator("session_id", "event_type", "sent_at")
     @classmethod
@@ -229,19 +278,45 @@ class MappingSettings(_Section):
             raise ValueError("is required by PutEvents and cannot be empty")
         return value
 
+    @field_validator(*_MEMBER_KEYS)
+    @classmethod
+    def _source_valid(cls, value: str) -> str:
+        from worker.expressions import compile_source
+
+        if value:
+            compile_source(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone_known(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone name (like UTC or Europe/Paris)") from None
+        return value
+
     @field_validator("properties")
     @classmethod
-    def _properties_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _properties_valid(cls, value: tuple[str, ...] | dict[str, str]) -> tuple[str, ...] | dict[str, str]:
+        from worker.expressions import compile_source, is_plain
+
         seen: dict[str, str] = {}
-        for path in value:
-            if not all(path.split(".")):
-                raise ValueError(f"{path!r} is not a dotted path to a member (an empty name in it)")
-            key = camel_case(path.rsplit(".", 1)[-1])
+        named = value.items() if isinstance(value, dict) else [(None, path) for path in value]
+        for given, source in named:
+            if given is None and not is_plain(source):
+                raise ValueError(f"{source!r} is an expression: name its key ([mapping.properties] key = source)")
+            compile_source(source)
+            key = given if given is not None else camel_case(source.rsplit(".", 1)[-1])
+            if not key:
+                raise ValueError(f"{source!r}: a property needs a non-empty key")
             if key.lower() in limits.RESERVED_PROPERTY_KEYS:
-                raise ValueError(f"{path!r} would become property {key!r}, a name Personalize reserves")
+                raise ValueError(f"{source!r} would become property {key!r}, a name Personalize reserves")
             if key in seen:
-                raise ValueError(f"{seen[key]!r} and {path!r} both become property {key!r}")
-            seen[key] = path
+                raise ValueError(f"{seen[key]!r} and {source!r} both become property {key!r}")
+            seen[key] = source
         return value
 
     @field_validator("event_types")
@@ -262,6 +337,22 @@ class MappingSettings(_Section):
             raise ValueError("metric_attribution_source_value must be 1-1024 printable ASCII characters")
         if self.event_types_only and not self.event_types:
             raise ValueError("event_types_only = true needs an event_types table")
+        if self.schema_file:
+            from worker.interactions import load_schema
+
+            fields = load_schema(self.schema_file)
+            for key, source in property_sources(self):
+                if key not in fields:
+                    known = ", ".join(sorted(fields)) or "none"
+                    raise ValueError(f"properties.{key} ({source}): not a field of {self.schema_file} (it has {known})")
+        if self.format != "json":
+            from worker.expressions import references_kafka
+
+            if self.layout != "json":
+                raise ValueError(f"layout = {self.layout!r} reads plain record values: it needs format = 'json'")
+            texts = [getattr(self, key) for key in _MEMBER_KEYS]
+            if any(text and references_kafka(text) for text in texts):
+                raise ValueError(f"_kafka.* is not available with format = {self.format!r} yet")
         return self
 
 
@@ -565,7 +656,9 @@ def _env_value(section: str, key: str, raw: str, name: str) -> Any:
         annotation = field.annotation if field else None
     # An optional table or list (`X | None`) is read as X.
     options = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) is UnionType else []
-    annotation = options[0] if len(options) == 1 else annotation
+    if len(options) > 1 and raw.lstrip().startswith("{"):
+        return _json(raw, name)  # a list-or-table key (mapping.properties) given as a table
+    annotation = options[0] if options else annotation
     origin = getattr(annotation, "__origin__", None)
     if origin in (tuple, list):
         if raw.lstrip().startswith("["):
@@ -646,5 +739,5 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def redacted(settings: Settings) -> dict[str, Any]:
     """The settings as plain data for logs and `check`: secrets stay masked."""
-    dumped: dict[str, Any] = settings.model_dump(mode="json")
+    dumped: dict[str, Any] = settings.model_dump(mode="json", by_alias=True)  # the TOML keys (mapping.schema)
     return dumped

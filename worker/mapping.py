@@ -2,32 +2,47 @@
 
 Pure: no I/O, no clock. A record that cannot become a valid event raises `InvalidRecord` with a
 reason; nothing is repaired silently. `Mapper.map` runs for every record, so it is written for the
-common case: each member is checked inline, and anything unusual goes to the member's function,
-which gives the same value or the same error as it always did. A few microseconds per record.
+common case: each member is checked inline, and anything unusual goes to the member's function
+(`worker.values`), which gives the same value or the same error as it always did. A few microseconds
+per record with plain paths; a JMESPath member (`worker.expressions`) adds a fraction of one each.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from datetime import UTC, datetime
-from functools import partial
+from collections.abc import Callable, Sequence
+from datetime import UTC, tzinfo
 from hashlib import blake2b
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 
 from worker import limits
-from worker.config import MappingSettings, camel_case
-from worker.errors import WorkerError
+from worker.config import MappingSettings, property_sources
+from worker.expressions import KAFKA, Getter, Source, compile_source, is_truthy, literal_bytes, references_kafka
+from worker.interactions import PropertyField, check_value, load_schema
+from worker.values import (
+    AUTO_MS_THRESHOLD,
+    MAX_EPOCH_SECONDS,
+    InvalidRecord,
+    attribution_source,
+    check_length,
+    excerpt,
+    identifier,
+    impression,
+    missing,
+    parse_sent_at,
+    round_ms,
+    to_float,
+    type_name,
+)
+
+__all__ = ["EVENT_ID_PREFIX", "MAX_EPOCH_SECONDS", "InvalidRecord", "Mapper", "derive_event_id", "parse_sent_at"]
 
 SessionKey = tuple[str, str | None]
 """(sessionId, userId): with the worker's one trackingId, the key of a PutEvents call."""
 
-# Epoch seconds up to the end of year 9999: beyond it no datetime (and no real click) exists.
-MAX_EPOCH_SECONDS = 253_402_300_799.0
-# In `auto` mode a number above this is taken as milliseconds (1e11 s is year 5138; 1e11 ms is 1973).
-_AUTO_MS_THRESHOLD = 1e11
 EVENT_ID_PREFIX = "pw1-"
 # Length bounds of the members checked inline on the hot path, where a call costs more than the check.
 _EVENT_TYPE_MIN, _EVENT_TYPE_MAX = limits.EVENT_TYPE.min, limits.EVENT_TYPE.max
@@ -39,147 +54,58 @@ _IMPRESSION_ITEM_MIN, _IMPRESSION_ITEM_MAX = limits.IMPRESSION_ITEM.min, limits.
 _PROPERTIES_MIN, _PROPERTIES_MAX = limits.PROPERTIES.min, limits.PROPERTIES.max
 
 
-class InvalidRecord(WorkerError):
-    """A record that can never be sent; `stage` and `reason` go to the dead-letter headers and metrics."""
-
-    def __init__(self, stage: str, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.stage = stage
-        self.reason = reason
-        self.message = message
-
-
-def _missing(member: str, path: str) -> InvalidRecord:
-    return InvalidRecord("mapping", "missing_field", f"{member}: required field {path!r} is missing")
-
-
-def _check_length(value: str, member: str, limit: limits.StringLimit) -> None:
-    if len(value) > limit.max:
-        raise InvalidRecord("validation", "too_long", f"{member}: length {len(value)} exceeds {limit.max}")
-    if len(value) < limit.min:
-        raise InvalidRecord("validation", "too_short", f"{member}: length {len(value)} is below {limit.min}")
-
-
-def _identifier(value: Any, member: str, limit: limits.StringLimit) -> str:
-    """IDs are strings; integer IDs are common in clickstreams and map to their decimal text."""
-    kind = type(value)
-    if kind is str:
-        if limit.min <= len(value) <= limit.max:  # the common case, without a call
-            return value  # type: ignore[no-any-return]
-        _check_length(value, member, limit)
-    if kind is int:
-        text = str(value)
-        if not limit.min <= len(text) <= limit.max:
-            _check_length(text, member, limit)
-        return text
-    raise InvalidRecord("mapping", "wrong_type", f"{member}: expected a string, got {_type_name(value)}")
-
-
-def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", bool: "a boolean", float: "a number", int: "a number"}.get(
-        type(value), "null" if value is None else "a string"
-    )
-
-
-def _epoch_number(value: Any, member: str) -> float:
-    if type(value) in (int, float):
-        return float(value)
-    if type(value) is str:
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    raise InvalidRecord("mapping", "bad_timestamp", f"{member}: {_type_name(value)} is not an epoch number")
-
-
-def _iso(value: Any, member: str) -> float:
-    if type(value) is not str:
-        raise InvalidRecord("mapping", "bad_timestamp", f"{member}: expected an ISO 8601 string")
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidRecord("mapping", "bad_timestamp", f"{member}: not an ISO 8601 timestamp") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
-
-
-def parse_sent_at(value: Any, fmt: str, member: str = "sentAt") -> float:
-    """Epoch seconds (with fractions) from the configured format; absurd values are rejected, not clamped."""
-    if fmt == "epoch_s":
-        seconds = _epoch_number(value, member)
-    elif fmt == "epoch_ms":
-        seconds = _epoch_number(value, member) / 1000.0
-    elif fmt == "iso8601" or (
-        type(value) is str and value and not value.strip().lstrip("-").replace(".", "", 1).isdigit()
-    ):
-        seconds = _iso(value, member)
-    else:
-        seconds = _epoch_number(value, member)
-        if seconds > _AUTO_MS_THRESHOLD:
-            seconds /= 1000.0
-    # Milliseconds are what clickstreams carry and what the wire format keeps (see sink.request_body).
-    seconds = _round_ms(seconds)
-    if not (math.isfinite(seconds) and 0 < seconds <= MAX_EPOCH_SECONDS):
-        # Cut short: the message becomes a dead-letter header, and the value can be any size.
-        shown = repr(value)[:64]
-        raise InvalidRecord("validation", "bad_timestamp", f"{member}: {shown} is outside 1970..9999")
-    return seconds
-
-
-def _round_ms(seconds: float) -> float:
-    """`round(seconds, 3) if math.isfinite(seconds) else seconds`, a few times cheaper for real instants.
-
-    round() goes through decimal digit strings. Within 1970..9999, seconds·1000 is below 2**48, so its
-    rounding error is at most 1/64: unless it lies within 1/32 of a half, the whole number nearest to
-    it is the exact product's nearest, and n / 1000.0 is the double nearest n ms, as round() returns.
-    """
-    if 0.0 < seconds <= MAX_EPOCH_SECONDS:
-        scaled = seconds * 1000.0
-        fraction = scaled % 1.0
-        if fraction < 0.46875:
-            return (scaled - fraction) / 1000.0
-        if fraction > 0.53125:
-            return (scaled - fraction + 1.0) / 1000.0
-    return round(seconds, 3) if math.isfinite(seconds) else seconds
-
-
 class Mapper:
-    """Compiled `[mapping]`: call `map(value)` per record."""
+    """Compiled `[mapping]`: call `map(value)` per record (`map_record` when `reads_record`)."""
 
     def __init__(self, settings: MappingSettings) -> None:
         self.settings = settings
-        # Config validation refuses empty paths and two paths with one key (check, map and run agree).
-        keys = [camel_case(path.rsplit(".", 1)[-1]) for path in settings.properties]
-        property_paths = [tuple(path.split(".")) for path in settings.properties]
+        s = settings
+        self._zone: tzinfo = UTC if s.timezone == "UTC" else ZoneInfo(s.timezone)
+        # The configured text of each member, for errors (`eventValue: 'abc' at properties.price ...`).
+        members = {
+            "eventType": s.event_type,
+            "sessionId": s.session_id,
+            "userId": s.user_id,
+            "sentAt": s.sent_at,
+            "itemId": s.item_id,
+            "eventValue": s.event_value,
+            "recommendationId": s.recommendation_id,
+            "impression": s.impression,
+            "metricAttribution.eventAttributionSource": s.metric_attribution_source,
+            "eventId": s.event_id,
+        }
+        self._texts = members
+        # Config validation refuses bad paths and expressions and two sources with one key.
+        named = property_sources(s)
+        property_sources_compiled = [(key, _source(f"properties.{key}", text)) for key, text in named]
+        plain = [src for _, src in property_sources_compiled if type(src) is tuple]
         # Properties usually sit side by side in one object: `_map` then reads it once, like a member,
-        # and each property by its last segment. Otherwise each property walks its whole path.
-        parents = {path[:-1] for path in property_paths}
-        shared = parents.pop() if len(parents) == 1 else None
+        # and each property by its last segment. Otherwise each property reads its whole source.
+        parents = {path[:-1] for path in plain}
+        shared = parents.pop() if len(parents) == 1 and len(plain) == len(named) else None
         self._properties_at_top = shared == ()
         self._properties = tuple(
-            (key, path[-1], None if shared is not None else path)
-            for key, path in zip(keys, property_paths, strict=True)
+            (key, src[-1] if type(src) is tuple else "", None if shared is not None else _getter(src))
+            for key, src in property_sources_compiled
         )
-        paths = [
-            tuple(path.split(".")) if path else None
-            for path in (
-                settings.event_type,
-                settings.session_id,
-                settings.user_id,
-                settings.sent_at,
-                settings.item_id,
-                settings.event_value,
-                settings.recommendation_id,
-                settings.impression,
-                settings.metric_attribution_source,
-                settings.event_id,
+        self._property_texts = dict(named)
+        # With `mapping.schema`: each property's field, whose type its values must have (see worker.interactions).
+        self._fields = load_schema(s.schema_file) if s.schema_file else None
+        sources: list[Source | None] = [_source(member, text) for member, text in members.items()]
+        sources.append(shared or None)
+        # A source is usually one key of the message, read with `obj.get`; only a mapping with a nested
+        # path or an expression calls a getter per member (see `_map`). None is a key no JSON object has.
+        self._flat = all(src is None or (type(src) is tuple and len(src) == 1) for src in sources)
+        self._expressions: list[tuple[Getter, str, str]] = [
+            (src, member, text)  # type: ignore[misc]  # the filter keeps the getters
+            for (member, text), src in zip(
+                [*members.items(), *((f"properties.{k}", t) for k, t in named)],
+                [*sources[:-1], *(src for _, src in property_sources_compiled)],
+                strict=True,
             )
+            if src is not None and type(src) is not tuple
         ]
-        paths.append(shared or None)
-        # A path is usually one key of the message, read with `obj.get`; only a mapping with a nested
-        # path pays for walking them all (see `_map`). None is a key no JSON object has: not mapped.
-        self._flat = all(path is None or len(path) == 1 for path in paths)
+        """(getter, member, text) of each expression: `_culprit` finds the one that failed on a record."""
         (
             self._event_type_key,
             self._session_id_key,
@@ -192,25 +118,27 @@ class Mapper:
             self._source_key,
             self._event_id_key,
             self._properties_key,
-        ) = (path[0] if self._flat and path is not None else path for path in paths)
-        self._attributed = bool(settings.metric_attribution_source or settings.metric_attribution_source_value)
-        self._attribution_value = (
-            None if settings.metric_attribution_source else settings.metric_attribution_source_value or None
-        )
-        self._sent_at_format = settings.sent_at_format
-        self._numbers_are_epochs = settings.sent_at_format != "iso8601"
+        ) = (src[0] if self._flat and type(src) is tuple else src if self._flat else _getter(src) for src in sources)
+        self._where = _getter(_source("where", s.where)) if s.where else None
+        if self._where is not None:
+            self._expressions.append((self._where, "where", s.where))
+        texts = [*members.values(), *(text for _, text in named), s.where]
+        self.reads_record = s.layout != "json" or any(text and references_kafka(text) for text in texts)
+        """Whether `map_record` must be used: the Kafka key, headers or metadata are read, or the layout needs them."""
+        self._attributed = bool(s.metric_attribution_source or s.metric_attribution_source_value)
+        self._attribution_value = None if s.metric_attribution_source else s.metric_attribution_source_value or None
+        self._sent_at_format = s.sent_at_format
+        self._numbers_are_epochs = s.sent_at_format != "iso8601"
         # A number above this is milliseconds (see parse_sent_at): never for epoch_s, always for epoch_ms.
-        self._milliseconds_above = {"auto": _AUTO_MS_THRESHOLD, "epoch_s": math.inf}.get(
-            settings.sent_at_format, -math.inf
-        )
-        self._renames = dict(settings.event_types)
-        self._only_listed = settings.event_types_only
+        self._milliseconds_above = {"auto": AUTO_MS_THRESHOLD, "epoch_s": math.inf}.get(s.sent_at_format, -math.inf)
+        self._renames = dict(s.event_types)
+        self._only_listed = s.event_types_only
         factor, base = self._size_bound()
         # Up to this many bytes of message, the event is within the quota without serializing it.
-        self._surely_fits = (limits.MAX_EVENT_BYTES - base) // factor
+        self._surely_fits = (limits.MAX_EVENT_BYTES - base) // factor if not self.reads_record else -1
 
     def map(self, value: bytes | None) -> tuple[SessionKey, dict[str, Any]] | None:
-        """The session key and event for one message, or None when the event type is filtered out."""
+        """The session key and event for one message, or None when it is filtered out."""
         if not value:
             raise InvalidRecord("decode", "empty", "the message value is empty")
         try:
@@ -218,12 +146,46 @@ class Mapper:
         except orjson.JSONDecodeError as exc:
             raise InvalidRecord("decode", "not_json", f"not valid JSON: {exc}") from None
         if type(obj) is not dict:
-            raise InvalidRecord("decode", "not_object", f"expected a JSON object, got {_type_name(obj)}")
-        return self._map(obj, len(value) <= self._surely_fits)
+            raise InvalidRecord("decode", "not_object", f"expected a JSON object, got {type_name(obj)}")
+        try:
+            return self._map(obj, len(value) <= self._surely_fits)
+        except Exception as error:
+            raise self._culprit(obj, error) from None
+
+    def map_record(self, record: Any, topic: str = "", partition: int = 0) -> tuple[SessionKey, dict[str, Any]] | None:
+        """`map` for a whole Kafka record: its key, headers and metadata are readable as `_kafka.*`, and the
+        layout (`cloudevents`, `snowplow_tsv`) may build the object from headers and value together."""
+        from worker.layouts import decode_record, kafka_fields  # only mappings that read the record pay for it
+
+        headers: Sequence[tuple[str, bytes]] = record.headers or ()
+        obj = decode_record(self.settings.layout, record.value, headers)
+        obj[KAFKA] = kafka_fields(record, headers, topic, partition)
+        try:
+            return self._map(obj, False)
+        except Exception as error:
+            raise self._culprit(obj, error) from None
 
     def map_object(self, obj: dict[str, Any]) -> tuple[SessionKey, dict[str, Any]] | None:
         """`map` for an object decoded elsewhere."""
-        return self._map(obj, False)
+        try:
+            return self._map(obj, False)
+        except Exception as error:
+            raise self._culprit(obj, error) from None
+
+    def _culprit(self, obj: dict[str, Any], error: Exception) -> Exception:
+        """The error to raise for `error` out of `_map`: an `InvalidRecord` as it is; any other is an
+        expression failing on this record (jmespath's type errors, or its bugs: `contains('a', null)`),
+        found by evaluating each again, so the hot path carries no handler per member."""
+        if isinstance(error, InvalidRecord):
+            return error
+        for getter, member, text in self._expressions:
+            try:
+                getter(obj)
+            except Exception as failure:
+                # jmespath's message quotes the value it choked on: cut short, it may be any size.
+                reason = (str(failure).splitlines() or [type(failure).__name__])[0][:120]
+                return InvalidRecord("mapping", "expression_failed", f"{member}: {text} failed: {reason}")
+        return error  # not an expression's: a bug, raised as it is
 
     def _map(self, obj: dict[str, Any], fits: bool) -> tuple[SessionKey, dict[str, Any]] | None:
         """`fits`: the event is known to be within the size quota, so it need not be serialized to check.
@@ -231,12 +193,15 @@ class Mapper:
         The common case of each member (a string of valid length, a number) is checked inline; anything
         else goes to the member's function, which returns the same value or raises the reason.
         """
-        get: Callable[[Any], Any] = obj.get if self._flat else partial(_lookup, obj)
+        if self._where is not None and not is_truthy(self._where(obj)):
+            return None
+        get: Callable[[Any], Any] = obj.get if self._flat else _call_with(obj)
+        texts = self._texts
         event_type = get(self._event_type_key)
         if type(event_type) is not str or not _EVENT_TYPE_MIN <= len(event_type) <= _EVENT_TYPE_MAX:
             if event_type is None:
-                raise _missing("eventType", self.settings.event_type)
-            event_type = _identifier(event_type, "eventType", limits.EVENT_TYPE)
+                raise missing("eventType", texts["eventType"])
+            event_type = identifier(event_type, "eventType", limits.EVENT_TYPE, texts["eventType"])
         renamed = self._renames.get(event_type) if self._renames else None
         if renamed is not None:
             event_type = renamed
@@ -246,11 +211,13 @@ class Mapper:
         session_id = get(self._session_id_key)
         if type(session_id) is not str or not _SESSION_ID_MIN <= len(session_id) <= _SESSION_ID_MAX:
             if session_id is None:
-                raise _missing("sessionId", self.settings.session_id)
-            session_id = _identifier(session_id, "sessionId", limits.SESSION_ID)
+                raise missing("sessionId", texts["sessionId"])
+            session_id = identifier(session_id, "sessionId", limits.SESSION_ID, texts["sessionId"])
         user_id = get(self._user_id_key)
         if type(user_id) is not str or not _USER_ID_MIN <= len(user_id) <= _USER_ID_MAX:
-            user_id = None if user_id is None else _identifier(user_id, "userId", limits.USER_ID)
+            # An empty optional member is absent, not an error: producers send "" for "unknown".
+            empty = user_id is None or user_id == ""
+            user_id = None if empty else identifier(user_id, "userId", limits.USER_ID, texts["userId"])
 
         raw_sent_at = get(self._sent_at_key)
         kind = type(raw_sent_at)
@@ -258,62 +225,91 @@ class Mapper:
             seconds = float(raw_sent_at)
             if seconds > self._milliseconds_above:
                 seconds /= 1000.0
-            sent_at = _round_ms(seconds)
+            sent_at = round_ms(seconds)
             if not 0.0 < sent_at <= MAX_EPOCH_SECONDS:
-                sent_at = parse_sent_at(raw_sent_at, self._sent_at_format)  # raises
+                sent_at = self._sent_at(raw_sent_at)  # raises
         elif raw_sent_at is None:
-            raise _missing("sentAt", self.settings.sent_at)
+            raise missing("sentAt", texts["sentAt"])
         else:
-            sent_at = parse_sent_at(raw_sent_at, self._sent_at_format)
+            sent_at = self._sent_at(raw_sent_at)
         event: dict[str, Any] = {"eventType": event_type, "sentAt": sent_at}
 
         item_id = get(self._item_id_key)
-        if item_id is not None:
+        if item_id is not None and item_id != "":
             if type(item_id) is not str or not _ITEM_ID_MIN <= len(item_id) <= _ITEM_ID_MAX:
-                item_id = _identifier(item_id, "itemId", limits.ITEM_ID)
+                item_id = identifier(item_id, "itemId", limits.ITEM_ID, texts["itemId"])
             event["itemId"] = item_id
         value = get(self._event_value_key)
-        if value is not None:
-            event["eventValue"] = _float(value)
+        if value is not None and value != "":
+            event["eventValue"] = to_float(value, texts["eventValue"])
         value = get(self._recommendation_id_key)
-        if value is not None:
-            event["recommendationId"] = _identifier(value, "recommendationId", limits.RECOMMENDATION_ID)
+        if value is not None and value != "":
+            event["recommendationId"] = identifier(
+                value, "recommendationId", limits.RECOMMENDATION_ID, texts["recommendationId"]
+            )
         value = get(self._impression_key)
-        if value is not None:
-            event["impression"] = _impression(value)
+        if value is not None and value != "" and value != []:  # noqa: PLR1714 (a list is unhashable)
+            event["impression"] = impression(value, texts["impression"])
         if self._properties:
-            # The object every property is in, when they share one (see `__init__`).
-            parent = obj if self._properties_at_top else get(self._properties_key)
-            if type(parent) is not dict:
-                parent = {}
-            found: dict[str, Any] = {}
-            for key, leaf, path in self._properties:
-                value = parent.get(leaf) if path is None else _walk(obj, path)
-                if type(value) is str:  # the common case, with one test
-                    found[key] = value
-                elif value is not None:
-                    if type(value) is dict or type(value) is list:
-                        raise InvalidRecord("mapping", "wrong_type", f"properties.{key}: expected a scalar value")
-                    found[key] = value
-            if found:
-                properties = orjson.dumps(found).decode()
-                if not _PROPERTIES_MIN <= len(properties) <= _PROPERTIES_MAX:
-                    _check_length(properties, "properties", limits.PROPERTIES)
+            properties = self._properties_of(obj, get)
+            if properties is not None:
                 event["properties"] = properties
         if self._attributed:
             source = get(self._source_key) if self._attribution_value is None else self._attribution_value
-            if source is not None:
-                event["metricAttribution"] = {"eventAttributionSource": _attribution_source(source)}
+            if source is not None and source != "":
+                event["metricAttribution"] = {
+                    "eventAttributionSource": attribution_source(
+                        source, texts["metricAttribution.eventAttributionSource"]
+                    )
+                }
 
         event_id = get(self._event_id_key)
-        if event_id is None:
+        if event_id is None or event_id == "":
             event_id = derive_event_id(session_id, user_id, event)
         elif type(event_id) is not str or not _EVENT_ID_MIN <= len(event_id) <= _EVENT_ID_MAX:
-            event_id = _identifier(event_id, "eventId", limits.EVENT_ID)
+            event_id = identifier(event_id, "eventId", limits.EVENT_ID, texts["eventId"])
         event["eventId"] = event_id
         if not fits and _may_exceed_quota(event) and _event_bytes(event) > limits.MAX_EVENT_BYTES:
             raise InvalidRecord("validation", "too_large", f"event exceeds {limits.MAX_EVENT_BYTES} bytes")
         return (session_id, user_id), event
+
+    def _sent_at(self, raw: Any) -> float:
+        return parse_sent_at(raw, self._sent_at_format, source=self._texts["sentAt"], zone=self._zone)
+
+    def _properties_of(self, obj: dict[str, Any], get: Callable[[Any], Any]) -> str | None:
+        """The properties JSON string, or None when no property has a value."""
+        # The object every property is in, when they share one (see `__init__`).
+        parent = obj if self._properties_at_top else get(self._properties_key)
+        if type(parent) is not dict:
+            parent = {}
+        found: dict[str, Any] = {}
+        fields = self._fields
+        for key, leaf, src in self._properties:
+            value = parent.get(leaf) if src is None else src(obj)
+            if fields is not None and value is not None:
+                value = self._typed(key, value, fields[key])
+            if type(value) is str:  # the common case, with one test
+                found[key] = value
+            elif value is not None:
+                if type(value) is dict or type(value) is list:
+                    source = self._property_texts[key]
+                    message = f"properties.{key}: {excerpt(value)} at {source} is {type_name(value)}, not a scalar"
+                    raise InvalidRecord("mapping", "wrong_type", message)
+                found[key] = value
+        if not found:
+            return None
+        properties = orjson.dumps(found).decode()
+        if not _PROPERTIES_MIN <= len(properties) <= _PROPERTIES_MAX:
+            check_length(properties, "properties", limits.PROPERTIES)
+        return properties
+
+    def _typed(self, key: str, value: Any, field: PropertyField) -> Any:
+        try:
+            return check_value(field, value)
+        except ValueError as error:
+            source = self._property_texts[key]
+            message = f"properties.{key}: {excerpt(value)} at {source} {error}"
+            raise InvalidRecord("mapping", "wrong_type", message) from None
 
     def _size_bound(self) -> tuple[int, int]:
         """(a, b) such that every event `map(raw)` returns serializes to at most a·len(raw) + b bytes.
@@ -322,11 +318,21 @@ class Mapper:
         string longer than any valid JSON encoding of it: so at most len(raw), plus 2 quotes if it was
         an integer. A float takes at most 24 bytes however it was written. `properties` is JSON inside a
         JSON string: escaping can double it. The rest is constants: names and punctuation, a derived
-        eventId, the quotes impression items gain, rename targets, the attribution constant.
+        eventId, the quotes impression items gain, rename targets, the attribution constant. An
+        expression made of paths, fallbacks, indexes, projections, comparisons and literals still yields
+        one value of the message (or a boolean, or a literal, counted in b); one that can build a
+        longer value (`join`, `[a, a]`) gets no bound (a huge factor), and every event is measured.
         """
         s = self.settings
+        texts = [s.event_type, s.item_id, s.recommendation_id, s.impression, s.event_id, s.metric_attribution_source]
+        texts += [text for _, text in property_sources(s)]
+        literals = [literal_bytes(text) if text else 0 for text in texts]
+        if None in literals:
+            return 1 << 40, 0  # an expression that can build a longer value: every event is measured
+        literal_total = sum(n for n in literals if n is not None)
         a = sum(1 for path in (s.event_type, s.item_id, s.recommendation_id, s.impression, s.event_id) if path)
         b = 256 + 24 + 24 + 4 * 2 + 2 * limits.IMPRESSION_ITEMS[1] + len(EVENT_ID_PREFIX) + 32 + 2
+        b += 2 * literal_total  # a literal may stand in a member (once) or in properties (escaped: twice)
         b += max((len(orjson.dumps(target)) for target in self._renames.values()), default=0)
         if s.metric_attribution_source:
             a += 1
@@ -338,9 +344,29 @@ class Mapper:
         return a, b
 
 
-def _lookup(obj: dict[str, Any], path: tuple[str, ...] | None) -> Any:
-    """`_map`'s reader when some path is nested: every path is then a tuple, or None when not mapped."""
-    return None if path is None else _walk(obj, path)
+def _source(member: str, text: str) -> Source | None:
+    """A member's compiled source: None when not mapped (config validation named any fault already)."""
+    return compile_source(text) if text else None
+
+
+def _getter(source: Source | None) -> Getter:
+    """A source as a function of the object: a walk for a path, the closure itself for an expression."""
+    if source is None:
+        return _nothing
+    if type(source) is tuple:
+        path: tuple[str, ...] = source
+        return lambda obj: _walk(obj, path)
+    assert callable(source)
+    return source
+
+
+def _nothing(obj: Any) -> None:
+    return None
+
+
+def _call_with(obj: dict[str, Any]) -> Callable[[Getter], Any]:
+    """`_map`'s reader when some source is nested or an expression: each member's getter on `obj`."""
+    return lambda getter: getter(obj)
 
 
 def _walk(value: Any, path: tuple[str, ...]) -> Any:
@@ -349,49 +375,6 @@ def _walk(value: Any, path: tuple[str, ...]) -> Any:
         if type(value) is not dict:
             return None
         value = value.get(part)
-    return value
-
-
-def _float(value: Any) -> float:
-    if type(value) in (int, float):
-        number = float(value)
-    elif type(value) is str:
-        try:
-            number = float(value)
-        except ValueError:
-            raise InvalidRecord("mapping", "wrong_type", "eventValue: not a number") from None
-    else:
-        raise InvalidRecord("mapping", "wrong_type", f"eventValue: expected a number, got {_type_name(value)}")
-    if not math.isfinite(number) or abs(number) > 3.4e38:
-        raise InvalidRecord("validation", "out_of_range", "eventValue: not a finite float")
-    return number
-
-
-def _impression(value: Any) -> list[str]:
-    if type(value) is str:
-        items: list[Any] = value.split(",")
-    elif type(value) is list:
-        items = value
-    else:
-        raise InvalidRecord("mapping", "wrong_type", f"impression: expected a list, got {_type_name(value)}")
-    low, high = limits.IMPRESSION_ITEMS
-    if not low <= len(items) <= high:
-        raise InvalidRecord("validation", "too_long" if items else "too_short", f"impression: {len(items)} items")
-    items = [item.strip() if type(item) is str else item for item in items]
-    for item in items:
-        if type(item) is not str or not _IMPRESSION_ITEM_MIN <= len(item) <= _IMPRESSION_ITEM_MAX:
-            # Not all strings of valid length: convert or reject each in order, as `_identifier` does.
-            return [_identifier(item, "impression", limits.IMPRESSION_ITEM) for item in items]
-    return items
-
-
-def _attribution_source(value: Any) -> str:
-    if type(value) is not str:
-        raise InvalidRecord("mapping", "wrong_type", "metricAttribution.eventAttributionSource: not a string")
-    limit = limits.ATTRIBUTION_SOURCE
-    _check_length(value, "metricAttribution.eventAttributionSource", limit)
-    if limit.pattern is not None and not limit.pattern.match(value):
-        raise InvalidRecord("validation", "bad_value", "metricAttribution.eventAttributionSource: not printable ASCII")
     return value
 
 
@@ -419,3 +402,6 @@ def derive_event_id(session_id: str, user_id: str | None, event: dict[str, Any])
     digest = _EVENT_ID_HASH.copy()
     digest.update(orjson.dumps((session_id, user_id, event), option=orjson.OPT_SORT_KEYS))
     return EVENT_ID_PREFIX + digest.hexdigest()
+
+
+_round_ms = round_ms  # the name the tests knew

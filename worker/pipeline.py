@@ -24,6 +24,7 @@ from worker.config import MappingSettings, Settings
 from worker.deadletter import DeadLetter
 from worker.dedup import NEW, SEEN, Dedup
 from worker.destinations import DestinationBatcher
+from worker.errors import ConfigError
 from worker.mapping import InvalidRecord, Mapper
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker, PartitionOffsets
@@ -180,6 +181,7 @@ class Pipeline:
         self._coalescing = route.spec.coalesced
         self._destination = route.destinations[0][1]
         self._sinks = sinks
+        self._map_record: Callable[[Record, str, int], Any] | None = None
         if isinstance(route.mapping, MappingSettings):
             self._mapper = Mapper(route.mapping)
             # Schema-registry formats decode with the writer's schema first (`Source` resolved it before intake).
@@ -187,6 +189,10 @@ class Pipeline:
             if route.tracking_id_field:
                 decode = None if schemas is None else schemas.objects()
                 self._map = tracked_events(self._mapper, route.tracking_id_field, dict(route.destinations), decode)
+            # A mapping reading `_kafka.*` or a layout built from headers is handed the whole record.
+            self._map_record = self._mapper.map_record if self._mapper.reads_record else None
+            if self._map_record is not None and route.tracking_id_field:
+                raise ConfigError(f"route {route.name}: tracking_id_field with _kafka.* or a layout is not supported")
         self._sink = sink
         self._letters = dead_letters
         self._metrics = metrics
@@ -243,6 +249,7 @@ class Pipeline:
         serial = state.serial
         state.track((r.offset for r in records), now)
         mapper_map = self._map
+        map_record = self._map_record
         dumps = orjson.dumps
         self._fetched_at = time.time()
         filtered = duplicates = 0
@@ -257,7 +264,10 @@ class Pipeline:
                 duplicates += 1
                 continue
             try:
-                mapped = mapper_map(record.value)
+                if map_record is None:
+                    mapped = mapper_map(record.value)
+                else:
+                    mapped = map_record(record, partition.topic, partition.partition)
             except InvalidRecord as error:
                 if invalid is None:
                     invalid = Counter()
