@@ -1134,7 +1134,8 @@ def run_stack(args: argparse.Namespace) -> dict[str, Any]:
         if args.mode == "hot-session":
             return mode_hot_session(bench, args)
         if args.mode in ("two-groups", "catalog-burst"):
-            from tests.bench_routes import mode_catalog_burst, mode_two_groups
+            from tests.bench_catalog import mode_catalog_burst
+            from tests.bench_routes import mode_two_groups
 
             return (mode_two_groups if args.mode == "two-groups" else mode_catalog_burst)(bench, args)
         return mode_memory(bench, args)
