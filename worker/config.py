@@ -36,6 +36,7 @@ ENV_NESTING = "__"
 # Kafka's own rule for topic names (kafka.common.internals.Topic): a name outside it can never exist,
 # so the worker would wait for it forever.
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+SCHEMA_ARN = re.compile(r"arn:aws[a-z-]*:personalize:[a-z0-9-]+:[0-9]{12}:schema/[a-zA-Z0-9_-]{1,63}")
 
 
 def camel_case(segment: str) -> str:
@@ -143,6 +144,9 @@ class PersonalizeSettings(_Section):
     tracking_id: str | None = Field(default=None, min_length=limits.TRACKING_ID.min, max_length=limits.TRACKING_ID.max)
     region: str = "us-east-1"
     endpoint_url: str = ""  # empty: the real AWS endpoint of the region
+    # The control plane (`personalize`, not `personalize-events`), used only to read mapping.schema_arn at
+    # start-up; a separate key because the two services have different endpoints. Empty: the region's.
+    control_endpoint_url: str = ""
     max_in_flight: int = Field(default=64, ge=1, le=1024)
     max_requests_per_second: float = Field(default=1000.0, gt=0)
     request_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -176,7 +180,7 @@ class PersonalizeSettings(_Section):
     # two minutes if every attempt also times out. Failures while the service fails for everyone never count.
     max_event_attempts: int = Field(default=10, ge=1, le=20)
 
-    @field_validator("endpoint_url")
+    @field_validator("endpoint_url", "control_endpoint_url")
     @classmethod
     def _endpoint_valid(cls, value: str) -> str:
         if value:
@@ -257,6 +261,9 @@ class MappingSettings(_Section):
     # The Interactions schema (Avro JSON, as given to CreateSchema): properties must be its fields, values of
     # their types; without `properties`, one per metadata field (read from its snake_case or camelCase name).
     schema_file: str = Field(default="", alias="schema")
+    # The same schema read from Personalize at start-up (DescribeSchema; personalize.control_endpoint_url), by
+    # its ARN, instead of a file: one or the other.
+    schema_arn: str = ""
 
     @model_validator(mode="before")
     @classmethod
@@ -265,11 +272,28 @@ class MappingSettings(_Section):
             from worker.presets import apply_preset
 
             data = apply_preset(data)
-        if isinstance(data, dict) and data.get("schema") and not data.get("properties"):
+        if isinstance(data, dict) and data.get("schema") and data.get("schema_arn"):
+            raise ValueError("set mapping.schema (a file) or mapping.schema_arn (read from Personalize), not both")
+        arn = data.get("schema_arn") if isinstance(data, dict) else None
+        # A malformed ARN is left for its field's validator to name.
+        source = data.get("schema") or (arn if isinstance(arn, str) and SCHEMA_ARN.fullmatch(arn) else None)
+        if isinstance(data, dict) and source and not data.get("properties"):
             from worker.interactions import derived_properties
 
-            data = {**data, "properties": derived_properties(str(data["schema"]))}
+            data = {**data, "properties": derived_properties(str(source))}
         return data
+
+    @field_validator("schema_arn")
+    @classmethod
+    def _schema_arn_shape(cls, value: str) -> str:
+        if value and not SCHEMA_ARN.fullmatch(value):
+            raise ValueError(f"{value!r} is not a schema ARN (arn:aws:personalize:REGION:ACCOUNT:schema/NAME)")
+        return value
+
+    @property
+    def schema_source(self) -> str:
+        """The schema file's path or the schema's ARN (see worker.interactions.load_schema); "" = none."""
+        return self.schema_file or self.schema_arn
 
     @field_validator("session_id", "event_type", "sent_at")
     @classmethod
@@ -337,14 +361,15 @@ class MappingSettings(_Section):
             raise ValueError("metric_attribution_source_value must be 1-1024 printable ASCII characters")
         if self.event_types_only and not self.event_types:
             raise ValueError("event_types_only = true needs an event_types table")
-        if self.schema_file:
+        if self.schema_source:
             from worker.interactions import load_schema
 
-            fields = load_schema(self.schema_file)
+            fields = load_schema(self.schema_source)
             for key, source in property_sources(self):
                 if key not in fields:
                     known = ", ".join(sorted(fields)) or "none"
-                    raise ValueError(f"properties.{key} ({source}): not a field of {self.schema_file} (it has {known})")
+                    where = self.schema_source
+                    raise ValueError(f"properties.{key} ({source}): not a field of {where} (it has {known})")
         if self.format != "json":
             from worker.expressions import references_kafka
 
@@ -710,6 +735,9 @@ def load_settings(path: Path | str | None, environ: Mapping[str, str] | None = N
     """Read, merge and validate; every problem is reported at once, each naming its key."""
     data: dict[str, Any] = {} if path is None else _read_toml(Path(path))
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    from worker.schema_source import fetch_schemas
+
+    fetch_schemas(data)  # mapping.schema_arn: read before validation, so it acts as a schema file does
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:

@@ -4,7 +4,8 @@ Personalize matches an event's `properties` keys to the schema's metadata fields
 (`NUM_RATINGS` → `numRatings`) and expects each value of the field's type; categorical string
 fields take several values joined with `|`. `mapping.schema` makes the worker hold events to that at
 start-up (a property the schema lacks stops it) and per record (a value of the wrong type is a dead
-letter naming the field, not a rejected call later). Pure, apart from reading the file once.
+letter naming the field, not a rejected call later). `mapping.schema_arn` is the same, the document read
+from Personalize at start-up (worker.schema_source) and remembered here. Pure, apart from reading the file once.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ _KINDS: Final = {
     "boolean": (bool,),
 }
 CATEGORY_SEPARATOR: Final = "|"
+_REMEMBERED: dict[str, bytes] = {}
+"""Schema documents read from Personalize, by ARN (a handful, read once at start-up)."""
 
 
 @dataclass(frozen=True)
@@ -60,30 +63,45 @@ def property_key(field: str) -> str:
     return camel_case(field.lower() if field.isupper() else field)
 
 
+def remember_schema(arn: str, document: str) -> None:
+    """The schema `arn` names, as DescribeSchema returned it: `load_schema(arn)` reads it from here."""
+    _REMEMBERED[arn] = document.encode()
+    load_schema.cache_clear()
+
+
 @lru_cache(maxsize=16)
 def load_schema(path: str) -> dict[str, PropertyField]:
-    """The schema's metadata fields by property key; ValueError says what is wrong with the file."""
+    """The metadata fields by property key of the schema file `path` or the schema read by ARN; ValueError
+    says what is wrong with it."""
+    if path.startswith("arn:"):
+        if path not in _REMEMBERED:
+            raise ValueError(f"schema {path} was not read from Personalize (it is read when the settings load)")
+        raw, what = _REMEMBERED[path], f"schema {path}"
+    else:
+        what = f"schema file {path!r}"
+        try:
+            raw = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise ValueError(f"{what} not found") from None
+        except OSError as error:
+            raise ValueError(f"{what} cannot be read ({type(error).__name__})") from None
     try:
-        document = orjson.loads(Path(path).read_bytes())
-    except FileNotFoundError:
-        raise ValueError(f"schema file {path!r} not found") from None
-    except OSError as error:
-        raise ValueError(f"schema file {path!r} cannot be read ({type(error).__name__})") from None
+        document = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
-        raise ValueError(f"schema file {path!r} is not JSON ({error})") from None
+        raise ValueError(f"{what} is not JSON ({error})") from None
     fields = document.get("fields") if isinstance(document, dict) else None
     if not isinstance(fields, list) or document.get("type") != "record":
-        raise ValueError(f"schema file {path!r} is not an Avro record schema with fields")
+        raise ValueError(f"{what} is not an Avro record schema with fields")
     found: dict[str, PropertyField] = {}
     for field in fields:
         name = field.get("name") if isinstance(field, dict) else None
         if not isinstance(name, str) or not name:
-            raise ValueError(f"schema file {path!r}: a field without a name")
+            raise ValueError(f"{what}: a field without a name")
         if name.upper() in MEMBER_FIELDS or name.replace("_", "").lower() in limits.RESERVED_PROPERTY_KEYS:
             continue
         kind = _kind(field.get("type"))
         if kind not in _KINDS:
-            raise ValueError(f"schema file {path!r}: field {name} has type {field.get('type')!r}, not a scalar")
+            raise ValueError(f"{what}: field {name} has type {field.get('type')!r}, not a scalar")
         found[property_key(name)] = PropertyField(name, kind, _KINDS[kind], field.get("categorical") is True)
     return found
 

@@ -89,8 +89,8 @@ class Mapper:
             for key, src in property_sources_compiled
         )
         self._property_texts = dict(named)
-        # With `mapping.schema`: each property's field, whose type its values must have (see worker.interactions).
-        self._fields = load_schema(s.schema_file) if s.schema_file else None
+        # With `mapping.schema` or `schema_arn`: each property's field, whose type its values must have.
+        self._fields = load_schema(s.schema_source) if s.schema_source else None
         sources: list[Source | None] = [_source(member, text) for member, text in members.items()]
         sources.append(shared or None)
         # A source is usually one key of the message, read with `obj.get`; only a mapping with a nested
