@@ -136,3 +136,21 @@ def test_a_malformed_arn_is_refused_before_any_call(tmp_path: Path) -> None:
     path.write_text(path.read_text() + '[mapping]\nschema_arn = "arn:aws:s3:::bucket/schema.json"\n')
     with pytest.raises(ConfigError, match=r"schema_arn.*is not a schema ARN"):
         load_settings(path)
+
+
+async def test_map_shows_each_lines_schema_mismatch_with_its_key_and_why(stub: Stub, tmp_path: Path) -> None:
+    import io
+
+    from worker.cli import dry_run
+
+    settings = await asyncio.to_thread(load_settings, write_config(tmp_path, stub, schema_arn=ARN))
+    base = {"event_type": "click", "session_id": "s", "timestamp": 1717171717}
+    lines = [orjson.dumps({**base, **extra}) for extra in ({"num_ratings": "3"}, {"is_promo": 1}, {"price": 2.5})]
+    out = io.StringIO()
+    dry_run(settings, lines, out)
+    entries = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["dead_letter"]["message"] for e in entries[:2]] == [
+        "properties.numRatings: '3' at not_null(num_ratings, numRatings) is a string, not int (NUM_RATINGS in the schema)",
+        "properties.isPromo: 1 at not_null(is_promo, isPromo) is an integer, not boolean (IS_PROMO in the schema)",
+    ]
+    assert entries[2]["event"]["properties"] == '{"price":2.5}'
