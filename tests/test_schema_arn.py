@@ -150,7 +150,8 @@ async def test_map_shows_each_lines_schema_mismatch_with_its_key_and_why(stub: S
     dry_run(settings, lines, out)
     entries = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert [e["dead_letter"]["message"] for e in entries[:2]] == [
-        "properties.numRatings: '3' at not_null(num_ratings, numRatings) is a string, not int (NUM_RATINGS in the schema)",
+        "properties.numRatings: '3' at not_null(num_ratings, numRatings) is a string, not int"
+        " (NUM_RATINGS in the schema)",
         "properties.isPromo: 1 at not_null(is_promo, isPromo) is an integer, not boolean (IS_PROMO in the schema)",
     ]
     assert entries[2]["event"]["properties"] == '{"price":2.5}'
