@@ -21,7 +21,8 @@ from worker.config import Settings
 from worker.deadletter import DeadLetter
 from worker.metrics import Metrics
 from worker.pipeline import Flag, Pipeline
-from worker.sink import RateLimiter, Rejection
+from worker.ratelimit import RateLimiter
+from worker.sink import Rejection
 from worker.source import Source
 
 

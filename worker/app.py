@@ -46,6 +46,11 @@ class Worker:
         )
         self.dead_letters = DeadLetterWriter(self.producer, settings.dead_letter.topic, self.metrics)
         self.pipeline = Pipeline(settings, self.sink, self.dead_letters, self.metrics, quota=self.sink.limiter)
+        limiter = self.sink.limiter
+        # Read at scrape time: the rate moves between throttles too (probing, windows judged on successes).
+        self.metrics.rate_limit.set_function(lambda: limiter.rate)
+        self.metrics.throttled_share.set_function(lambda: limiter.throttled_share)
+        self.metrics.throttle_noise.set_function(lambda: limiter.noise)
         self.source = Source(settings, self.pipeline, self.metrics)
         self.server = MetricsServer(self.metrics, self.readiness)
         self.stop_requested = asyncio.Event()
@@ -78,7 +83,6 @@ class Worker:
                 await asyncio.gather(producing, return_exceptions=True)
                 raise
             await producing
-        self.metrics.rate_limit.set(self.sink.limiter.rate)
         tune_garbage_collector()
         log.info("running", extra={"metrics_port": self.server.port, "until_drained": self.until_drained})
         tasks = [

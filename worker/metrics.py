@@ -63,6 +63,16 @@ class Metrics:
         self.rate_limit = Gauge(
             f"{p}_rate_limit_requests_per_second", "Current client-side PutEvents rate (AIMD).", registry=r
         )
+        self.throttled_share = Gauge(
+            f"{p}_rate_limit_throttled_share",
+            "Share of PutEvents calls throttled in the rate limiter's last window (~0.5 s).",
+            registry=r,
+        )
+        self.throttle_noise = Gauge(
+            f"{p}_rate_limit_noise_share",
+            "Throttled share that does not follow this worker's rate (a shared quota, load shedding): not cut for.",
+            registry=r,
+        )
         self.paused = Gauge(f"{p}_consumption_paused", "1 while fetching is paused for backpressure.", registry=r)
         self.dead_letter_blocked = Gauge(
             f"{p}_dead_letter_blocked", "1 while the dead-letter topic cannot be written.", registry=r

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from hashlib import sha256
 from typing import Any, cast
@@ -30,69 +30,10 @@ from worker import __version__
 from worker.config import PersonalizeSettings
 from worker.http import HttpClient, host_header
 from worker.metrics import Metrics
+from worker.ratelimit import RateLimiter
 from worker.retry import Action, Backoff, classify
 
 log = logging.getLogger(__name__)
-
-
-class RateLimiter:
-    """Requests per second with AIMD: throttling cuts the rate, free quota is probed additively.
-
-    Replicas sharing one dataset group's quota converge on fair shares without talking to each other.
-    """
-
-    DECREASE = 0.85
-    INCREASE_PER_SECOND = 0.02  # of the configured maximum
-    MIN_FRACTION = 0.01
-    BURST_SECONDS = 0.05
-    """Calls unused in the last 50 ms may still go at once: smooths the dispatcher's ticks."""
-
-    def __init__(self, max_rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_rate = max_rate
-        self.rate = max_rate
-        self._clock = clock
-        self._next_slot = 0.0
-        self._last_change = clock()
-        self._last_decrease = -1e9
-
-    def reserve(self) -> float:
-        """Claim the next send slot; returns how long to wait for it."""
-        now = self._clock()
-        self._probe(now)
-        slot = max(self._next_slot, now - self.BURST_SECONDS)
-        self._next_slot = slot + 1.0 / self.rate
-        return max(0.0, slot - now)
-
-    def available(self) -> tuple[int, float]:
-        """(calls that could start now without waiting, seconds until the next one could)."""
-        now = self._clock()
-        self._probe(now)
-        first = max(self._next_slot, now - self.BURST_SECONDS)
-        if first > now:
-            return 0, first - now
-        return int((now - first) * self.rate) + 1, 0.0
-
-    async def acquire(self) -> None:
-        wait = self.reserve()
-        if wait > 0:
-            await asyncio.sleep(wait)
-
-    def _probe(self, now: float) -> None:
-        elapsed = now - self._last_change
-        if elapsed > 0 and self.rate < self.max_rate:
-            self.rate = min(self.max_rate, self.rate + self.max_rate * self.INCREASE_PER_SECOND * elapsed)
-        self._last_change = now
-
-    def throttled(self) -> None:
-        """One cut per round trip: a burst of throttles from one congestion event counts once."""
-        now = self._clock()
-        if now - self._last_decrease < max(0.1, 1.0 / self.rate):
-            return
-        self._probe(now)
-        self._last_decrease = now
-        self.rate = max(self.max_rate * self.MIN_FRACTION, self.rate * self.DECREASE)
-        # Re-space the queue at the new rate instead of letting reserved slots burst out.
-        self._next_slot = max(self._next_slot, now + 1.0 / self.rate)
 
 
 Rejection = tuple[int, str]
@@ -332,8 +273,7 @@ class Sink:
                 if verdict.action is not Action.RETRY:
                     return verdict.message
                 if verdict.outcome == "throttled":
-                    self.limiter.throttled()
-                    metrics.rate_limit.set(self.limiter.rate)
+                    self.limiter.throttled(time.perf_counter() - started)
                 elif self.last_error != verdict.message:
                     log.warning("PutEvents failed, retrying", extra={"error": verdict.message})
                 self.last_error = verdict.message
@@ -344,6 +284,7 @@ class Sink:
             finally:
                 self.in_flight -= 1
                 metrics.call_latency.observe(time.perf_counter() - started)
+            self.limiter.succeeded(time.perf_counter() - started)
             self.last_error = None
             metrics.calls_ok.inc()
             metrics.events_sent.inc(len(events))
