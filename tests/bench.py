@@ -1,6 +1,6 @@
 """`make bench`: the issue-5 benchmark of the worker on the real local stack.
 
-    python -m tests.bench [--mode drain|shared-quota|memory] [options]      (see --help)
+    python -m tests.bench [--mode drain|shared-quota|memory|noise|quota-find] [options]      (see --help)
 
 Everything runs as real processes: a Kafka broker of its own (``deploy/local/kafka`` on a free port
 in a temp dir), the Personalize Events emulator (``python -m worker.emulator``) and the worker CLI
@@ -33,8 +33,11 @@ Modes (each runs on its own):
     the worker's peak RSS. Plus the dedup window's bytes per id, measured in this process with
     tracemalloc on ``worker.dedup.Dedup`` filled with that many realistic eventIds.
 
-Results are printed as a table and written as JSON to ``.bench/results.json`` (drain),
-``.bench/results-shared-quota.json`` or ``.bench/results-memory.json``.
+``noise`` and ``quota-find``
+    The rate limiter under random throttling and below a quota: see tests/bench_rate.py.
+
+Results are printed as a table and written as JSON to ``.bench/results.json`` (drain), else
+``.bench/results-MODE.json``.
 """
 
 from __future__ import annotations
@@ -912,6 +915,8 @@ def report(mode: str, results: dict[str, Any], args: argparse.Namespace) -> None
         targets = {"quota_utilization": ">= 0.9", "throttled_share": "<= 0.05"}
     if mode == "memory":
         targets = {"peak_rss_mb": "<= 400"}
+    if mode in RATE_MODES:
+        targets = _rate_bench().TARGETS[mode]
     print(f"\nresults ({mode})")
     print(f"  {'metric':<34} {'value':>14}  {'target':<18} verdict")
     for key, value in results.items():
@@ -922,6 +927,16 @@ def report(mode: str, results: dict[str, Any], args: argparse.Namespace) -> None
         verdict = _verdict(value, rule, args.linger_ms) if rule else ""
         print(f"  {key:<34} {shown:>14}  {rule:<18} {verdict}")
     print()
+
+
+RATE_MODES = ("noise", "quota-find")
+
+
+def _rate_bench() -> Any:
+    """tests/bench_rate.py, imported when used: it builds on this module's helpers."""
+    from tests import bench_rate
+
+    return bench_rate
 
 
 def parameters(args: argparse.Namespace) -> dict[str, Any]:
@@ -935,9 +950,12 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--mode", choices=("drain", "shared-quota", "memory"), default="drain")
+    parser.add_argument("--mode", choices=("drain", "shared-quota", "memory", *RATE_MODES), default="drain")
     parser.add_argument(
-        "--records", type=int, default=None, help="backlog size (drain/shared-quota 200,000; memory 1,000,000)"
+        "--records",
+        type=int,
+        default=None,
+        help="backlog size (memory 1,000,000; quota-find 60,000; others 200,000)",
     )
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--sessions", type=int, default=500, help="concurrent sessions in the generated backlog")
@@ -965,6 +983,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--realtime-seconds", type=float, default=30.0)
     parser.add_argument("--realtime-sessions", type=int, default=3000)
     parser.add_argument("--replicas", type=int, default=3, help="workers in shared-quota mode")
+    parser.add_argument("--throttle-rate", type=float, default=0.3, help="noise mode: share throttled at random")
+    parser.add_argument("--quota", type=float, default=100.0, help="quota-find mode: the emulator's calls/s")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default .bench/results[-MODE].json)")
     return parser
 
@@ -976,7 +996,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.records is None:
-        args.records = 1_000_000 if args.mode == "memory" else 200_000
+        args.records = {"memory": 1_000_000, "quota-find": 60_000}.get(args.mode, 200_000)
     out = args.out or OUT_DIR / ("results.json" if args.mode == "drain" else f"results-{args.mode}.json")
     signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM cleans up like Ctrl-C
     started = time.monotonic()
@@ -986,6 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
                 results = mode_drain(bench, args)
             elif args.mode == "shared-quota":
                 results = mode_shared_quota(bench, args)
+            elif args.mode in RATE_MODES:
+                results = _rate_bench().run(args.mode, bench, args)
             else:
                 results = mode_memory(bench, args)
     except KeyboardInterrupt:

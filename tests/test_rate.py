@@ -7,12 +7,19 @@ another producer) with a seeded RNG: deterministic simulations of the algorithm,
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+import orjson
 import pytest
 
 from tests.rate_sim import Clock, Service, Trace, simulate
+from worker.config import PersonalizeSettings
+from worker.emulator import run_emulator
+from worker.metrics import Metrics
 from worker.ratelimit import RateLimiter
+from worker.retry import Backoff
+from worker.sink import Sink
 
 
 def make(max_rate: float = 10.0, now: float = 0.0) -> tuple[RateLimiter, Clock]:
@@ -79,9 +86,9 @@ def test_waits_shrink_as_the_clock_reaches_reserved_slots() -> None:
 
 def test_a_throttled_share_within_the_margin_does_not_cut() -> None:
     limiter, clock = make(1000.0)
-    feed(limiter, clock, 500, 20, 0.5)  # 4 %
+    feed(limiter, clock, 500, 10, 0.5)  # 2 %
     assert limiter.rate == 1000.0
-    assert limiter.throttled_share == pytest.approx(0.04)
+    assert limiter.throttled_share == pytest.approx(0.02)
 
 
 def test_single_throttles_never_cut_before_a_window_is_complete() -> None:
@@ -143,15 +150,40 @@ def test_a_noise_verdict_is_reverted_when_the_share_rises_with_the_restored_rate
 
 
 def test_an_unclear_check_counts_as_congestion() -> None:
-    """Neither a significant fall nor a clear stay within the check's time: keep the cut."""
-    limiter, clock = make(1000.0)
-    feed(limiter, clock, 500, 30, 0.5)  # 6 %: just over the margin
+    """A share that neither fell significantly nor clearly stayed, for the check's whole time: the
+    cut stands (over-sending hurts whoever shares the quota)."""
+    limiter, clock = make(200.0)
+    feed(limiter, clock, 300, 24, 1.5)  # 8 %
     cut = limiter.rate
+    assert cut == pytest.approx(200.0 * RateLimiter.DECREASE, rel=0.02)
     settle(limiter, clock)
-    answers = int(cut * RateLimiter.MAX_CHECK_SECONDS)
-    feed(limiter, clock, answers, int(answers * 0.045), RateLimiter.MAX_CHECK_SECONDS)
+    feed(limiter, clock, 170, 5, 1.0)
+    assert limiter.rate == cut, "still checking"
+    feed(limiter, clock, 170, 5, 1.0)  # 2.9 % after 2 s
     assert limiter.noise == 0.0
     assert limiter.rate == pytest.approx(cut, rel=0.01)
+
+
+def test_throttling_at_a_steady_rate_is_measured_on_more_calls_before_a_cut() -> None:
+    """At 100 calls/s one window holds 50 answers: too few to tell noise later, so it grows first."""
+    limiter, clock = make(100.0)
+    feed(limiter, clock, 50, 15, 0.5)
+    assert limiter.rate == 100.0
+    feed(limiter, clock, 100, 30, 1.0)
+    assert limiter.rate == pytest.approx(70.0, rel=0.05)
+
+
+def test_throttling_while_probing_cuts_at_once() -> None:
+    """The rising rate is the likely cause: no wait for a bigger sample."""
+    limiter, clock = make(100.0)
+    feed(limiter, clock, 150, 60, 1.5)  # cut and checked: congestion
+    settle(limiter, clock)
+    feed(limiter, clock, 30, 0, 0.5)
+    clock.now += 5.0
+    limiter.available()
+    probing = limiter.rate
+    feed(limiter, clock, 50, 15, 0.5)
+    assert limiter.rate < probing
 
 
 def test_rate_never_falls_below_the_floor() -> None:
@@ -233,6 +265,14 @@ def test_random_throttling_is_told_from_noise_on_every_seed() -> None:
         assert trace.window(5, 40)[0] >= 660.0, seed
 
 
+@pytest.mark.parametrize("max_rate", [50.0, 200.0])
+def test_random_throttling_at_low_rates_costs_about_its_share(max_rate: float) -> None:
+    """Fewer answers per window, so noisier shares: the checks take longer but still tell noise."""
+    for seed in range(1, 4):
+        trace, _ = run(Service(noise=0.3, seed=seed), 120, max_rate=max_rate)
+        assert trace.window(20, 120)[0] >= 0.6 * max_rate, seed
+
+
 def test_a_quota_shared_with_a_steady_sender_settles_on_the_remainder() -> None:
     """(c) Another producer sends 400 calls/s into the same 1,000 calls/s quota, whatever happens."""
     trace, limiter = run(Service(quota=1000, other=400, seed=2), 90)
@@ -296,3 +336,40 @@ def test_replicas_sharing_a_quota_converge_towards_fair_shares() -> None:
     assert mine + theirs >= 950.0
     assert 0.3 <= theirs / (mine + theirs) <= 0.7
     assert throttled <= 0.05
+
+
+# --- the real sink against the real emulator -------------------------------------------------------
+
+
+async def test_the_sink_keeps_its_rate_under_random_throttling_from_the_emulator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Real sockets: the sink reports every answer to its limiter, which sees the emulator's 30 %
+    random throttling as noise and keeps its rate (the old limiter fell to its floor)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-for-tests")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    event = orjson.dumps({"eventType": "click", "sentAt": 1_790_000_000}).decode()
+    max_rate = 200.0  # a few windows of answers within seconds, without loading the machine
+    async with run_emulator(access_key="AKIDTEST", secret_key="secret-for-tests", seed=11) as running:
+        running.emulator.configure(throttle_rate=0.3)
+        settings = PersonalizeSettings(tracking_id="trk", endpoint_url=running.url, max_requests_per_second=max_rate)
+        sink = Sink(settings, Metrics(), Backoff(base=0.001, cap=0.01))
+        await sink.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60.0
+
+        async def session(n: int) -> None:
+            while running.emulator.stats.requests < 1200 and loop.time() < deadline:
+                assert await sink.deliver(f"s-{n}", None, [event], 1_790_000_000.0) == []
+
+        try:
+            await asyncio.gather(*(session(n) for n in range(16)))
+        finally:
+            await sink.close()
+        stats = running.emulator.stats
+    assert stats.requests >= 1200, "the deadline is a guard, not the measure"
+    assert stats.throttled / stats.requests == pytest.approx(0.3, abs=0.05)
+    assert sink.limiter.noise == pytest.approx(0.3, abs=0.1)
+    assert sink.limiter.rate >= 0.9 * max_rate

@@ -40,7 +40,7 @@ class RateLimiter:
        share that moved significantly (down, or further up: a token bucket's burst ran out) is
        congestion and the cut stands; one that stayed well within half the predicted fall is noise:
        `noise` becomes the share measured before and after the cut, and the cut is undone. The
-       check's sample grows until one answer is clear, up to MAX_CHECK_SECONDS; still unclear, it is
+       check's sample grows until one answer is shown, up to MAX_CHECK_SECONDS; still unclear, it is
        congestion — over-sending hurts whoever shares the quota, a needless cut costs a few seconds
        of probing.
     4. A noise verdict is confirmed by the next window at the restored rate: if the share jumps there,
@@ -68,6 +68,11 @@ class RateLimiter:
     """Throttled share above the noise tolerated before cutting: the steady-state overshoot."""
     Z = 3.0
     """Standard errors a share must move by to count: a false alarm about once in 700 windows."""
+    Z_NOISE = 2.0
+    """Standard errors for "the share did not follow the cut": a wrong "noise" is caught by rule 4."""
+    CAUSE_OUTCOMES = 300
+    MAX_CAUSE_SECONDS = 1.5
+    """A window over the threshold grows to this many answers, or this long, before the cut."""
     MAX_CHECK_SECONDS = 2.0
     NOISE_TTL_SECONDS = 60.0
     NOISE_GAIN = 0.1
@@ -182,64 +187,79 @@ class RateLimiter:
             if verdict is None:
                 self._window_length += self.WINDOW_SECONDS  # not clear yet: a bigger sample
                 return
-            self._checking, self._window_length = False, self.WINDOW_SECONDS
-            self._answers = self._throttles = 0
-            self.throttled_share = share
+            self._checking = False
             if verdict == "noise":
+                self._close(share)
                 self._noise_before, self._confirming = self.noise, True
                 cause, cause_answers, _ = self._cause
                 self._set_noise((cause * cause_answers + share * answers) / (cause_answers + answers), now)
                 self._probe_from(*self._undo, now)
                 return
-            rate = self.rate
             if self._cut_noise < self.noise and share < self.noise:
                 # A re-measurement (rule 4) cut to the accepted rate, and the share fell there: the
                 # noise is at most what is left. Correct the cut for it.
                 self._set_noise(share, now)
                 self._report_noise()
                 _, _, sent_rate = self._cause
-                rate = max(rate, min(self.DECREASE * sent_rate, rate / (1.0 - share)))
-            self._probe_from(rate, now, now)
-            self._judge(now, elapsed, answers, share, held=True)
-            return
-        self._answers = self._throttles = 0
-        self.throttled_share = share
-        self._judge(now, elapsed, answers, share, held=self.rate >= self.max_rate)
+                self.rate = max(self.rate, min(self.DECREASE * sent_rate, self.rate / (1.0 - share)))
+            self._base, self._since = self.rate, now  # the cut stands; the rate is still held
+        self._judge(now, elapsed, answers, share)
 
-    def _judge(self, now: float, elapsed: float, answers: int, share: float, held: bool) -> None:
-        """Rules 1 and 2 for one window (the docstring's numbering). `held`: the rate did not rise
-        during the window (a check, or at the maximum)."""
+    def _judge(self, now: float, elapsed: float, answers: int, share: float) -> None:
+        """Rules 1 and 2 for one window (the docstring's numbering)."""
+        held = not self._probing  # at the maximum, or after a cut: the rate did not rise meanwhile
         stale = now - self._noise_at > self.NOISE_TTL_SECONDS
         noise = 0.0 if stale else self.noise
-        if share <= noise + max(self.MARGIN, self.Z * _spread(noise, answers)):
+        if share > noise + max(self.MARGIN, self.Z * _spread(noise, answers)):
+            if held and answers < self.CAUSE_OUTCOMES and elapsed < self.MAX_CAUSE_SECONDS:
+                # Throttling at a steady rate: noise or not? A check would compare with this share,
+                # so measure it on more calls first. (While probing, our rising rate is the likely
+                # cause: cut at once.)
+                self._window_length += self.WINDOW_SECONDS
+                return
+            self._close(share)
             if self._confirming:
+                # Back at the rate of the cut, the share rose again: it follows our rate after all.
                 self._confirming = False
+                noise = self.noise = self._noise_before
                 self._report_noise()
-            if noise > 0.0 and (share < noise or held):
-                # Refine the estimate with fine windows: one check's sample is too small to set the
-                # threshold on. Only down while probing: a rising share there is the quota nearing.
-                gain = min(0.5, self.NOISE_GAIN * elapsed / self.WINDOW_SECONDS)
-                self.noise = noise + gain * (share - noise)
-                self._report_noise()
+            self._cut(now, answers / elapsed, share, answers, noise)
             return
+        self._close(share)
         if self._confirming:
-            # Back at the rate of the cut, the share rose again: it follows our rate after all.
             self._confirming = False
-            noise = self.noise = self._noise_before
             self._report_noise()
-        self._cut(now, answers / elapsed, share, answers, noise)
+        if noise > 0.0 and (share < noise or held):
+            # Refine the estimate with fine windows: one check's sample is too small to set the
+            # threshold on. Only down while probing: a rising share there is the quota nearing.
+            gain = min(0.5, self.NOISE_GAIN * elapsed / self.WINDOW_SECONDS)
+            self.noise = noise + gain * (share - noise)
+            self._report_noise()
+        if held and self.rate < self.max_rate:
+            self._probe_from(self.rate, self._since, now)
+
+    def _close(self, share: float) -> None:
+        self._answers = self._throttles = 0
+        self._window_length = self.WINDOW_SECONDS
+        self.throttled_share = share
 
     def _verdict(self, share: float, answers: int, elapsed: float) -> Verdict | None:
-        """Congestion if the share moved significantly with the cut; noise if it stayed well within
-        half the fall a quota of our own would have shown; None while the sample cannot tell yet."""
+        """Congestion once the share has moved significantly with the cut. Noise once it has moved
+        significantly less than half what a quota of our own would show, or once it is significantly
+        above what that would leave and has moved less than a quarter of it (a quota shared with
+        replicas that did not cut shows about half). None while neither is shown; congestion if
+        that lasts MAX_CHECK_SECONDS."""
         cause, cause_answers, cause_rate = self._cause
         moved = abs(cause - share)
-        error = self.Z * math.hypot(_spread(cause, cause_answers), _spread(share, answers))
-        # A quota of our own: the accepted rate stays, so the share at the new rate is what that leaves.
-        expected = cause - max(self._cut_noise, 1.0 - (1.0 - cause) * cause_rate * elapsed / answers)
-        if moved > error:
+        error = math.hypot(_spread(cause, cause_answers), _spread(share, answers))
+        if moved > self.Z * error:
             return "congestion"
-        if moved + error < expected / 2.0 and share <= self.MAX_NOISE:
+        # A quota of our own: the accepted rate stays, so the share at the new rate is what that leaves.
+        own_quota = max(self._cut_noise, 1.0 - (1.0 - cause) * cause_rate * elapsed / answers)
+        expected = cause - own_quota
+        unmoved = moved + self.Z_NOISE * error < expected / 2.0
+        stayed_up = share - own_quota > self.Z * _spread(share, answers) and moved < expected / 4.0
+        if (unmoved or stayed_up) and share <= self.MAX_NOISE:
             return "noise"
         return "congestion" if elapsed >= self.MAX_CHECK_SECONDS else None
 

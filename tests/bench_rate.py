@@ -1,0 +1,182 @@
+"""`make bench` modes for the rate limiter (issue 11): `--mode noise` and `--mode quota-find`.
+
+``noise``
+    One backlog drained twice by a worker at 1,000 calls/s against the emulator's 1,000 calls/s
+    quota: once clean, once with ``--throttle-rate`` (0.3) of calls throttled at random whatever the
+    rate. Accepted calls/s and events/s of the second as a share of the first (~0.7 is the most 30 %
+    random throttling leaves; the old limiter fell to ~2 %), and the worker's noise estimate.
+``quota-find``
+    The emulator's quota set to ``--quota`` (100) calls/s while the worker is configured for
+    ``--max-tps`` (1,000): how long until the throttled share stays low (every later 2-s span ≤ 10 %),
+    then the steady state's accepted calls/s as a share of the quota and its throttled share.
+
+The emulator's counters are sampled while the worker runs; rates are over the span in which calls
+were accepted, so start-up and the drain's partial-session tail do not dilute them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import time
+import urllib.error
+import uuid
+from typing import Any
+
+import orjson
+
+from tests.bench import Stack, Worker, _http, load_topic, log, make_topics, worker_sections
+
+TARGETS = {
+    "noise": {"calls_vs_clean": ">= 0.65", "events_vs_clean": ">= 0.65"},
+    "quota-find": {"settle_seconds": "<= 5", "steady_quota_utilization": ">= 0.9", "steady_throttled_share": "<= 0.05"},
+}
+SAMPLE_SECONDS = 0.1
+NOISE_METRIC = re.compile(rb"^personalize_worker_rate_limit_noise_share (\S+)$", re.MULTILINE)
+
+Sample = tuple[float, int, int, int]
+"""(monotonic time, accepted calls, throttled calls, accepted events) as the emulator counts them."""
+
+
+def configure(bench: Stack, **changes: Any) -> None:
+    """The emulator's fault injection, changed at run time (``POST /_emulator/config``)."""
+    _http(f"{bench.emulator.url}/_emulator/config", orjson.dumps(changes))
+
+
+def sample(bench: Stack) -> Sample:
+    stats = bench.emulator.stats()
+    return time.monotonic(), int(stats["calls"]), int(stats["throttled"]), int(stats["events"])
+
+
+def noise_share(worker: Worker) -> float | None:
+    """The worker's own noise estimate, from its /metrics."""
+    try:
+        body = _http(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=2)
+    except (OSError, urllib.error.URLError):
+        return None
+    found = NOISE_METRIC.search(body)
+    return float(found.group(1)) if found else None
+
+
+def drain_sampled(
+    bench: Stack, args: argparse.Namespace, topic: str, name: str, sections: dict[str, dict[str, Any]]
+) -> tuple[list[Sample], float | None, int]:
+    """Run `--until-drained` on `topic`, sampling the emulator; returns the samples, the worker's
+    noise estimate seen last while it ran, and its exit code."""
+    bench.emulator.reset()
+    worker = Worker(bench.tmp, name, sections, True)
+    bench.workers.append(worker)
+    worker.start()
+    worker.wait_running()
+    samples: list[Sample] = []
+    noise: float | None = None
+    next_noise = time.monotonic()
+    while worker.running and time.monotonic() - worker.started < args.timeout:
+        samples.append(sample(bench))
+        if time.monotonic() >= next_noise:
+            noise = noise_share(worker) if worker.running else noise
+            next_noise = time.monotonic() + 1.0
+        time.sleep(SAMPLE_SECONDS)
+    worker.stop()
+    samples.append(sample(bench))
+    result = worker.result()
+    if result.returncode != 0:
+        log(f"{name} exited with {result.returncode}\n{worker.log_tail()}")
+    return samples, noise, result.returncode
+
+
+def busy(samples: list[Sample]) -> list[Sample]:
+    """From the first accepted call to the last sample in which calls were still accepted."""
+    first = next((i for i, s in enumerate(samples) if s[1] > 0), None)
+    if first is None:
+        return []
+    last = max(i for i in range(first, len(samples)) if samples[i][1] > samples[i - 1][1] or i == first)
+    return samples[max(0, first - 1) : last + 1]
+
+
+def rates(samples: list[Sample]) -> dict[str, float]:
+    if len(samples) < 2:
+        return {}
+    (t0, c0, h0, e0), (t1, c1, h1, e1) = samples[0], samples[-1]
+    seconds, calls, throttled, events = t1 - t0, c1 - c0, h1 - h0, e1 - e0
+    return {
+        "seconds": round(seconds, 1),
+        "calls_per_second": round(calls / seconds, 1) if seconds else 0.0,
+        "events_per_second": round(events / seconds, 1) if seconds else 0.0,
+        "throttled_share": round(throttled / (calls + throttled), 4) if calls + throttled else 0.0,
+    }
+
+
+async def _load(bench: Stack, args: argparse.Namespace, name: str) -> str:
+    topic = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+    await make_topics(bench.broker.bootstrap, topic, args.partitions)
+    loaded = await load_topic(bench.broker.bootstrap, topic, args, args.records)
+    log(f"loaded {loaded.records:,} records into {topic!r} in {loaded.seconds:.0f}s")
+    return topic
+
+
+def mode_noise(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    topic = asyncio.run(_load(bench, args, "noise"))
+    results: dict[str, Any] = {"records": args.records, "throttle_rate": args.throttle_rate}
+    for label, throttle in (("clean", 0.0), ("noise", args.throttle_rate)):
+        log(f"drain {label}: emulator quota {args.max_tps:g} calls/s, {throttle:.0%} of calls throttled at random")
+        configure(bench, throttle_rate=throttle)
+        group = f"bench-{label}-{uuid.uuid4().hex[:6]}"
+        sections = worker_sections(bench.broker.bootstrap, topic, group, bench.emulator.url, args)
+        samples, noise, code = drain_sampled(bench, args, topic, f"worker-{label}", sections)
+        results.update({f"{label}_{key}": value for key, value in rates(busy(samples)).items()})
+        results[f"{label}_worker_exit"] = code
+        if label == "noise":
+            results["noise_worker_noise_estimate"] = noise
+    configure(bench, throttle_rate=0.0)
+    clean_calls, clean_events = results.get("clean_calls_per_second"), results.get("clean_events_per_second")
+    if clean_calls and clean_events:
+        results["calls_vs_clean"] = round(results.get("noise_calls_per_second", 0.0) / clean_calls, 3)
+        results["events_vs_clean"] = round(results.get("noise_events_per_second", 0.0) / clean_events, 3)
+    return results
+
+
+def settle_time(samples: list[Sample], span: float = 2.0, limit: float = 0.10) -> float | None:
+    """Seconds from the first call until every later `span`-second stretch is throttled ≤ `limit`."""
+    if len(samples) < 2:
+        return None
+    bad_until = samples[0][0]
+    j = 0
+    for i, (t, c, h, _) in enumerate(samples):
+        while j < len(samples) and samples[j][0] < t + span:
+            j += 1
+        if j >= len(samples):
+            break
+        _, c2, h2, _ = samples[j]
+        calls, throttled = c2 - c, h2 - h
+        if calls + throttled and throttled / (calls + throttled) > limit:
+            bad_until = samples[i + 1][0]
+    return round(bad_until - samples[0][0], 2)
+
+
+def mode_quota_find(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    topic = asyncio.run(_load(bench, args, "quota"))
+    log(f"emulator quota {args.quota:g} calls/s, the worker configured for {args.max_tps:g}")
+    configure(bench, max_tps=args.quota)
+    group = f"bench-quota-{uuid.uuid4().hex[:6]}"
+    sections = worker_sections(bench.broker.bootstrap, topic, group, bench.emulator.url, args)
+    sections["personalize"]["max_requests_per_second"] = args.max_tps
+    samples, _, code = drain_sampled(bench, args, topic, "worker-quota-find", sections)
+    configure(bench, max_tps=args.max_tps)
+    window = busy(samples)
+    settle = settle_time(window)
+    results: dict[str, Any] = {"records": args.records, "quota": args.quota, "worker_exit": code}
+    results["settle_seconds"] = settle
+    results.update({f"all_{key}": value for key, value in rates(window).items()})
+    if settle is not None and window:
+        steady = [s for s in window if s[0] >= window[0][0] + settle + 2.0]
+        steady_rates = rates(steady)
+        results.update({f"steady_{key}": value for key, value in steady_rates.items()})
+        if steady_rates:
+            results["steady_quota_utilization"] = round(steady_rates["calls_per_second"] / args.quota, 3)
+    return results
+
+
+def run(mode: str, bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    return mode_noise(bench, args) if mode == "noise" else mode_quota_find(bench, args)
