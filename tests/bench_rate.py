@@ -7,7 +7,7 @@
     random throttling leaves; the old limiter fell to ~2 %), and the worker's noise estimate.
 ``quota-find``
     The emulator's quota set to ``--quota`` (100) calls/s while the worker is configured for
-    ``--max-tps`` (1,000): how long until the throttled share stays low (every later 2-s span ≤ 10 %),
+    ``--max-tps`` (1,000): how long until the throttled share stays low (every later 5-s span ≤ 10 %),
     then the steady state's accepted calls/s as a share of the quota and its throttled share.
 
 The emulator's counters are sampled while the worker runs; rates are over the span in which calls
@@ -33,7 +33,9 @@ TARGETS = {
     "quota-find": {"settle_seconds": "<= 5", "steady_quota_utilization": ">= 0.9", "steady_throttled_share": "<= 0.05"},
 }
 SAMPLE_SECONDS = 0.1
-NOISE_METRIC = re.compile(rb"^personalize_worker_rate_limit_noise_share (\S+)$", re.MULTILINE)
+LIMITER_METRICS = re.compile(
+    rb"^personalize_worker_rate_limit_(requests_per_second|throttled_share|noise_share) (\S+)$", re.MULTILINE
+)
 
 Sample = tuple[float, int, int, int]
 """(monotonic time, accepted calls, throttled calls, accepted events) as the emulator counts them."""
@@ -49,41 +51,57 @@ def sample(bench: Stack) -> Sample:
     return time.monotonic(), int(stats["calls"]), int(stats["throttled"]), int(stats["events"])
 
 
-def noise_share(worker: Worker) -> float | None:
-    """The worker's own noise estimate, from its /metrics."""
+def limiter_view(worker: Worker) -> dict[str, float]:
+    """The worker's rate limiter as its /metrics shows it: rate, windowed throttled share, noise."""
     try:
         body = _http(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=2)
     except (OSError, urllib.error.URLError):
-        return None
-    found = NOISE_METRIC.search(body)
-    return float(found.group(1)) if found else None
+        return {}
+    return {m.group(1).decode(): float(m.group(2)) for m in LIMITER_METRICS.finditer(body)}
 
 
 def drain_sampled(
     bench: Stack, args: argparse.Namespace, topic: str, name: str, sections: dict[str, dict[str, Any]]
-) -> tuple[list[Sample], float | None, int]:
-    """Run `--until-drained` on `topic`, sampling the emulator; returns the samples, the worker's
-    noise estimate seen last while it ran, and its exit code."""
+) -> tuple[list[Sample], list[dict[str, float]], int]:
+    """Run `--until-drained` on `topic`, sampling the emulator every SAMPLE_SECONDS and the worker's
+    limiter every second; returns both series and the worker's exit code."""
     bench.emulator.reset()
     worker = Worker(bench.tmp, name, sections, True)
     bench.workers.append(worker)
     worker.start()
     worker.wait_running()
     samples: list[Sample] = []
-    noise: float | None = None
-    next_noise = time.monotonic()
+    views: list[dict[str, float]] = []
+    next_view = time.monotonic()
     while worker.running and time.monotonic() - worker.started < args.timeout:
         samples.append(sample(bench))
-        if time.monotonic() >= next_noise:
-            noise = noise_share(worker) if worker.running else noise
-            next_noise = time.monotonic() + 1.0
+        if time.monotonic() >= next_view:
+            view = limiter_view(worker)
+            if view:
+                views.append({"t": round(time.monotonic() - worker.started, 1), **view})
+            next_view += 1.0
         time.sleep(SAMPLE_SECONDS)
     worker.stop()
     samples.append(sample(bench))
     result = worker.result()
     if result.returncode != 0:
         log(f"{name} exited with {result.returncode}\n{worker.log_tail()}")
-    return samples, noise, result.returncode
+    return samples, views, result.returncode
+
+
+def per_second(samples: list[Sample]) -> list[tuple[int, int]]:
+    """(accepted calls, throttled calls) in each second from the first sample: the run's time series."""
+    out: list[tuple[int, int]] = []
+    if not samples:
+        return out
+    t0, index = samples[0][0], 0
+    for second in range(1, int(samples[-1][0] - t0) + 2):
+        start = samples[index]
+        while index + 1 < len(samples) and samples[index + 1][0] <= t0 + second:
+            index += 1
+        end = samples[index]
+        out.append((end[1] - start[1], end[2] - start[2]))
+    return out
 
 
 def busy(samples: list[Sample]) -> list[Sample]:
@@ -124,11 +142,12 @@ def mode_noise(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
         configure(bench, throttle_rate=throttle)
         group = f"bench-{label}-{uuid.uuid4().hex[:6]}"
         sections = worker_sections(bench.broker.bootstrap, topic, group, bench.emulator.url, args)
-        samples, noise, code = drain_sampled(bench, args, topic, f"worker-{label}", sections)
+        samples, views, code = drain_sampled(bench, args, topic, f"worker-{label}", sections)
         results.update({f"{label}_{key}": value for key, value in rates(busy(samples)).items()})
         results[f"{label}_worker_exit"] = code
-        if label == "noise":
-            results["noise_worker_noise_estimate"] = noise
+        results[f"{label}_worker_noise_estimate"] = views[-1].get("noise_share") if views else None
+        results[f"{label}_per_second"] = per_second(busy(samples))
+        results[f"{label}_limiter"] = views
     configure(bench, throttle_rate=0.0)
     clean_calls, clean_events = results.get("clean_calls_per_second"), results.get("clean_events_per_second")
     if clean_calls and clean_events:
@@ -137,7 +156,7 @@ def mode_noise(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def settle_time(samples: list[Sample], span: float = 2.0, limit: float = 0.10) -> float | None:
+def settle_time(samples: list[Sample], span: float = 5.0, limit: float = 0.10) -> float | None:
     """Seconds from the first call until every later `span`-second stretch is throttled ≤ `limit`."""
     if len(samples) < 2:
         return None
@@ -162,12 +181,14 @@ def mode_quota_find(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
     group = f"bench-quota-{uuid.uuid4().hex[:6]}"
     sections = worker_sections(bench.broker.bootstrap, topic, group, bench.emulator.url, args)
     sections["personalize"]["max_requests_per_second"] = args.max_tps
-    samples, _, code = drain_sampled(bench, args, topic, "worker-quota-find", sections)
+    samples, views, code = drain_sampled(bench, args, topic, "worker-quota-find", sections)
     configure(bench, max_tps=args.max_tps)
     window = busy(samples)
     settle = settle_time(window)
     results: dict[str, Any] = {"records": args.records, "quota": args.quota, "worker_exit": code}
     results["settle_seconds"] = settle
+    results["per_second"] = per_second(window)
+    results["limiter"] = views
     results.update({f"all_{key}": value for key, value in rates(window).items()})
     if settle is not None and window:
         steady = [s for s in window if s[0] >= window[0][0] + settle + 2.0]

@@ -149,6 +149,18 @@ def test_a_noise_verdict_is_reverted_when_the_share_rises_with_the_restored_rate
     assert limiter.rate == pytest.approx(100.0, rel=0.02)
 
 
+def test_a_share_that_rises_as_the_rate_is_cut_is_congestion() -> None:
+    """What a quota's burst allowance running out looks like (the emulator's first second)."""
+    limiter, clock = make(1000.0)
+    feed(limiter, clock, 500, 250, 0.5)
+    settle(limiter, clock)
+    feed(limiter, clock, 250, 150, 0.5)  # 60 % at half the rate
+    assert limiter.noise == 0.0
+    assert limiter.rate == pytest.approx(500.0), "the cut stands"
+    feed(limiter, clock, 250, 150, 0.5)  # measured on enough calls, that share cuts again
+    assert limiter.rate == pytest.approx(200.0, rel=0.02)
+
+
 def test_an_unclear_check_counts_as_congestion() -> None:
     """A share that neither fell significantly nor clearly stayed, for the check's whole time: the
     cut stands (over-sending hurts whoever shares the quota)."""

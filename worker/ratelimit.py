@@ -244,7 +244,7 @@ class RateLimiter:
         self.throttled_share = share
 
     def _verdict(self, share: float, answers: int, elapsed: float) -> Verdict | None:
-        """Congestion once the share has moved significantly with the cut. Noise once it has moved
+        """Congestion once the share has moved significantly with the cut (or risen). Noise once it has moved
         significantly less than half what a quota of our own would show, or once it is significantly
         above what that would leave and has moved less than a quarter of it (a quota shared with
         replicas that did not cut shows about half). None while neither is shown; congestion if
@@ -252,8 +252,8 @@ class RateLimiter:
         cause, cause_answers, cause_rate = self._cause
         moved = abs(cause - share)
         error = math.hypot(_spread(cause, cause_answers), _spread(share, answers))
-        if moved > self.Z * error:
-            return "congestion"
+        if moved > self.Z * error or share - cause > self.Z_NOISE * error:
+            return "congestion"  # (a share that rose as we cut: a token bucket's burst ran out)
         # A quota of our own: the accepted rate stays, so the share at the new rate is what that leaves.
         own_quota = max(self._cut_noise, 1.0 - (1.0 - cause) * cause_rate * elapsed / answers)
         expected = cause - own_quota
