@@ -7,8 +7,8 @@
     random throttling leaves; the old limiter fell to ~2 %), and the worker's noise estimate.
 ``quota-find``
     The emulator's quota set to ``--quota`` (100) calls/s while the worker is configured for
-    ``--max-tps`` (1,000): how long until the throttled share stays low (every later 5-s span ≤ 10 %),
-    then the steady state's accepted calls/s as a share of the quota and its throttled share.
+    ``--max-tps`` (1,000): how long until a second is throttled ≤ 10 % and the rest of the run ≤ 5 %
+    in all, then that steady state's accepted calls/s as a share of the quota and its throttled share.
 
 The emulator's counters are sampled while the worker runs; rates are over the span in which calls
 were accepted, so start-up and the drain's partial-session tail do not dilute them.
@@ -174,22 +174,23 @@ def mode_noise(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def settle_time(samples: list[Sample], span: float = 5.0, limit: float = 0.10) -> float | None:
-    """Seconds from the first call until every later `span`-second stretch is throttled ≤ `limit`."""
+def settle_time(samples: list[Sample], limit: float = 0.10, rest: float = 0.05) -> float | None:
+    """Seconds from the first call to the first second throttled ≤ `limit` after which the rest of
+    the run is throttled ≤ `rest` in all: the quota found, and kept to."""
     if len(samples) < 2:
         return None
-    bad_until = samples[0][0]
-    j = 0
-    for i, (t, c, h, _) in enumerate(samples):
-        while j < len(samples) and samples[j][0] < t + span:
-            j += 1
-        if j >= len(samples):
+    end = samples[-1]
+    for i, (t, calls, throttled, _) in enumerate(samples):
+        later = next((s for s in samples[i:] if s[0] >= t + 1.0), None)
+        if later is None:
             break
-        _, c2, h2, _ = samples[j]
-        calls, throttled = c2 - c, h2 - h
-        if calls + throttled and throttled / (calls + throttled) > limit:
-            bad_until = samples[i + 1][0]
-    return round(bad_until - samples[0][0], 2)
+        now_calls, now_throttled = later[1] - calls, later[2] - throttled
+        all_calls, all_throttled = end[1] - calls, end[2] - throttled
+        if now_calls + now_throttled == 0 or now_throttled / (now_calls + now_throttled) > limit:
+            continue
+        if all_throttled <= rest * (all_calls + all_throttled):
+            return round(t - samples[0][0], 2)
+    return None
 
 
 def mode_quota_find(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:

@@ -144,7 +144,7 @@ def test_a_noise_verdict_is_reverted_when_the_share_rises_with_the_restored_rate
     feed(limiter, clock, 250, 125, 0.5)
     assert limiter.rate == 1000.0
     assert limiter.noise == pytest.approx(0.5)
-    feed(limiter, clock, 500, 450, 0.5)  # back at 1,000/s: 90 %
+    feed(limiter, clock, 1000, 900, RateLimiter.CONFIRM_SECONDS)  # back at 1,000/s: 90 %
     assert limiter.noise == 0.0
     assert limiter.rate == pytest.approx(100.0, rel=0.02)
 
@@ -154,16 +154,14 @@ def test_a_share_that_rises_as_the_rate_is_cut_is_congestion() -> None:
     limiter, clock = make(1000.0)
     feed(limiter, clock, 500, 250, 0.5)
     settle(limiter, clock)
-    feed(limiter, clock, 250, 150, 0.5)  # 60 % at half the rate
+    feed(limiter, clock, 250, 175, 0.5)  # 70 % at half the rate
     assert limiter.noise == 0.0
-    assert limiter.rate == pytest.approx(500.0), "the cut stands"
-    feed(limiter, clock, 250, 150, 0.5)  # measured on enough calls, that share cuts again
-    assert limiter.rate == pytest.approx(200.0, rel=0.02)
+    assert limiter.rate == pytest.approx(150.0, rel=0.02), "and that window cuts again, to what got through"
 
 
-def test_an_unclear_check_counts_as_congestion() -> None:
-    """A share that neither fell significantly nor clearly stayed, for the check's whole time: the
-    cut stands (over-sending hurts whoever shares the quota)."""
+def test_an_unclear_check_keeps_the_cut_if_the_share_fell_more_than_half_way() -> None:
+    """A share that neither fell significantly nor clearly stayed, for the check's whole time, but
+    fell more than half what a quota of our own predicts: the cut stands."""
     limiter, clock = make(200.0)
     feed(limiter, clock, 300, 24, 1.5)  # 8 %
     cut = limiter.rate
@@ -174,6 +172,18 @@ def test_an_unclear_check_counts_as_congestion() -> None:
     feed(limiter, clock, 170, 5, 1.0)  # 2.9 % after 2 s
     assert limiter.noise == 0.0
     assert limiter.rate == pytest.approx(cut, rel=0.01)
+
+
+def test_an_unclear_check_that_shows_no_fall_undoes_the_cut_without_learning_noise() -> None:
+    """An excess too small to call noise (MIN_NOISE_CHANGE) that did not fall either: as it was."""
+    limiter, clock = make(200.0)
+    feed(limiter, clock, 300, 24, 1.5)  # 8 %
+    assert limiter.rate == pytest.approx(200.0 * RateLimiter.DECREASE, rel=0.02)
+    settle(limiter, clock)
+    answers = int(limiter.rate * RateLimiter.MAX_CHECK_SECONDS)
+    feed(limiter, clock, answers, int(answers * 0.07), RateLimiter.MAX_CHECK_SECONDS)
+    assert limiter.noise == 0.0
+    assert limiter.rate == 200.0
 
 
 def test_throttling_at_a_steady_rate_is_measured_on_more_calls_before_a_cut() -> None:
@@ -188,13 +198,15 @@ def test_throttling_at_a_steady_rate_is_measured_on_more_calls_before_a_cut() ->
 def test_throttling_while_probing_cuts_at_once() -> None:
     """The rising rate is the likely cause: no wait for a bigger sample."""
     limiter, clock = make(100.0)
-    feed(limiter, clock, 150, 60, 1.5)  # cut and checked: congestion
+    feed(limiter, clock, 150, 60, 1.5)
+    assert limiter.rate == pytest.approx(60.0, rel=0.05)
     settle(limiter, clock)
-    feed(limiter, clock, 30, 0, 0.5)
+    feed(limiter, clock, 100, 0, 1.5)  # checked: congestion; probing from here
     clock.now += 5.0
     limiter.available()
     probing = limiter.rate
-    feed(limiter, clock, 50, 15, 0.5)
+    assert probing > 60.0
+    feed(limiter, clock, RateLimiter.PROBING_OUTCOMES, 10, 0.5)
     assert limiter.rate < probing
 
 
@@ -210,7 +222,7 @@ def test_probing_starts_slow_and_doubles_up_to_the_maximum() -> None:
     limiter, clock = make(1000.0)
     feed(limiter, clock, 500, 450, 0.5)
     settle(limiter, clock)
-    feed(limiter, clock, 50, 0, 0.5)  # congestion confirmed at ~100/s: probing starts now
+    feed(limiter, clock, 100, 0, 1.0)  # congestion confirmed at ~100/s: probing starts now
     start = limiter.rate
     clock.now += 1.0
     limiter.available()
@@ -309,10 +321,10 @@ def test_a_raised_quota_is_climbed_back_to_within_bounded_time() -> None:
 
 def test_random_throttling_over_a_quota_is_noise_and_congestion_at_once() -> None:
     """30 % random throttling and a 500 calls/s quota: noise is not cut for, the quota is."""
-    trace, limiter = run(Service(quota=500, noise=0.3, seed=5), 120)
-    accepted, throttled, _ = trace.window(30, 120)
-    assert accepted >= 0.9 * 500 * 0.7
-    assert throttled <= 0.3 + 0.07
+    trace, limiter = run(Service(quota=500, noise=0.3, seed=5), 150)
+    accepted, throttled, _ = trace.window(30, 150)
+    assert accepted >= 0.75 * 500 * 0.7, "probing is slow under noise (rule 4): short of the ideal 350"
+    assert throttled <= 0.3 + 0.03
     assert limiter.noise == pytest.approx(0.3, abs=0.05)
 
 
@@ -333,6 +345,22 @@ def test_no_quota_in_sight_stays_at_the_maximum() -> None:
     accepted, throttled, _ = trace.window(1, 30)
     assert accepted == pytest.approx(1000.0, abs=1.0)
     assert throttled == 0.0
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_replicas_starting_together_share_a_quota_without_calling_each_other_noise(replicas: int) -> None:
+    """Each replica's cut moves the share less than a quota of its own would: believing that noise,
+    they would all keep over-sending (the shared-quota bench's case: 3 workers, 1,000 calls/s)."""
+    for seed in range(1, 4):
+        clock = Clock(100.0)
+        limiters = [RateLimiter(1000.0, clock) for _ in range(replicas)]
+        trace = simulate(limiters, clock, Service(quota=1000, seed=seed), 120)
+        traces = [trace, *trace.others]
+        accepted = [t.window(20, 120)[0] for t in traces]
+        sent = sum(sum(s.sent for s in t.seconds[20:120]) for t in traces) / 100
+        assert sum(accepted) >= 950.0, seed
+        assert 1 - sum(accepted) / sent <= 0.05, seed
+        assert all(limiter.noise < 0.05 for limiter in limiters), seed
 
 
 def test_replicas_sharing_a_quota_converge_towards_fair_shares() -> None:

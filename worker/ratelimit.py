@@ -15,7 +15,7 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-Verdict = Literal["noise", "congestion"]
+Verdict = Literal["noise", "congestion", "unclear"]
 
 
 class RateLimiter:
@@ -26,34 +26,37 @@ class RateLimiter:
     throttles a steady fraction that no rate of ours removes; cutting on each one drove the rate to
     its floor (~20 accepted calls/s of a 1,000 calls/s quota under 30 % random throttling).
 
-    Answers are counted in windows (≥ WINDOW_SECONDS and ≥ WINDOW_OUTCOMES). `noise` estimates the
-    throttled share that does not follow our rate; it starts at 0.
+    Answers are counted in windows of ≥ WINDOW_SECONDS and ≥ WINDOW_OUTCOMES answers (fewer while the
+    rate rises). `noise` estimates the throttled share that does not follow our rate; it starts at 0.
 
-    1. A window whose throttled share `p` is within `noise` + max(MARGIN, Z standard errors) is fine:
-       the rate keeps probing upwards, and `noise`, if any, moves a little toward `p` (only down
-       while the rate rises: a share rising as we probe is a quota coming nearer, not noise).
+    1. A window throttled within `noise` + max(MARGIN, Z_TRIGGER standard errors) is fine: the rate
+       keeps probing, and `noise`, if any, moves toward the window's share (only down while the rate
+       rises: a share that rises as we probe is a quota coming nearer).
     2. Above that, the quota looks exceeded: cut to the sent rate * min(DECREASE, (1 - p) / (1 - noise)).
        The second factor is the accepted rate, corrected for noise: the quota's size, reached in one
        step however far above it we were; DECREASE leaves headroom when we were only just above it.
-    3. Then check that the throttling followed the cut. Had a quota of our own been exceeded, our
-       accepted rate stays and the share falls by a predictable amount; noise stays where it was. A
-       share that moved significantly (down, or further up: a token bucket's burst ran out) is
-       congestion and the cut stands; one that stayed well within half the predicted fall is noise:
-       `noise` becomes the share measured before and after the cut, and the cut is undone. The
-       check's sample grows until one answer is shown, up to MAX_CHECK_SECONDS; still unclear, it is
-       congestion — over-sending hurts whoever shares the quota, a needless cut costs a few seconds
-       of probing.
-    4. A noise verdict is confirmed by the next window at the restored rate: if the share jumps there,
-       it does follow our rate after all, and `noise` reverts. An estimate older than NOISE_TTL_SECONDS
-       is measured again: the next window above MARGIN cuts as if there were no noise, to the accepted
-       rate, where whatever is still throttled is the noise; so a wrong estimate cannot hide a quota for
-       long (it would otherwise hold the rate just where the share equals it).
+       At a steady rate the window first grows to CAUSE_OUTCOMES answers (rule 3 compares with it).
+    3. Then check whether the throttling followed the cut, at the new rate held. Had a quota of our
+       own been exceeded, the accepted rate stays and the share falls by a predictable amount; noise
+       stays where it was. A share that moved significantly (down, or up: a token bucket's burst ran
+       out) is congestion: the cut stands. One that clearly stayed nearer where it was than half the
+       predicted fall is noise: `noise` takes it and the cut is undone. The sample grows up to
+       MAX_CHECK_SECONDS; then a share that fell more than half the prediction is congestion, and
+       anything else undoes the cut without learning anything.
+       Only a share measured at a steady rate and MIN_NOISE_CHANGE above the noise assumed can turn
+       out noise: other senders that raise their rates while we check, or the burst a token bucket
+       saved up while we were below it, make small or probing-time excesses look unmoved.
+    4. Noise is believed only while the evidence holds. The window after a noise verdict, back at the
+       old rate, must not be throttled significantly more than the check was (else `noise` is 0
+       again); an estimate older than NOISE_TTL_SECONDS counts as 0 until a check finds it again; and
+       while there is noise the probe does not accelerate — throttling believed to be noise may be
+       other replicas' load, and probing fast into it would raise their share until they believe it
+       noise too.
 
     Probing adds PROBE_PER_SECOND of the maximum per second, doubling every PROBE_DOUBLING_SECONDS
-    without a cut: slow near a quota just found (little overshoot even far below the maximum), and back
-    from 10 % to the maximum within ~15 s once the quota is raised. Replicas sharing a quota see the
-    same share, so they cut by the same factor and probe alike: AIMD converges on fair shares without
-    them talking to each other.
+    without a cut: slow near a quota just found, back from 10 % to the maximum within ~15 s once the
+    quota is raised. Replicas sharing a quota see the same share, so they cut by the same factor and
+    probe alike: AIMD converges on fair shares without them talking to each other.
     """
 
     DECREASE = 0.85
@@ -63,20 +66,25 @@ class RateLimiter:
     """Additive increase right after a cut, as a fraction of the maximum per second."""
     PROBE_DOUBLING_SECONDS = 2.0
     WINDOW_SECONDS = 0.5
-    WINDOW_OUTCOMES = 30
+    WINDOW_OUTCOMES = 100
+    PROBING_OUTCOMES = 30
+    """While the rate rises a window needs fewer answers: a quota is found sooner, overshot less."""
     MARGIN = 0.03
     """Throttled share above the noise tolerated before cutting: the steady-state overshoot."""
+    Z_TRIGGER = 4.0
+    """Standard errors over the noise before a cut: rare enough that noise alone almost never cuts."""
     Z = 3.0
-    """Standard errors a share must move by to count: a false alarm about once in 700 windows."""
+    """Standard errors a share must move by with a cut to count as following it."""
     Z_NOISE = 2.0
-    """Standard errors for "the share did not follow the cut": a wrong "noise" is caught by rule 4."""
+    """Standard errors for "it did not follow": a wrong "noise" is caught by rule 4."""
     CAUSE_OUTCOMES = 300
     MAX_CAUSE_SECONDS = 1.5
-    """A window over the threshold grows to this many answers, or this long, before the cut."""
     MAX_CHECK_SECONDS = 2.0
+    CONFIRM_SECONDS = 1.0
     NOISE_TTL_SECONDS = 60.0
     NOISE_GAIN = 0.1
     """How far each fine window moves the noise estimate toward its share (~5 s of memory)."""
+    MIN_NOISE_CHANGE = 0.1
     MAX_NOISE = 0.9
     """No noise estimate above this: at least 1 call in 10 must get through before we stop cutting."""
     SETTLE_SECONDS = 0.1
@@ -95,10 +103,12 @@ class RateLimiter:
         self._floor = max_rate * self.MIN_FRACTION
         self._next_slot = 0.0
         now = clock()
-        # Probing: rate = base + gain * (2 ** ((now - since) / doubling) - 1), up to max_rate.
-        self._gain = max_rate * self.PROBE_PER_SECOND * self.PROBE_DOUBLING_SECONDS / math.log(2)
+        # Probing: the rate grows by step * 2 ** ((now - since) / doubling) per second, up to max_rate
+        # (`_grown` is that power at `_probed_at`, the last update).
+        self._step = max_rate * self.PROBE_PER_SECOND
+        self._gain = self._step * self.PROBE_DOUBLING_SECONDS / math.log(2)
         self._growth = math.log(2) / self.PROBE_DOUBLING_SECONDS
-        self._base, self._since, self._probing = max_rate, now, False
+        self._probing, self._since, self._probed_at, self._grown = False, now, now, 1.0
         # The open window; answers before `_ignore_until` belong to calls sent before a cut.
         self._window_start = 0.0
         self._window_length = self.WINDOW_SECONDS
@@ -107,13 +117,14 @@ class RateLimiter:
         self._round_trip = 0.0
         self._noise_at = now
         self._noise_logged = 0.0
-        # The cut being checked: the window that caused it, the noise it assumed, the probe to restore.
+        # The cut being checked: the window that caused it (share, answers, sent rate), whether it was
+        # measured at a steady rate, the noise the cut assumed, and the probe to resume on an undo.
         self._checking = False
-        self._cause = (0.0, 1, max_rate)  # share, answers, sent rate
+        self._cause = (0.0, 1, max_rate)
+        self._cause_steady = True
         self._cut_noise = 0.0
-        self._undo = (max_rate, now)
-        self._confirming = False
-        self._noise_before = 0.0
+        self._undo = (max_rate, now, now)  # rate, probe start, time of the cut
+        self._confirming: tuple[float, int] | None = None  # the check's share and answers
 
     # --- the slots -------------------------------------------------------------------------------
 
@@ -142,19 +153,23 @@ class RateLimiter:
             await asyncio.sleep(wait)
 
     def _probe(self, now: float) -> None:
-        elapsed = min(now - self._since, 60.0)  # 2**30 is past any maximum; no overflow after idling
-        rate = self._base + self._gain * math.expm1(self._growth * elapsed)
+        grown = math.exp(self._growth * min(now - self._since, 60.0))  # 2**30: past any maximum
+        if self.noise:
+            rate = self.rate + self._step * (now - self._probed_at)  # rule 4: no acceleration
+        else:
+            rate = self.rate + self._gain * (grown - self._grown)
+        self._probed_at, self._grown = now, grown
         if rate >= self.max_rate:
             rate = self.max_rate
             self._probing = False
         self.rate = rate
 
-    def _probe_from(self, base: float, since: float, now: float) -> None:
-        self._base, self._since = base, since
-        self.rate = base
-        self._probing = base < self.max_rate
-        if self._probing:
-            self._probe(now)
+    def _probe_from(self, rate: float, since: float, now: float) -> None:
+        """Probe upwards from `rate`, as fast as a probe started at `since` would by now."""
+        self.rate = min(rate, self.max_rate)
+        self._since, self._probed_at = since, now
+        self._grown = math.exp(self._growth * min(now - since, 60.0))
+        self._probing = self.rate < self.max_rate
 
     # --- the answers -----------------------------------------------------------------------------
 
@@ -177,66 +192,68 @@ class RateLimiter:
         self._answers += 1
         self._throttles += throttled
         elapsed = now - self._window_start
-        if self._answers >= self.WINDOW_OUTCOMES and elapsed >= self._window_length:
+        needed = self.PROBING_OUTCOMES if self._probing else self.WINDOW_OUTCOMES
+        if self._answers >= needed and elapsed >= self._window_length:
             self._close_window(now, elapsed)
 
     def _close_window(self, now: float, elapsed: float) -> None:
         answers, share = self._answers, self._throttles / self._answers
-        if self._checking:
-            verdict = self._verdict(share, answers, elapsed)
-            if verdict is None:
-                self._window_length += self.WINDOW_SECONDS  # not clear yet: a bigger sample
-                return
-            self._checking = False
-            if verdict == "noise":
-                self._close(share)
-                self._noise_before, self._confirming = self.noise, True
-                cause, cause_answers, _ = self._cause
-                self._set_noise((cause * cause_answers + share * answers) / (cause_answers + answers), now)
-                self._probe_from(*self._undo, now)
-                return
-            if self._cut_noise < self.noise and share < self.noise:
-                # A re-measurement (rule 4) cut to the accepted rate, and the share fell there: the
-                # noise is at most what is left. Correct the cut for it.
-                self._set_noise(share, now)
+        if not self._checking:
+            self._judge(now, elapsed, answers, share, at_once=self._probing)
+            return
+        verdict = self._verdict(share, answers, elapsed)
+        if verdict is None:
+            self._window_length += self.WINDOW_SECONDS  # not clear yet: a bigger sample
+            return
+        self._checking = False
+        if verdict == "congestion":
+            ceiling = share + self.Z_NOISE * _spread(share, answers)
+            if self._cut_noise < self.noise and ceiling < self.noise:
+                # A stale estimate was tested (rule 4): the cut went to the accepted rate, and what is
+                # throttled there is at most the noise. Correct the cut for it.
+                self._set_noise(ceiling, now)
                 self._report_noise()
-                _, _, sent_rate = self._cause
-                self.rate = max(self.rate, min(self.DECREASE * sent_rate, self.rate / (1.0 - share)))
-            self._base, self._since = self.rate, now  # the cut stands; the rate is still held
-        self._judge(now, elapsed, answers, share)
+                self.rate = max(self.rate, min(self.DECREASE * self._cause[2], self.rate / (1.0 - self.noise)))
+            self._since = now  # held until this window is judged, then probing from the start
+            self._judge(now, elapsed, answers, share, at_once=True)
+            return
+        self._close(share)
+        # Undone: the probe as it was at the cut, paused while the check ran.
+        rate, since, cut_at = self._undo
+        self._probe_from(rate, since + (now - cut_at), now)
+        if verdict == "unclear" and self.noise > 0.0:
+            self._refine_noise(share, elapsed)  # a share measured at a held rate, below the last one
+        if verdict == "noise":
+            cause, cause_answers, _ = self._cause
+            self._set_noise((cause * cause_answers + share * answers) / (cause_answers + answers), now)
+            self._confirming = (share, answers)
+            self._window_length = self.CONFIRM_SECONDS
 
-    def _judge(self, now: float, elapsed: float, answers: int, share: float) -> None:
-        """Rules 1 and 2 for one window (the docstring's numbering)."""
-        held = not self._probing  # at the maximum, or after a cut: the rate did not rise meanwhile
-        stale = now - self._noise_at > self.NOISE_TTL_SECONDS
-        noise = 0.0 if stale else self.noise
-        if share > noise + max(self.MARGIN, self.Z * _spread(noise, answers)):
-            if held and answers < self.CAUSE_OUTCOMES and elapsed < self.MAX_CAUSE_SECONDS:
-                # Throttling at a steady rate: noise or not? A check would compare with this share,
-                # so measure it on more calls first. (While probing, our rising rate is the likely
-                # cause: cut at once.)
+    def _judge(self, now: float, elapsed: float, answers: int, share: float, at_once: bool) -> None:
+        """Rules 1 and 2, and the confirmation of rule 4, for one window. `at_once`: over the
+        threshold, cut without a bigger sample (congestion is known, or our rising rate is the likely
+        cause)."""
+        if self._confirming is not None:
+            checked, checked_answers = self._confirming
+            self._confirming = None
+            error = math.hypot(_spread(checked, checked_answers), _spread(share, answers))
+            if share - checked > self.Z_NOISE * error:
+                self.noise = 0.0  # back at the old rate the share rose again: it follows our rate
+            self._report_noise()
+        noise = 0.0 if now - self._noise_at > self.NOISE_TTL_SECONDS else self.noise
+        if share > noise + max(self.MARGIN, self.Z_TRIGGER * _spread(noise, answers)):
+            if not at_once and answers < self.CAUSE_OUTCOMES and elapsed < self.MAX_CAUSE_SECONDS:
                 self._window_length += self.WINDOW_SECONDS
                 return
             self._close(share)
-            if self._confirming:
-                # Back at the rate of the cut, the share rose again: it follows our rate after all.
-                self._confirming = False
-                noise = self.noise = self._noise_before
-                self._report_noise()
             self._cut(now, answers / elapsed, share, answers, noise)
             return
         self._close(share)
-        if self._confirming:
-            self._confirming = False
-            self._report_noise()
-        if noise > 0.0 and (share < noise or held):
-            # Refine the estimate with fine windows: one check's sample is too small to set the
-            # threshold on. Only down while probing: a rising share there is the quota nearing.
-            gain = min(0.5, self.NOISE_GAIN * elapsed / self.WINDOW_SECONDS)
-            self.noise = noise + gain * (share - noise)
-            self._report_noise()
-        if held and self.rate < self.max_rate:
-            self._probe_from(self.rate, self._since, now)
+        steady = not self._probing  # at the maximum, or held after a cut
+        if noise > 0.0 and (share < noise or steady):
+            self._refine_noise(share, elapsed)
+        if steady and self.rate < self.max_rate:
+            self._probe_from(self.rate, self._since, now)  # a hold ends
 
     def _close(self, share: float) -> None:
         self._answers = self._throttles = 0
@@ -244,29 +261,30 @@ class RateLimiter:
         self.throttled_share = share
 
     def _verdict(self, share: float, answers: int, elapsed: float) -> Verdict | None:
-        """Congestion once the share has moved significantly with the cut (or risen). Noise once it has moved
-        significantly less than half what a quota of our own would show, or once it is significantly
-        above what that would leave and has moved less than a quarter of it (a quota shared with
-        replicas that did not cut shows about half). None while neither is shown; congestion if
-        that lasts MAX_CHECK_SECONDS."""
+        """Rule 3 on the check's sample so far; None while it cannot tell yet."""
         cause, cause_answers, cause_rate = self._cause
         moved = abs(cause - share)
         error = math.hypot(_spread(cause, cause_answers), _spread(share, answers))
-        if moved > self.Z * error or share - cause > self.Z_NOISE * error:
-            return "congestion"  # (a share that rose as we cut: a token bucket's burst ran out)
+        if moved > self.Z * error:
+            return "congestion"
         # A quota of our own: the accepted rate stays, so the share at the new rate is what that leaves.
         own_quota = max(self._cut_noise, 1.0 - (1.0 - cause) * cause_rate * elapsed / answers)
-        expected = cause - own_quota
-        unmoved = moved + self.Z_NOISE * error < expected / 2.0
-        stayed_up = share - own_quota > self.Z * _spread(share, answers) and moved < expected / 4.0
-        if (unmoved or stayed_up) and share <= self.MAX_NOISE:
+        fall = cause - own_quota
+        unmoved = moved + self.Z_NOISE * error < fall / 2.0
+        midway = math.hypot(_spread(cause, cause_answers) / 2.0, _spread(share, answers))
+        stayed_up = share - (cause + own_quota) / 2.0 > self.Z_NOISE * midway
+        plausible = self._cause_steady and cause - self._cut_noise >= self.MIN_NOISE_CHANGE
+        if plausible and share <= self.MAX_NOISE and (unmoved or stayed_up):
             return "noise"
-        return "congestion" if elapsed >= self.MAX_CHECK_SECONDS else None
+        if elapsed < self.MAX_CHECK_SECONDS:
+            return None
+        return "congestion" if cause - share > fall / 2.0 else "unclear"
 
     def _cut(self, now: float, sent_rate: float, share: float, answers: int, noise: float) -> None:
+        self._cause_steady = not self._probing
         if self._probing:
             self._probe(now)
-        self._undo = (self._base, self._since)
+        self._undo = (self.rate, self._since, now)
         factor = min(self.DECREASE, (1.0 - share) / (1.0 - noise))
         self.rate = max(self._floor, min(self.rate, sent_rate) * factor)
         self._probing = False  # held while the check runs: a clean measurement of the new rate
@@ -276,6 +294,10 @@ class RateLimiter:
         self._ignore_until = now + max(self.SETTLE_SECONDS, 2.0 * self._round_trip)
         # Re-space the queue at the new rate instead of letting reserved slots burst out.
         self._next_slot = max(self._next_slot, now + 1.0 / self.rate)
+
+    def _refine_noise(self, share: float, elapsed: float) -> None:
+        self.noise += min(0.5, self.NOISE_GAIN * elapsed / self.WINDOW_SECONDS) * (share - self.noise)
+        self._report_noise()
 
     def _set_noise(self, share: float, now: float) -> None:
         self.noise = min(share, self.MAX_NOISE)
