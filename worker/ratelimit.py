@@ -30,28 +30,29 @@ class RateLimiter:
     rate rises). `noise` estimates the throttled share that does not follow our rate; it starts at 0.
 
     1. A window throttled within `noise` + max(MARGIN, Z_TRIGGER standard errors) is fine: the rate
-       keeps probing, and `noise`, if any, moves toward the window's share (only down while the rate
-       rises: a share that rises as we probe is a quota coming nearer).
+       keeps probing, and `noise`, if any, moves toward the window's share (up only at the maximum
+       rate: below it, a higher share may be a quota we are nearing, or sit just above).
     2. Above that, the quota looks exceeded: cut to the sent rate * min(DECREASE, (1 - p) / (1 - noise)).
        The second factor is the accepted rate, corrected for noise: the quota's size, reached in one
        step however far above it we were; DECREASE leaves headroom when we were only just above it.
-       At a steady rate the window first grows to CAUSE_OUTCOMES answers (rule 3 compares with it).
+       A window far over the threshold (Z_EARLY) cuts at once; one just over it, at a steady rate,
+       first grows to CAUSE_OUTCOMES answers, because rule 3 compares with it.
     3. Then check whether the throttling followed the cut, at the new rate held. Had a quota of our
        own been exceeded, the accepted rate stays and the share falls by a predictable amount; noise
        stays where it was. A share that moved significantly (down, or up: a token bucket's burst ran
        out) is congestion: the cut stands. One that clearly stayed nearer where it was than half the
-       predicted fall is noise: `noise` takes it and the cut is undone. The sample grows up to
-       MAX_CHECK_SECONDS; then a share that fell more than half the prediction is congestion, and
-       anything else undoes the cut without learning anything.
-       Only a share measured at a steady rate and MIN_NOISE_CHANGE above the noise assumed can turn
-       out noise: other senders that raise their rates while we check, or the burst a token bucket
-       saved up while we were below it, make small or probing-time excesses look unmoved.
+       predicted fall is noise: `noise` takes it and the cut is undone. Only a share measured at a
+       steady rate and MIN_NOISE_CHANGE above the noise assumed can turn out noise: other senders
+       raising their rates while we check, or the burst a token bucket saved while we were below
+       it, make small or probing-time excesses look unmoved. The sample grows for MAX_CHECK_SECONDS
+       (longer at low rates); still unclear, it is congestion, as in classic AIMD — replicas sharing
+       a quota each see only part of the effect of their own cut — unless a noise estimate exists and
+       the share did not fall half way: then it was most likely a chance high, and the cut is undone.
     4. Noise is believed only while the evidence holds. The window after a noise verdict, back at the
        old rate, must not be throttled significantly more than the check was (else `noise` is 0
-       again); an estimate older than NOISE_TTL_SECONDS counts as 0 until a check finds it again; and
-       while there is noise the probe does not accelerate — throttling believed to be noise may be
-       other replicas' load, and probing fast into it would raise their share until they believe it
-       noise too.
+       again); the estimate expires NOISE_TTL_SECONDS after a check last found it; and while there is
+       noise the probe does not accelerate: throttling believed to be noise may be other replicas'
+       load, and probing fast into it would raise their share until they believe it noise too.
 
     Probing adds PROBE_PER_SECOND of the maximum per second, doubling every PROBE_DOUBLING_SECONDS
     without a cut: slow near a quota just found, back from 10 % to the maximum within ~15 s once the
@@ -75,11 +76,16 @@ class RateLimiter:
     """Standard errors over the noise before a cut: rare enough that noise alone almost never cuts."""
     Z = 3.0
     """Standard errors a share must move by with a cut to count as following it."""
+    Z_EARLY = 5.0
+    """Standard errors over the threshold at which a window closes early and cuts."""
     Z_NOISE = 2.0
     """Standard errors for "it did not follow": a wrong "noise" is caught by rule 4."""
     CAUSE_OUTCOMES = 300
     MAX_CAUSE_SECONDS = 1.5
     MAX_CHECK_SECONDS = 2.0
+    CHECK_OUTCOMES = 200
+    LONGEST_CHECK_SECONDS = 8.0
+    """A check runs MAX_CHECK_SECONDS, longer at low rates: until CHECK_OUTCOMES answers, at most this."""
     CONFIRM_SECONDS = 1.0
     NOISE_TTL_SECONDS = 60.0
     NOISE_GAIN = 0.1
@@ -195,6 +201,12 @@ class RateLimiter:
         needed = self.PROBING_OUTCOMES if self._probing else self.WINDOW_OUTCOMES
         if self._answers >= needed and elapsed >= self._window_length:
             self._close_window(now, elapsed)
+        elif throttled and self._answers >= self.WINDOW_OUTCOMES and not self._checking and elapsed > 0.0:
+            # Far over the quota (a start at the maximum, a quota that just shrank): cut now, not at
+            # the window's end; with an excess this large the cause needs no bigger sample.
+            answers, share = self._answers, self._throttles / self._answers
+            if share - self._threshold(now, answers) > self.Z_EARLY * _spread(share, answers):
+                self._judge(now, elapsed, answers, share, at_once=True)
 
     def _close_window(self, now: float, elapsed: float) -> None:
         answers, share = self._answers, self._throttles / self._answers
@@ -207,13 +219,6 @@ class RateLimiter:
             return
         self._checking = False
         if verdict == "congestion":
-            ceiling = share + self.Z_NOISE * _spread(share, answers)
-            if self._cut_noise < self.noise and ceiling < self.noise:
-                # A stale estimate was tested (rule 4): the cut went to the accepted rate, and what is
-                # throttled there is at most the noise. Correct the cut for it.
-                self._set_noise(ceiling, now)
-                self._report_noise()
-                self.rate = max(self.rate, min(self.DECREASE * self._cause[2], self.rate / (1.0 - self.noise)))
             self._since = now  # held until this window is judged, then probing from the start
             self._judge(now, elapsed, answers, share, at_once=True)
             return
@@ -221,8 +226,8 @@ class RateLimiter:
         # Undone: the probe as it was at the cut, paused while the check ran.
         rate, since, cut_at = self._undo
         self._probe_from(rate, since + (now - cut_at), now)
-        if verdict == "unclear" and self.noise > 0.0:
-            self._refine_noise(share, elapsed)  # a share measured at a held rate, below the last one
+        if verdict == "unclear" and 0.0 < share < self.noise:
+            self._refine_noise(share, elapsed)
         if verdict == "noise":
             cause, cause_answers, _ = self._cause
             self._set_noise((cause * cause_answers + share * answers) / (cause_answers + answers), now)
@@ -240,20 +245,33 @@ class RateLimiter:
             if share - checked > self.Z_NOISE * error:
                 self.noise = 0.0  # back at the old rate the share rose again: it follows our rate
             self._report_noise()
-        noise = 0.0 if now - self._noise_at > self.NOISE_TTL_SECONDS else self.noise
-        if share > noise + max(self.MARGIN, self.Z_TRIGGER * _spread(noise, answers)):
-            if not at_once and answers < self.CAUSE_OUTCOMES and elapsed < self.MAX_CAUSE_SECONDS:
+        noise = self._noise_now(now)
+        threshold = self._threshold(now, answers)
+        if share > threshold:
+            overwhelming = share - threshold > self.Z_EARLY * _spread(share, answers)
+            if not (at_once or overwhelming) and answers < self.CAUSE_OUTCOMES and elapsed < self.MAX_CAUSE_SECONDS:
                 self._window_length += self.WINDOW_SECONDS
                 return
             self._close(share)
             self._cut(now, answers / elapsed, share, answers, noise)
             return
         self._close(share)
-        steady = not self._probing  # at the maximum, or held after a cut
-        if noise > 0.0 and (share < noise or steady):
+        if noise > 0.0 and (share < noise or self.rate >= self.max_rate):
             self._refine_noise(share, elapsed)
-        if steady and self.rate < self.max_rate:
+        if not self._probing and self.rate < self.max_rate:
             self._probe_from(self.rate, self._since, now)  # a hold ends
+
+    def _noise_now(self, now: float) -> float:
+        """The noise estimate; it expires NOISE_TTL_SECONDS after a check last found it (rule 4)."""
+        if self.noise and now - self._noise_at > self.NOISE_TTL_SECONDS:
+            self.noise = 0.0
+            self._report_noise()
+        return self.noise
+
+    def _threshold(self, now: float, answers: int) -> float:
+        """The throttled share over which a window of `answers` answers says the quota is exceeded."""
+        noise = self._noise_now(now)
+        return noise + max(self.MARGIN, self.Z_TRIGGER * _spread(noise, answers))
 
     def _close(self, share: float) -> None:
         self._answers = self._throttles = 0
@@ -276,9 +294,12 @@ class RateLimiter:
         plausible = self._cause_steady and cause - self._cut_noise >= self.MIN_NOISE_CHANGE
         if plausible and share <= self.MAX_NOISE and (unmoved or stayed_up):
             return "noise"
-        if elapsed < self.MAX_CHECK_SECONDS:
+        if elapsed < self.MAX_CHECK_SECONDS or (answers < self.CHECK_OUTCOMES and elapsed < self.LONGEST_CHECK_SECONDS):
             return None
-        return "congestion" if cause - share > fall / 2.0 else "unclear"
+        # Still unclear. Without a noise estimate this is classic AIMD's case: a cut for a throttled
+        # share that did not clearly go away (replicas sharing a quota each see a partial effect of
+        # their own cut). With one, an unclear excess over it is most likely a chance high: undone.
+        return "congestion" if cause - share > fall / 2.0 or not self._cut_noise else "unclear"
 
     def _cut(self, now: float, sent_rate: float, share: float, answers: int, noise: float) -> None:
         self._cause_steady = not self._probing
