@@ -119,6 +119,7 @@ class RateLimiter:
         self._window_start = 0.0
         self._window_length = self.WINDOW_SECONDS
         self._answers = self._throttles = 0
+        self._run_start, self._run_answers, self._run_throttles = 0.0, 0, 0
         self._ignore_until = -math.inf
         self._round_trip = 0.0
         self._noise_at = now
@@ -194,19 +195,30 @@ class RateLimiter:
         if now < self._ignore_until:
             return
         if self._answers == 0:
-            self._window_start = now
+            self._window_start = self._run_start = now
+            self._run_answers = self._run_throttles = 0
         self._answers += 1
         self._throttles += throttled
+        self._run_answers += 1
+        self._run_throttles += throttled
         elapsed = now - self._window_start
         needed = self.PROBING_OUTCOMES if self._probing else self.WINDOW_OUTCOMES
         if self._answers >= needed and elapsed >= self._window_length:
             self._close_window(now, elapsed)
-        elif throttled and self._answers >= self.WINDOW_OUTCOMES and not self._checking and elapsed > 0.0:
-            # Far over the quota (a start at the maximum, a quota that just shrank): cut now, not at
-            # the window's end; with an excess this large the cause needs no bigger sample.
-            answers, share = self._answers, self._throttles / self._answers
-            if share - self._threshold(now, answers) > self.Z_EARLY * _spread(share, answers):
-                self._judge(now, elapsed, answers, share, at_once=True)
+        elif self._run_answers >= self.WINDOW_OUTCOMES:
+            self._early(now)
+
+    def _early(self, now: float) -> None:
+        """Every WINDOW_OUTCOMES answers, the run of them alone: far over the quota (a start at the
+        maximum, a quota that just shrank), cut now rather than at the window's end, whose earlier
+        answers, from before a token bucket's burst ran out, would dilute it."""
+        answers, share, elapsed = self._run_answers, self._run_throttles / self._run_answers, now - self._run_start
+        self._run_start, self._run_answers, self._run_throttles = now, 0, 0
+        if self._checking or elapsed <= 0.0:
+            return
+        far_over = share - self._threshold(now, answers) > self.Z_EARLY * _spread(share, answers)
+        if far_over or self._refuted(share, answers):  # (or a noise verdict being refuted: rule 4)
+            self._judge(now, elapsed, answers, share, at_once=True)
 
     def _close_window(self, now: float, elapsed: float) -> None:
         answers, share = self._answers, self._throttles / self._answers
@@ -239,11 +251,9 @@ class RateLimiter:
         threshold, cut without a bigger sample (congestion is known, or our rising rate is the likely
         cause)."""
         if self._confirming is not None:
-            checked, checked_answers = self._confirming
-            self._confirming = None
-            error = math.hypot(_spread(checked, checked_answers), _spread(share, answers))
-            if share - checked > self.Z_NOISE * error:
+            if self._refuted(share, answers):
                 self.noise = 0.0  # back at the old rate the share rose again: it follows our rate
+            self._confirming = None
             self._report_noise()
         noise = self._noise_now(now)
         threshold = self._threshold(now, answers)
@@ -260,6 +270,13 @@ class RateLimiter:
             self._refine_noise(share, elapsed)
         if not self._probing and self.rate < self.max_rate:
             self._probe_from(self.rate, self._since, now)  # a hold ends
+
+    def _refuted(self, share: float, answers: int) -> bool:
+        """While a noise verdict is being confirmed: the share rose significantly over the check's."""
+        if self._confirming is None:
+            return False
+        checked, checked_answers = self._confirming
+        return share - checked > self.Z_NOISE * math.hypot(_spread(checked, checked_answers), _spread(share, answers))
 
     def _noise_now(self, now: float) -> float:
         """The noise estimate; it expires NOISE_TTL_SECONDS after a check last found it (rule 4)."""
