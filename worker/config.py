@@ -268,16 +268,18 @@ class MappingSettings(_Section):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset"):
+        if not isinstance(data, dict):  # a model already (a route's mapping of another operation)
+            return data
+        if data.get("preset"):
             from worker.presets import apply_preset
 
             data = apply_preset(data)
-        if isinstance(data, dict) and data.get("schema") and data.get("schema_arn"):
+        if data.get("schema") and data.get("schema_arn"):
             raise ValueError("set mapping.schema (a file) or mapping.schema_arn (read from Personalize), not both")
-        arn = data.get("schema_arn") if isinstance(data, dict) else None
+        arn = data.get("schema_arn")
         # A malformed ARN is left for its field's validator to name.
         source = data.get("schema") or (arn if isinstance(arn, str) and SCHEMA_ARN.fullmatch(arn) else None)
-        if isinstance(data, dict) and source and not data.get("properties"):
+        if source and not data.get("properties"):
             from worker.interactions import derived_properties
 
             data = {**data, "properties": derived_properties(str(source))}
