@@ -45,6 +45,9 @@ Modes (each runs on its own):
 ``map``
     No stack: CPU per record of mapping: plain paths, and the presets (tests/bench_map.py).
 
+``noise`` and ``quota-find``
+    The rate limiter under random throttling and below a quota: see tests/bench_rate.py.
+
 ``two-groups``, ``catalog-burst``
     Issue 13, routes (tests/bench_routes.py): one worker feeding two dataset groups at their own quotas;
     a 100,000-update catalogue burst over 5,000 ids through one coalescing items route.
@@ -1016,6 +1019,8 @@ def report(mode: str, results: dict[str, Any], args: argparse.Namespace) -> None
         from tests.bench_routes import TARGETS as ROUTE_TARGETS
 
         targets = dict(ROUTE_TARGETS[mode])
+    if mode in RATE_MODES:
+        targets = _rate_bench().TARGETS[mode]
     print(f"\nresults ({mode})")
     print(f"  {'metric':<34} {'value':>14}  {'target':<18} verdict")
     for key, value in results.items():
@@ -1026,6 +1031,16 @@ def report(mode: str, results: dict[str, Any], args: argparse.Namespace) -> None
         verdict = _verdict(value, rule, args.linger_ms) if rule else ""
         print(f"  {key:<34} {shown:>14}  {rule:<18} {verdict}")
     print()
+
+
+RATE_MODES = ("noise", "quota-find")
+
+
+def _rate_bench() -> Any:
+    """tests/bench_rate.py, imported when used: it builds on this module's helpers."""
+    from tests import bench_rate
+
+    return bench_rate
 
 
 def parameters(args: argparse.Namespace) -> dict[str, Any]:
@@ -1039,14 +1054,24 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=(__doc__ or "").split("\n")[0])
-    modes = ("drain", "shared-quota", "memory", "hot-session", "decode", "map", "two-groups", "catalog-burst")
+    modes = (
+        "drain",
+        "shared-quota",
+        "memory",
+        "hot-session",
+        "decode",
+        "map",
+        "two-groups",
+        "catalog-burst",
+        *RATE_MODES,
+    )
     parser.add_argument("--mode", choices=modes, default="drain")
     parser.add_argument(
         "--records",
         type=int,
         default=None,
         help="backlog size (drain/shared-quota 200,000; memory 1,000,000; two-groups 100,000 per group; "
-        "catalog-burst 100,000 updates)",
+        "catalog-burst 100,000 updates; quota-find 60,000)",
     )
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--sessions", type=int, default=500, help="concurrent sessions in the generated backlog")
@@ -1080,6 +1105,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-session-events", type=int, default=None, help="worker batching.max_session_events")
     parser.add_argument("--decode-calls", type=int, default=20_000, help="decode, map modes: calls per timed repeat")
     parser.add_argument("--decode-repeats", type=int, default=7, help="decode, map modes: repeats (the best counts)")
+    parser.add_argument("--throttle-rate", type=float, default=0.3, help="noise mode: share throttled at random")
+    parser.add_argument("--quota", type=float, default=100.0, help="quota-find mode: the emulator's calls/s")
     from tests.bench_routes import add_arguments
 
     add_arguments(parser)
@@ -1094,7 +1121,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.records is None:
-        defaults = {"memory": 1_000_000, "two-groups": 100_000, "catalog-burst": 100_000}
+        defaults = {"memory": 1_000_000, "two-groups": 100_000, "catalog-burst": 100_000, "quota-find": 60_000}
         args.records = defaults.get(args.mode, 200_000)
     out = args.out or OUT_DIR / ("results.json" if args.mode == "drain" else f"results-{args.mode}.json")
     signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM cleans up like Ctrl-C
@@ -1133,6 +1160,9 @@ def run_stack(args: argparse.Namespace) -> dict[str, Any]:
             return mode_shared_quota(bench, args)
         if args.mode == "hot-session":
             return mode_hot_session(bench, args)
+        if args.mode in RATE_MODES:
+            result: dict[str, Any] = _rate_bench().run(args.mode, bench, args)
+            return result
         if args.mode in ("two-groups", "catalog-burst"):
             from tests.bench_catalog import mode_catalog_burst
             from tests.bench_routes import mode_two_groups

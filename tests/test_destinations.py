@@ -15,9 +15,9 @@ from worker.batching import Batcher
 from worker.destinations import MAX_WAIT, DestinationBatcher
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline
+from worker.ratelimit import RateLimiter
 from worker.retry import Rejection
 from worker.routes import Quotas, resolve
-from worker.sink import RateLimiter
 
 
 class Limiter:

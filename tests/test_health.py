@@ -20,8 +20,8 @@ from worker.health import Watchdog
 from worker.mapping import SessionKey
 from worker.metrics import PREFIX, WAITING_AFTER_SECONDS, Metrics
 from worker.pipeline import Item, Pipeline
+from worker.ratelimit import RateLimiter
 from worker.retry import Rejection
-from worker.sink import RateLimiter
 
 TP0, TP1 = TopicPartition("t", 0), TopicPartition("t", 1)
 STALL_AFTER = 30.0

@@ -27,9 +27,9 @@ from worker.batching import Batch, Batcher
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline
+from worker.ratelimit import RateLimiter
 from worker.retry import Rejection
 from worker.sample import HOT_SESSION_ID, generate
-from worker.sink import RateLimiter
 from worker.source import Source
 
 LINGER = 0.5

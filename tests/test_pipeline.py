@@ -21,8 +21,8 @@ from worker.config import Settings
 from worker.deadletter import DeadLetter
 from worker.metrics import Metrics
 from worker.pipeline import Flag, Pipeline
+from worker.ratelimit import RateLimiter
 from worker.retry import Rejection
-from worker.sink import RateLimiter
 from worker.source import Source
 
 

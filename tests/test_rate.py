@@ -1,23 +1,51 @@
-"""RateLimiter: slot spacing, one multiplicative cut per window, additive recovery, a floor."""
+"""RateLimiter: slot spacing, cuts only for congestion, probing back, and simulated traffic.
+
+The first tests drive the limiter by hand on a fake clock. The rest (`simulate`) run it for a minute
+or more against a simulated quota (tests/rate_sim.py: the emulator's token bucket, random throttling,
+another producer) with a seeded RNG: deterministic simulations of the algorithm, not timing tests.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+import orjson
 import pytest
 
-from worker.sink import RateLimiter
-
-
-class Clock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.rate_sim import Clock, Service, Trace, simulate
+from worker.config import PersonalizeSettings
+from worker.emulator import run_emulator
+from worker.metrics import Metrics
+from worker.ratelimit import RateLimiter
+from worker.retry import Backoff
+from worker.sink import Sink
 
 
 def make(max_rate: float = 10.0, now: float = 0.0) -> tuple[RateLimiter, Clock]:
     clock = Clock(now)
     return RateLimiter(max_rate, clock), clock
+
+
+def feed(limiter: RateLimiter, clock: Clock, answers: int, throttled: int, seconds: float) -> None:
+    """`answers` answers spread evenly over `seconds`, every k-th one throttled (the last one too)."""
+    every = answers / throttled if throttled else 0.0
+    marks = {round((i + 1) * every) - 1 for i in range(throttled)}
+    step = seconds / (answers - 1) * (1 + 1e-9)  # the first and the last answer `seconds` apart
+    for i in range(answers):
+        clock.now += step if i else 0.001
+        if i in marks:
+            limiter.throttled(0.03)
+        else:
+            limiter.succeeded(0.03)
+
+
+def settle(limiter: RateLimiter, clock: Clock) -> None:
+    """Past the time after a cut in which answers to earlier calls are ignored."""
+    clock.now += max(RateLimiter.SETTLE_SECONDS, 0.06) + 0.001
+
+
+# --- slots -------------------------------------------------------------------------------------
 
 
 def test_reservations_are_spaced_one_interval_apart() -> None:
@@ -53,95 +81,344 @@ def test_waits_shrink_as_the_clock_reaches_reserved_slots() -> None:
     assert limiter.reserve() == pytest.approx(0.45 - RateLimiter.BURST_SECONDS)
 
 
-def test_throttle_cuts_the_rate_multiplicatively() -> None:
-    limiter, _ = make(10.0)
-    limiter.throttled()
-    assert limiter.rate == pytest.approx(10.0 * RateLimiter.DECREASE)
+# --- windows, cuts and checks, by hand ------------------------------------------------------------
 
 
-def test_a_burst_of_throttles_counts_once_per_window() -> None:
-    limiter, clock = make(10.0)
-    limiter.throttled()
-    for _ in range(20):
-        limiter.throttled()
-    cut = 10.0 * CUT
-    assert limiter.rate == pytest.approx(cut)
-    clock.now += 1.0 / cut + 0.001  # the window is one interval at the new rate, longer than 0.1 s
-    limiter.throttled()
-    assert limiter.rate < cut  # a second cut
-
-
-def test_throttle_window_is_at_least_a_tenth_of_a_second() -> None:
+def test_a_throttled_share_within_the_margin_does_not_cut() -> None:
     limiter, clock = make(1000.0)
-    limiter.throttled()
-    clock.now += 0.05
-    limiter.throttled()
-    assert limiter.rate == pytest.approx(1000.0 * CUT)
-    clock.now += 0.06
-    limiter.throttled()
-    assert limiter.rate < 1000.0 * CUT  # a second cut
+    feed(limiter, clock, 500, 10, 0.5)  # 2 %
+    assert limiter.rate == 1000.0
+    assert limiter.throttled_share == pytest.approx(0.02)
 
 
-def test_throttle_respaces_the_next_slot_at_the_new_rate() -> None:
-    limiter, _ = make(10.0, now=5.0)
-    assert limiter.reserve() == 0.0
-    limiter.throttled()
-    assert limiter.reserve() == pytest.approx(1.0 / (10.0 * CUT))
-    assert limiter.reserve() == pytest.approx(2.0 / (10.0 * CUT), rel=1e-3)
+def test_single_throttles_never_cut_before_a_window_is_complete() -> None:
+    """The old limiter cut x0.85 on each throttle: 20 in a row took it to 4 % of its rate."""
+    limiter, clock = make(1000.0)
+    for _ in range(RateLimiter.WINDOW_OUTCOMES - 1):
+        clock.now += 0.001
+        limiter.throttled()
+    assert limiter.rate == 1000.0
 
 
-CUT = RateLimiter.DECREASE
+def test_far_over_the_quota_cuts_at_once_to_the_accepted_rate() -> None:
+    """No need to wait for the window's end: 100 answers in 0.1 s, 90 % throttled, say enough."""
+    limiter, clock = make(1000.0, now=5.0)
+    feed(limiter, clock, 100, 90, 0.1)  # 1,000 calls/s sent, 100/s accepted
+    assert limiter.rate == pytest.approx(100.0, rel=0.03)
+    assert limiter.reserve() == pytest.approx(1.0 / limiter.rate, rel=0.05), "queue re-spaced at the new rate"
 
 
-class NoRecovery(RateLimiter):
-    INCREASE_PER_SECOND = 0.0
+def test_a_small_excess_cuts_by_the_decrease_factor() -> None:
+    limiter, clock = make(1000.0)
+    feed(limiter, clock, 500, 40, 0.5)  # 8 %
+    assert limiter.rate == pytest.approx(1000.0 * RateLimiter.DECREASE, rel=0.01)
+
+
+def test_the_cut_stands_when_the_share_falls_with_it() -> None:
+    limiter, clock = make(1000.0)
+    feed(limiter, clock, 100, 30, 0.1)
+    cut = limiter.rate
+    assert cut == pytest.approx(700.0, rel=0.02)
+    settle(limiter, clock)
+    feed(limiter, clock, 350, 0, 0.5)  # at the accepted rate nothing is throttled: it was congestion
+    assert limiter.noise == 0.0
+    assert limiter.rate == pytest.approx(cut, rel=0.01)
+
+
+def test_the_cut_is_undone_when_the_share_does_not_follow_it() -> None:
+    limiter, clock = make(1000.0)
+    feed(limiter, clock, 100, 30, 0.1)
+    assert limiter.rate == pytest.approx(700.0, rel=0.02)
+    settle(limiter, clock)
+    feed(limiter, clock, 350, 105, 0.5)  # still 30 % at 70 % of the rate: noise
+    assert limiter.noise == pytest.approx(0.3, abs=0.01)
+    assert limiter.rate == 1000.0
+    feed(limiter, clock, 500, 150, 0.5)  # and 30 % again at the full rate is no reason to cut
+    assert limiter.rate == 1000.0
+
+
+def test_a_noise_verdict_is_reverted_when_the_share_rises_with_the_restored_rate() -> None:
+    """A token bucket's burst running out during the check makes congestion look like noise once."""
+    limiter, clock = make(1000.0)
+    feed(limiter, clock, 100, 50, 0.1)
+    settle(limiter, clock)
+    feed(limiter, clock, 250, 125, 0.5)
+    assert limiter.rate == 1000.0
+    assert limiter.noise == pytest.approx(0.5, abs=0.01)
+    feed(limiter, clock, 1000, 900, RateLimiter.CONFIRM_SECONDS)  # back at 1,000/s: 90 %
+    assert limiter.noise == 0.0
+    assert limiter.rate == pytest.approx(100.0, rel=0.02)
+
+
+def test_a_share_that_rises_as_the_rate_is_cut_is_congestion() -> None:
+    """What a quota's burst allowance running out looks like (the emulator's first second)."""
+    limiter, clock = make(1000.0)
+    feed(limiter, clock, 100, 50, 0.1)
+    assert limiter.rate == pytest.approx(500.0, rel=0.02)
+    settle(limiter, clock)
+    feed(limiter, clock, 250, 175, 0.5)  # 70 % at half the rate
+    assert limiter.noise == 0.0
+    assert limiter.rate == pytest.approx(150.0, rel=0.02), "and that window cuts again, to what got through"
+
+
+def test_an_unclear_check_keeps_the_cut_if_the_share_fell_more_than_half_way() -> None:
+    """A share that neither fell significantly nor clearly stayed, for the check's whole time, but
+    fell more than half what a quota of our own predicts: the cut stands."""
+    limiter, clock = make(200.0)
+    feed(limiter, clock, 300, 24, 1.5)  # 8 %
+    cut = limiter.rate
+    assert cut == pytest.approx(200.0 * RateLimiter.DECREASE, rel=0.02)
+    settle(limiter, clock)
+    feed(limiter, clock, 170, 5, 1.0)
+    assert limiter.rate == cut, "still checking"
+    feed(limiter, clock, 170, 5, 1.0)  # 2.9 % after 2 s
+    assert limiter.noise == 0.0
+    assert limiter.rate == pytest.approx(cut, rel=0.01)
+
+
+def test_an_unclear_excess_over_known_noise_undoes_the_cut() -> None:
+    """With noise established, a share a little over it that did not fall half way with the cut is
+    most likely a chance high: back to the rate before, the estimate unchanged."""
+    limiter, clock = make(1000.0)
+    feed(limiter, clock, 100, 30, 0.1)
+    settle(limiter, clock)
+    feed(limiter, clock, 350, 105, 0.5)
+    feed(limiter, clock, 1000, 300, RateLimiter.CONFIRM_SECONDS)
+    assert limiter.rate == 1000.0
+    assert limiter.noise == pytest.approx(0.3, abs=0.01)
+    feed(limiter, clock, 500, 200, 0.5)  # 40 %
+    assert limiter.rate == pytest.approx(850.0, rel=0.01)
+    settle(limiter, clock)
+    feed(limiter, clock, 1700, 612, RateLimiter.MAX_CHECK_SECONDS)  # 36 %
+    assert limiter.rate == 1000.0
+    assert limiter.noise == pytest.approx(0.3, abs=0.01)
+
+
+def test_throttling_at_a_steady_rate_is_measured_on_more_calls_before_a_cut() -> None:
+    """At 100 calls/s a window closes after 100 answers: too few to tell noise later from a modest
+    excess, so it grows first (up to CAUSE_OUTCOMES answers or MAX_CAUSE_SECONDS)."""
+    limiter, clock = make(100.0)
+    feed(limiter, clock, 100, 10, 1.0)
+    assert limiter.rate == 100.0
+    feed(limiter, clock, 50, 5, 0.5)
+    assert limiter.rate == pytest.approx(100.0 * RateLimiter.DECREASE, rel=0.05)
+
+
+def test_throttling_while_probing_cuts_at_once() -> None:
+    """The rising rate is the likely cause: no wait for a bigger sample."""
+    limiter, clock = make(100.0)
+    feed(limiter, clock, 100, 40, 1.0)
+    assert limiter.rate == pytest.approx(60.0, rel=0.05)
+    settle(limiter, clock)
+    feed(limiter, clock, 100, 0, 1.5)  # checked: congestion; probing from here
+    clock.now += 5.0
+    limiter.available()
+    probing = limiter.rate
+    assert probing > 60.0
+    feed(limiter, clock, RateLimiter.PROBING_OUTCOMES, 10, 0.5)
+    assert limiter.rate < probing
 
 
 def test_rate_never_falls_below_the_floor() -> None:
-    clock = Clock()
-    limiter = NoRecovery(100.0, clock)
-    for _ in range(50):
-        limiter.throttled()
-        clock.now += max(0.1, 1.0 / limiter.rate) + 1e-6
-        assert limiter.rate >= 100.0 * RateLimiter.MIN_FRACTION
+    limiter, clock = make(100.0)
+    for _ in range(5):
+        feed(limiter, clock, 100, 100, 1.0)  # everything throttled
+        settle(limiter, clock)
     assert limiter.rate == pytest.approx(100.0 * RateLimiter.MIN_FRACTION)
-    assert limiter.reserve() == pytest.approx(0.0, abs=1e-5)
-    assert limiter.reserve() == pytest.approx(1.0, rel=1e-3)
 
 
-def test_recovery_is_additive_over_time_and_capped() -> None:
-    limiter, clock = make(100.0)
-    limiter.throttled()
-    assert limiter.rate == pytest.approx(100.0 * CUT)
+def test_probing_starts_slow_and_doubles_up_to_the_maximum() -> None:
+    limiter, clock = make(1000.0)
+    feed(limiter, clock, 100, 90, 0.1)
+    settle(limiter, clock)
+    feed(limiter, clock, 100, 0, 1.0)  # congestion confirmed at ~100/s: probing starts now
+    start = limiter.rate
     clock.now += 1.0
-    limiter.reserve()
-    assert limiter.rate == pytest.approx(100.0 * CUT + 100.0 * RateLimiter.INCREASE_PER_SECOND)
-    clock.now += 5.0
-    limiter.reserve()
-    assert limiter.rate == pytest.approx(min(100.0, 100.0 * CUT + 6 * 2.0))
-    clock.now += 1000.0
-    limiter.reserve()
-    assert limiter.rate == 100.0
+    limiter.available()
+    first = limiter.rate - start
+    assert 0.5 * 1000 * RateLimiter.PROBE_PER_SECOND < first < 2 * 1000 * RateLimiter.PROBE_PER_SECOND
+    clock.now += RateLimiter.PROBE_DOUBLING_SECONDS
+    limiter.available()
+    assert limiter.rate - start > 2.5 * first, "faster the longer nothing is throttled"
+    clock.now += 30.0
+    limiter.available()
+    assert limiter.rate == 1000.0
+    clock.now += 1e6  # a long idle time neither overflows nor passes the maximum
+    limiter.available()
+    assert limiter.rate == 1000.0
 
 
-def test_recovery_before_a_cut_is_counted_first() -> None:
-    limiter, clock = make(100.0)
-    limiter.throttled()
-    clock.now += 2.0  # +2/s of recovery first, then the cut applies to the recovered rate
-    limiter.throttled()
-    assert limiter.rate == pytest.approx((100.0 * CUT + 4.0) * CUT)
+def test_the_noise_estimate_is_logged_once_confirmed(caplog: pytest.LogCaptureFixture) -> None:
+    limiter, clock = make(1000.0)
+    with caplog.at_level(logging.INFO, logger="worker.ratelimit"):
+        feed(limiter, clock, 500, 150, 0.5)
+        settle(limiter, clock)
+        feed(limiter, clock, 350, 105, 0.5)
+        assert not caplog.records, "not before the next window confirms it"
+        for _ in range(4):
+            feed(limiter, clock, 500, 150, 0.5)
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and "does not follow our rate" in record.getMessage()
+    assert record.__dict__["noise_share"] == pytest.approx(0.3, abs=0.01)
 
 
-def test_aimd_converges_between_two_limiters_sharing_a_quota() -> None:
-    """Two replicas throttled together whenever their sum exceeds the quota end near fair shares."""
-    clock = Clock()
-    a, b = RateLimiter(100.0, clock), RateLimiter(100.0, clock)
-    a.rate, b.rate = 90.0, 10.0
-    for _ in range(2000):
-        clock.now += 0.5
-        a.reserve()
-        b.reserve()
-        if a.rate + b.rate > 100.0:
-            a.throttled()
-            b.throttled()
-    assert abs(a.rate - b.rate) < 5.0
+# --- simulations ---------------------------------------------------------------------------------
+
+
+def run(service: Service, seconds: int, max_rate: float = 1000.0, **options: object) -> tuple[Trace, RateLimiter]:
+    clock = Clock(100.0)
+    limiter = RateLimiter(max_rate, clock)
+    return simulate(limiter, clock, service, seconds, **options), limiter  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("latency", [0.03, 0.3])
+def test_a_hard_quota_below_the_maximum_is_found_within_seconds(latency: float) -> None:
+    """(a) Emulator max_tps=100, the worker configured for 1,000."""
+    trace, limiter = run(Service(quota=100, seed=3), 60, latency=latency)
+    found = next(s for s in range(60) if trace.window(s, s + 5)[1] <= 0.1)
+    assert found <= 3, f"settled after {found} s"
+    accepted, throttled, _ = trace.window(10, 60)
+    assert accepted >= 95.0, "the quota is used"
+    assert throttled <= 0.05, "overshoot in steady state"
+    assert limiter.noise < 0.05
+
+
+def test_random_throttling_at_full_quota_costs_about_its_share() -> None:
+    """(b) 30 % of calls throttled at random, 1,000 calls/s quota: ~700 accepted, not ~20."""
+    trace, limiter = run(Service(quota=1000, noise=0.3, seed=1), 120)
+    accepted, throttled, _ = trace.window(5, 120)
+    assert accepted >= 680.0
+    assert throttled == pytest.approx(0.3, abs=0.01)
+    assert limiter.noise == pytest.approx(0.3, abs=0.03)
+
+
+def test_random_throttling_is_told_from_noise_on_every_seed() -> None:
+    for seed in range(2, 7):
+        trace, _ = run(Service(quota=1000, noise=0.3, seed=seed), 40)
+        assert trace.window(5, 40)[0] >= 660.0, seed
+
+
+@pytest.mark.parametrize("max_rate", [50.0, 200.0])
+def test_random_throttling_at_low_rates_costs_about_its_share(max_rate: float) -> None:
+    """Fewer answers per window, so noisier shares: the checks take longer but still tell noise."""
+    for seed in range(1, 4):
+        trace, _ = run(Service(noise=0.3, seed=seed), 120, max_rate=max_rate)
+        assert trace.window(20, 120)[0] >= 0.6 * max_rate, seed
+
+
+def test_a_quota_shared_with_a_steady_sender_settles_on_the_remainder() -> None:
+    """(c) Another producer sends 400 calls/s into the same 1,000 calls/s quota, whatever happens."""
+    trace, limiter = run(Service(quota=1000, other=400, seed=2), 90)
+    accepted, throttled, other = trace.window(15, 90)
+    assert accepted == pytest.approx(600.0, abs=30.0)
+    assert accepted + other >= 970.0, "the quota is used"
+    assert throttled <= 0.05
+    assert limiter.noise < 0.05, "its throttling follows our rate: congestion, not noise"
+
+
+def test_a_raised_quota_is_climbed_back_to_within_bounded_time() -> None:
+    """(d) The quota goes from 100 to 1,000 calls/s at 30 s."""
+
+    def raise_quota(service: Service) -> None:
+        service.set_quota(1000)
+
+    trace, _ = run(Service(quota=100, seed=4), 70, events={30: raise_quota})
+    back = next(s for s in range(30, 70) if trace.seconds[s].accepted >= 950) - 30
+    assert back <= 20, f"back at the maximum after {back} s"
+    assert trace.window(50, 70)[0] >= 995.0
+
+
+def test_random_throttling_over_a_quota_is_noise_and_congestion_at_once() -> None:
+    """30 % random throttling and a 500 calls/s quota: noise is not cut for, the quota is."""
+    trace, limiter = run(Service(quota=500, noise=0.3, seed=5), 150)
+    accepted, throttled, _ = trace.window(30, 150)
+    assert accepted >= 0.75 * 500 * 0.7, "probing is slow under noise (rule 4): short of the ideal 350"
+    assert throttled <= 0.3 + 0.03
+    assert limiter.noise == pytest.approx(0.3, abs=0.05)
+
+
+def test_a_wrong_noise_estimate_cannot_hide_a_quota_for_long() -> None:
+    """Noise believed 60 % while a plain quota throttles: re-measured after NOISE_TTL_SECONDS."""
+    clock = Clock(100.0)
+    limiter = RateLimiter(1000.0, clock)
+    limiter.noise = 0.6
+    ttl = int(RateLimiter.NOISE_TTL_SECONDS)
+    trace = simulate(limiter, clock, Service(quota=100, seed=6), ttl + 40)
+    assert trace.window(5, ttl - 5)[1] > 0.4, "believed noise, so not cut for"
+    assert trace.window(ttl + 10, ttl + 40)[1] <= 0.05
+    assert limiter.noise < 0.05
+
+
+def test_no_quota_in_sight_stays_at_the_maximum() -> None:
+    trace, _ = run(Service(quota=None, seed=7), 30)
+    accepted, throttled, _ = trace.window(1, 30)
+    assert accepted == pytest.approx(1000.0, abs=1.0)
+    assert throttled == 0.0
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_replicas_starting_together_share_a_quota_without_calling_each_other_noise(replicas: int) -> None:
+    """Each replica's cut moves the share less than a quota of its own would: believing that noise,
+    they would all keep over-sending (the shared-quota bench's case: 3 workers, 1,000 calls/s)."""
+    for seed in range(1, 4):
+        clock = Clock(100.0)
+        limiters = [RateLimiter(1000.0, clock) for _ in range(replicas)]
+        trace = simulate(limiters, clock, Service(quota=1000, seed=seed), 120)
+        traces = [trace, *trace.others]
+        accepted = [t.window(20, 120)[0] for t in traces]
+        sent = sum(sum(s.sent for s in t.seconds[20:120]) for t in traces) / 100
+        assert sum(accepted) >= 950.0, seed
+        assert 1 - sum(accepted) / sent <= 0.05, seed
+        assert all(limiter.noise < 0.05 for limiter in limiters), seed
+
+
+def test_replicas_sharing_a_quota_converge_towards_fair_shares() -> None:
+    """Two replicas from 900/100 calls/s: AIMD evens them out without talking to each other."""
+    clock = Clock(100.0)
+    a, b = RateLimiter(1000.0, clock), RateLimiter(1000.0, clock)
+    for limiter, start in ((a, 900.0), (b, 100.0)):
+        limiter.rate = start
+        limiter._probe_from(start, clock.now, clock.now)  # a start away from the maximum
+    trace = simulate([a, b], clock, Service(quota=1000, seed=8), 240)
+    mine, throttled, _ = trace.window(120, 240)
+    theirs, _, _ = trace.others[0].window(120, 240)
+    assert mine + theirs >= 950.0
+    assert 0.3 <= theirs / (mine + theirs) <= 0.7
+    assert throttled <= 0.05
+
+
+# --- the real sink against the real emulator -------------------------------------------------------
+
+
+async def test_the_sink_keeps_its_rate_under_random_throttling_from_the_emulator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Real sockets: the sink reports every answer to its limiter, which sees the emulator's 30 %
+    random throttling as noise and keeps its rate (the old limiter fell to its floor)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-for-tests")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    event = orjson.dumps({"eventType": "click", "sentAt": 1_790_000_000}).decode()
+    max_rate = 200.0  # a few windows of answers within seconds, without loading the machine
+    async with run_emulator(access_key="AKIDTEST", secret_key="secret-for-tests", seed=11) as running:
+        running.emulator.configure(throttle_rate=0.3)
+        settings = PersonalizeSettings(tracking_id="trk", endpoint_url=running.url, max_requests_per_second=max_rate)
+        sink = Sink(settings, Metrics(), Backoff(base=0.001, cap=0.01))
+        await sink.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60.0
+
+        async def session(n: int) -> None:
+            while running.emulator.stats.requests < 1200 and loop.time() < deadline:
+                assert await sink.deliver(f"s-{n}", None, [event], 1_790_000_000.0) == []
+
+        try:
+            await asyncio.gather(*(session(n) for n in range(16)))
+        finally:
+            await sink.close()
+        stats = running.emulator.stats
+    assert stats.requests >= 1200, "the deadline is a guard, not the measure"
+    assert stats.throttled / stats.requests == pytest.approx(0.3, abs=0.05)
+    assert sink.limiter.noise == pytest.approx(0.3, abs=0.1)
+    assert sink.limiter.rate >= 0.9 * max_rate

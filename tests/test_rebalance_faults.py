@@ -14,7 +14,7 @@ from tests.test_pipeline import FakeConsumer, GatedSink, Letters, records
 from worker.config import Settings
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline
-from worker.sink import RateLimiter
+from worker.ratelimit import RateLimiter
 from worker.source import Source
 
 TP0, TP1 = TopicPartition("t", 0), TopicPartition("t", 1)

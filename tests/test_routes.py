@@ -15,9 +15,9 @@ from worker.config import load_settings
 from worker.errors import ConfigError
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline
+from worker.ratelimit import RateLimiter
 from worker.retry import Rejection
 from worker.routes import resolve
-from worker.sink import RateLimiter
 
 ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/shop/ITEMS"
 BASE = '[personalize]\nregion = "us-east-1"\n'

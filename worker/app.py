@@ -134,6 +134,13 @@ class Worker:
             )
             topics.update(dict.fromkeys(route.topics, route.name))
         self.sink = self.sinks[0]
+        # Read at scrape time, not kept per call: calls in flight over every sink; the first (the default
+        # route's) limiter for the process-wide rate; the worst windowed throttled share and noise estimate.
+        every, default_limiter = list(self.sinks), self.sink.limiter
+        self.metrics.in_flight.set_function(lambda: sum(sink.in_flight for sink in every))
+        self.metrics.rate_limit.set_function(lambda: default_limiter.rate)
+        self.metrics.throttled_share.set_function(lambda: max(sink.limiter.throttled_share for sink in every))
+        self.metrics.throttle_noise.set_function(lambda: max(sink.limiter.noise for sink in every))
         self.dead_letters = self.letter_writers[0]
         self.pipeline = Routes(pipelines, topics, tracker)
         self.source = Source(settings, self.pipeline, self.metrics, schemas=self.schemas, topics=list(topics))
@@ -259,7 +266,6 @@ class Worker:
                 self.source.topics.fail_if_missing(present)
             self.source.topics.update(present)
             await self.source.start()
-        self.metrics.rate_limit.set(self.sink.limiter.rate)
         self.metrics.commit_metadata_limit.set(self.source.metadata_limit)
         tune_garbage_collector()
 

@@ -171,6 +171,16 @@ class Metrics:
         self.sessions_crowded = Gauge(
             f"{p}_sessions_crowded", "Sessions holding more than batching.max_session_events events.", registry=r
         )
+        self.throttled_share = Gauge(
+            f"{p}_rate_limit_throttled_share",
+            "Share of PutEvents calls throttled in the rate limiter's last window (~0.5 s).",
+            registry=r,
+        )
+        self.throttle_noise = Gauge(
+            f"{p}_rate_limit_noise_share",
+            "Throttled share that does not follow this worker's rate (a shared quota, load shedding): not cut for.",
+            registry=r,
+        )
         self.dead_letter_blocked = Gauge(
             f"{p}_dead_letter_blocked", "1 while the dead-letter topic cannot be written.", registry=r
         )

@@ -72,7 +72,7 @@ class LetterWriter(Protocol):
 
 
 class Quota(Protocol):
-    """The sink's rate limit, as the dispatcher sees it (`sink.RateLimiter`)."""
+    """The sink's rate limit, as the dispatcher sees it (`ratelimit.RateLimiter`)."""
 
     @property
     def rate(self) -> float:

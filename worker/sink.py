@@ -13,7 +13,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from hashlib import sha256
 from typing import Any, cast
@@ -35,6 +35,7 @@ from worker.metrics import Metrics, RouteMetrics
 from worker.operations.bodies import BODIES
 from worker.operations.spec import EVENTS, OperationSpec
 from worker.proxy import Proxy, client_options, resolve_proxy
+from worker.ratelimit import RateLimiter
 from worker.retry import (
     EXHAUSTED,
     Action,
@@ -50,66 +51,6 @@ from worker.retry import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class RateLimiter:
-    """Requests per second with AIMD: throttling cuts the rate, free quota is probed additively.
-
-    Replicas sharing one dataset group's quota converge on fair shares without talking to each other.
-    """
-
-    DECREASE = 0.85
-    INCREASE_PER_SECOND = 0.02  # of the configured maximum
-    MIN_FRACTION = 0.01
-    BURST_SECONDS = 0.05
-    """Calls unused in the last 50 ms may still go at once: smooths the dispatcher's ticks."""
-
-    def __init__(self, max_rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_rate = max_rate
-        self.rate = max_rate
-        self._clock = clock
-        self._next_slot = 0.0
-        self._last_change = clock()
-        self._last_decrease = -1e9
-
-    def reserve(self) -> float:
-        """Claim the next send slot; returns how long to wait for it."""
-        now = self._clock()
-        self._probe(now)
-        slot = max(self._next_slot, now - self.BURST_SECONDS)
-        self._next_slot = slot + 1.0 / self.rate
-        return max(0.0, slot - now)
-
-    def available(self) -> tuple[int, float]:
-        """(calls that could start now without waiting, seconds until the next one could)."""
-        now = self._clock()
-        self._probe(now)
-        first = max(self._next_slot, now - self.BURST_SECONDS)
-        if first > now:
-            return 0, first - now
-        return int((now - first) * self.rate) + 1, 0.0
-
-    async def acquire(self) -> None:
-        wait = self.reserve()
-        if wait > 0:
-            await asyncio.sleep(wait)
-
-    def _probe(self, now: float) -> None:
-        elapsed = now - self._last_change
-        if elapsed > 0 and self.rate < self.max_rate:
-            self.rate = min(self.max_rate, self.rate + self.max_rate * self.INCREASE_PER_SECOND * elapsed)
-        self._last_change = now
-
-    def throttled(self) -> None:
-        """One cut per round trip: a burst of throttles from one congestion event counts once."""
-        now = self._clock()
-        if now - self._last_decrease < max(0.1, 1.0 / self.rate):
-            return
-        self._probe(now)
-        self._last_decrease = now
-        self.rate = max(self.max_rate * self.MIN_FRACTION, self.rate * self.DECREASE)
-        # Re-space the queue at the new rate instead of letting reserved slots burst out.
-        self._next_slot = max(self._next_slot, now + 1.0 / self.rate)
 
 
 USER_AGENT = f"personalize-worker/{__version__} aioboto3/{aioboto3.__version__}"
@@ -329,7 +270,9 @@ class Sink:
         self._list_body = None if operation is EVENTS else BODIES[operation.key]
         self._route = route or metrics.route("default")
         self._rate_gauge = self._route.rate_limit(destination_name)
-        self.limiter = RateLimiter(max_rate or settings.max_requests_per_second)
+        self.limiter = limiter = RateLimiter(max_rate or settings.max_requests_per_second)
+        # Read at scrape time: the rate moves between throttles too (probing, windows judged on successes).
+        self._rate_gauge.set_function(lambda: limiter.rate)
         self.client = PutEventsClient(settings, operation.http_path)
         self.health = Health()
         self.last_error: str | None = None
@@ -342,11 +285,9 @@ class Sink:
         self._warned: dict[str, float] = {}
         self._episode_logged = False
         self.in_flight = 0
-        metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape time, not kept per call
 
     async def start(self) -> None:
         await self.client.start()
-        self._rate_gauge.set(self.limiter.rate)
 
     async def close(self) -> None:
         await self.client.close()
@@ -462,6 +403,7 @@ class Sink:
                 finally:
                     self.in_flight -= 1
                     metrics.call_latency.observe(time.perf_counter() - started)
+                self.limiter.succeeded(time.perf_counter() - started)
                 health.accepted += 1
                 self.last_error = None
                 if self.refused is not None:
@@ -485,8 +427,6 @@ class Sink:
             self._alarm(verdict)
         elif verdict.kind is Kind.THROTTLED:
             self.limiter.throttled()
-            self._metrics.rate_limit.set(self.limiter.rate)
-            self._rate_gauge.set(self.limiter.rate)
         elif self._due(self._warned, verdict.code, WARN_LOG_SECONDS):
             log.warning(
                 f"{self.operation.name} failed, retrying",
