@@ -125,29 +125,55 @@ def test_the_cut_stands_when_the_share_falls_with_it() -> None:
     assert limiter.rate == pytest.approx(cut, rel=0.01)
 
 
+def establish_noise(limiter: RateLimiter, clock: Clock, share: float = 0.2) -> None:
+    """A steady window over the threshold (not far enough over it to cut early), a check in which
+    the share stays, and the confirming window: `noise` is `share`, the rate back at 1,000/s."""
+    feed(limiter, clock, 500, round(500 * share), 0.5)
+    settle(limiter, clock)
+    feed(limiter, clock, 400, round(400 * share), 0.5)
+    feed(limiter, clock, 1000, round(1000 * share), RateLimiter.CONFIRM_SECONDS)
+
+
 def test_the_cut_is_undone_when_the_share_does_not_follow_it() -> None:
+    limiter, clock = make(1000.0)
+    feed(limiter, clock, 500, 100, 0.5)  # 20 %
+    assert limiter.rate == pytest.approx(800.0, rel=0.02)
+    settle(limiter, clock)
+    feed(limiter, clock, 400, 80, 0.5)  # still 20 % at 80 % of the rate: noise
+    assert limiter.noise == pytest.approx(0.2, abs=0.01)
+    assert limiter.rate == 1000.0
+    feed(limiter, clock, 1000, 200, 1.0)  # and 20 % again at the full rate is no reason to cut
+    assert limiter.rate == 1000.0
+
+
+def test_noise_that_sets_in_far_over_the_threshold_takes_two_cuts_and_both_are_undone() -> None:
+    """30 % from one moment to the next: the first cut comes early, on 100 answers, which may have
+    caught a transient, so its check cannot call it noise; the second, on a steady sample, can, and
+    then neither cut was needed."""
     limiter, clock = make(1000.0)
     feed(limiter, clock, 100, 30, 0.1)
     assert limiter.rate == pytest.approx(700.0, rel=0.02)
     settle(limiter, clock)
-    feed(limiter, clock, 350, 105, 0.5)  # still 30 % at 70 % of the rate: noise
+    feed(limiter, clock, 1400, 420, RateLimiter.MAX_CHECK_SECONDS)
+    assert limiter.rate == pytest.approx(490.0, rel=0.02)
+    settle(limiter, clock)
+    feed(limiter, clock, 245, 74, 0.5)
     assert limiter.noise == pytest.approx(0.3, abs=0.01)
     assert limiter.rate == 1000.0
-    feed(limiter, clock, 500, 150, 0.5)  # and 30 % again at the full rate is no reason to cut
-    assert limiter.rate == 1000.0
 
 
-def test_a_noise_verdict_is_reverted_when_the_share_rises_with_the_restored_rate() -> None:
-    """A token bucket's burst running out during the check makes congestion look like noise once."""
+def test_a_noise_verdict_is_refuted_when_the_share_rises_with_the_restored_rate() -> None:
+    """A token bucket's burst running out during the check makes congestion look like noise once:
+    back at the old rate, the first 100 answers show it."""
     limiter, clock = make(1000.0)
-    feed(limiter, clock, 100, 50, 0.1)
+    feed(limiter, clock, 500, 100, 0.5)
     settle(limiter, clock)
-    feed(limiter, clock, 250, 125, 0.5)
+    feed(limiter, clock, 400, 80, 0.5)
     assert limiter.rate == 1000.0
-    assert limiter.noise == pytest.approx(0.5, abs=0.01)
-    feed(limiter, clock, 1000, 900, RateLimiter.CONFIRM_SECONDS)  # back at 1,000/s: 90 %
+    assert limiter.noise == pytest.approx(0.2, abs=0.01)
+    feed(limiter, clock, 100, 60, 0.1)  # back at 1,000/s: 60 %
     assert limiter.noise == 0.0
-    assert limiter.rate == pytest.approx(100.0, rel=0.02)
+    assert limiter.rate == pytest.approx(400.0, rel=0.03)
 
 
 def test_a_share_that_rises_as_the_rate_is_cut_is_congestion() -> None:
@@ -180,18 +206,15 @@ def test_an_unclear_excess_over_known_noise_undoes_the_cut() -> None:
     """With noise established, a share a little over it that did not fall half way with the cut is
     most likely a chance high: back to the rate before, the estimate unchanged."""
     limiter, clock = make(1000.0)
-    feed(limiter, clock, 100, 30, 0.1)
-    settle(limiter, clock)
-    feed(limiter, clock, 350, 105, 0.5)
-    feed(limiter, clock, 1000, 300, RateLimiter.CONFIRM_SECONDS)
+    establish_noise(limiter, clock)
     assert limiter.rate == 1000.0
-    assert limiter.noise == pytest.approx(0.3, abs=0.01)
-    feed(limiter, clock, 500, 200, 0.5)  # 40 %
+    assert limiter.noise == pytest.approx(0.2, abs=0.01)
+    feed(limiter, clock, 500, 150, 0.5)  # 30 %
     assert limiter.rate == pytest.approx(850.0, rel=0.01)
     settle(limiter, clock)
-    feed(limiter, clock, 1700, 612, RateLimiter.MAX_CHECK_SECONDS)  # 36 %
+    feed(limiter, clock, 1700, 459, RateLimiter.MAX_CHECK_SECONDS)  # 27 %
     assert limiter.rate == 1000.0
-    assert limiter.noise == pytest.approx(0.3, abs=0.01)
+    assert limiter.noise == pytest.approx(0.2, abs=0.01)
 
 
 def test_throttling_at_a_steady_rate_is_measured_on_more_calls_before_a_cut() -> None:
@@ -251,15 +274,15 @@ def test_probing_starts_slow_and_doubles_up_to_the_maximum() -> None:
 def test_the_noise_estimate_is_logged_once_confirmed(caplog: pytest.LogCaptureFixture) -> None:
     limiter, clock = make(1000.0)
     with caplog.at_level(logging.INFO, logger="worker.ratelimit"):
-        feed(limiter, clock, 500, 150, 0.5)
+        feed(limiter, clock, 500, 100, 0.5)
         settle(limiter, clock)
-        feed(limiter, clock, 350, 105, 0.5)
+        feed(limiter, clock, 400, 80, 0.5)
         assert not caplog.records, "not before the next window confirms it"
         for _ in range(4):
-            feed(limiter, clock, 500, 150, 0.5)
+            feed(limiter, clock, 1000, 200, 1.0)
     (record,) = caplog.records
     assert record.levelno == logging.WARNING and "does not follow our rate" in record.getMessage()
-    assert record.__dict__["noise_share"] == pytest.approx(0.3, abs=0.01)
+    assert record.__dict__["noise_share"] == pytest.approx(0.2, abs=0.01)
 
 
 # --- simulations ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-Verdict = Literal["noise", "congestion", "unclear"]
+Verdict = Literal["noise", "congestion", "assumed", "unclear"]
 
 
 class RateLimiter:
@@ -27,7 +27,10 @@ class RateLimiter:
     its floor (~20 accepted calls/s of a 1,000 calls/s quota under 30 % random throttling).
 
     Answers are counted in windows of ≥ WINDOW_SECONDS and ≥ WINDOW_OUTCOMES answers (fewer while the
-    rate rises). `noise` estimates the throttled share that does not follow our rate; it starts at 0.
+    rate rises), and every run of WINDOW_OUTCOMES answers is also looked at alone, so that a share far
+    over the threshold (Z_EARLY) acts at once instead of being diluted by the window's earlier answers
+    (a token bucket's burst hides the first fraction of a second over a quota). `noise` estimates the
+    throttled share that does not follow our rate; it starts at 0.
 
     1. A window throttled within `noise` + max(MARGIN, Z_TRIGGER standard errors) is fine: the rate
        keeps probing, and `noise`, if any, moves toward the window's share (up only at the maximum
@@ -35,21 +38,23 @@ class RateLimiter:
     2. Above that, the quota looks exceeded: cut to the sent rate * min(DECREASE, (1 - p) / (1 - noise)).
        The second factor is the accepted rate, corrected for noise: the quota's size, reached in one
        step however far above it we were; DECREASE leaves headroom when we were only just above it.
-       A window far over the threshold (Z_EARLY) cuts at once; one just over it, at a steady rate,
-       first grows to CAUSE_OUTCOMES answers, because rule 3 compares with it.
+       A share just over the threshold, at a steady rate, is first measured on CAUSE_OUTCOMES answers,
+       because rule 3 compares with it.
     3. Then check whether the throttling followed the cut, at the new rate held. Had a quota of our
        own been exceeded, the accepted rate stays and the share falls by a predictable amount; noise
-       stays where it was. A share that moved significantly (down, or up: a token bucket's burst ran
-       out) is congestion: the cut stands. One that clearly stayed nearer where it was than half the
-       predicted fall is noise: `noise` takes it and the cut is undone. Only a share measured at a
-       steady rate and MIN_NOISE_CHANGE above the noise assumed can turn out noise: other senders
-       raising their rates while we check, or the burst a token bucket saved while we were below
-       it, make small or probing-time excesses look unmoved. The sample grows for MAX_CHECK_SECONDS
-       (longer at low rates); still unclear, it is congestion, as in classic AIMD — replicas sharing
-       a quota each see only part of the effect of their own cut — unless a noise estimate exists and
-       the share did not fall half way: then it was most likely a chance high, and the cut is undone.
-    4. Noise is believed only while the evidence holds. The window after a noise verdict, back at the
-       old rate, must not be throttled significantly more than the check was (else `noise` is 0
+       stays where it was. A share that moved significantly (down, or up: a burst ran out) is
+       congestion: the cut stands. One that clearly stayed nearer where it was than half the
+       predicted fall is noise: `noise` takes it and the cut is undone. Only a share measured on a
+       steady rate's full window, MIN_NOISE_CHANGE above the noise assumed, can turn out noise:
+       other senders raising their rates while we check, or a burst running out under a run of 100
+       answers, make small, probing-time or early excesses look unmoved. The sample grows for
+       MAX_CHECK_SECONDS (longer at low rates); still unclear, congestion is assumed, as in classic
+       AIMD — replicas sharing a quota each see only part of the effect of their own cut — unless a
+       noise estimate exists and the share did not fall half way: then it was most likely a chance
+       high, and the cut is undone. A cut made on an assumption keeps the undo of the one before: if
+       the next check finds noise, both are undone.
+    4. Noise is believed only while the evidence holds. The answers after a noise verdict, back at
+       the old rate, must not be throttled significantly more than in the check (else `noise` is 0
        again); the estimate expires NOISE_TTL_SECONDS after a check last found it; and while there is
        noise the probe does not accelerate: throttling believed to be noise may be other replicas'
        load, and probing fast into it would raise their share until they believe it noise too.
@@ -131,6 +136,7 @@ class RateLimiter:
         self._cause_steady = True
         self._cut_noise = 0.0
         self._undo = (max_rate, now, now)  # rate, probe start, time of the cut
+        self._chained = False
         self._confirming: tuple[float, int] | None = None  # the check's share and answers
 
     # --- the slots -------------------------------------------------------------------------------
@@ -214,11 +220,20 @@ class RateLimiter:
         answers, from before a token bucket's burst ran out, would dilute it."""
         answers, share, elapsed = self._run_answers, self._run_throttles / self._run_answers, now - self._run_start
         self._run_start, self._run_answers, self._run_throttles = now, 0, 0
-        if self._checking or elapsed <= 0.0:
+        if elapsed <= 0.0:
             return
         far_over = share - self._threshold(now, answers) > self.Z_EARLY * _spread(share, answers)
-        if far_over or self._refuted(share, answers):  # (or a noise verdict being refuted: rule 4)
-            self._judge(now, elapsed, answers, share, at_once=True)
+        if self._checking:
+            # A share that rose far since the cut (a burst ran out, others kept sending): congestion,
+            # no need to wait for the check's window.
+            cause, cause_answers, _ = self._cause
+            error = math.hypot(_spread(cause, cause_answers), _spread(share, answers))
+            if not (far_over and share - cause > self.Z_EARLY * error):
+                return
+            self._checking, self._chained, self._since = False, False, now
+        elif not (far_over or self._refuted(share, answers, self.Z)):  # (a noise verdict refuted: rule 4)
+            return
+        self._judge(now, elapsed, answers, share, at_once=True, early=True)
 
     def _close_window(self, now: float, elapsed: float) -> None:
         answers, share = self._answers, self._throttles / self._answers
@@ -230,8 +245,12 @@ class RateLimiter:
             self._window_length += self.WINDOW_SECONDS  # not clear yet: a bigger sample
             return
         self._checking = False
-        if verdict == "congestion":
+        log.debug("rate check", extra={"verdict": verdict, "share": round(share, 3), "cause": round(self._cause[0], 3)})
+        if verdict in ("congestion", "assumed"):
             self._since = now  # held until this window is judged, then probing from the start
+            # An assumed congestion that cuts again keeps the first cut's undo: should the next check
+            # find noise, neither cut was needed.
+            self._chained = verdict == "assumed"
             self._judge(now, elapsed, answers, share, at_once=True)
             return
         self._close(share)
@@ -246,12 +265,14 @@ class RateLimiter:
             self._confirming = (share, answers)
             self._window_length = self.CONFIRM_SECONDS
 
-    def _judge(self, now: float, elapsed: float, answers: int, share: float, at_once: bool) -> None:
+    def _judge(
+        self, now: float, elapsed: float, answers: int, share: float, at_once: bool, early: bool = False
+    ) -> None:
         """Rules 1 and 2, and the confirmation of rule 4, for one window. `at_once`: over the
         threshold, cut without a bigger sample (congestion is known, or our rising rate is the likely
         cause)."""
         if self._confirming is not None:
-            if self._refuted(share, answers):
+            if self._refuted(share, answers, self.Z_NOISE):
                 self.noise = 0.0  # back at the old rate the share rose again: it follows our rate
             self._confirming = None
             self._report_noise()
@@ -263,20 +284,21 @@ class RateLimiter:
                 self._window_length += self.WINDOW_SECONDS
                 return
             self._close(share)
-            self._cut(now, answers / elapsed, share, answers, noise)
+            self._cut(now, answers / elapsed, share, answers, noise, early)
             return
         self._close(share)
+        self._chained = False
         if noise > 0.0 and (share < noise or self.rate >= self.max_rate):
             self._refine_noise(share, elapsed)
         if not self._probing and self.rate < self.max_rate:
             self._probe_from(self.rate, self._since, now)  # a hold ends
 
-    def _refuted(self, share: float, answers: int) -> bool:
-        """While a noise verdict is being confirmed: the share rose significantly over the check's."""
+    def _refuted(self, share: float, answers: int, z: float) -> bool:
+        """While a noise verdict is being confirmed: the share rose `z` errors over the check's."""
         if self._confirming is None:
             return False
         checked, checked_answers = self._confirming
-        return share - checked > self.Z_NOISE * math.hypot(_spread(checked, checked_answers), _spread(share, answers))
+        return share - checked > z * math.hypot(_spread(checked, checked_answers), _spread(share, answers))
 
     def _noise_now(self, now: float) -> float:
         """The noise estimate; it expires NOISE_TTL_SECONDS after a check last found it (rule 4)."""
@@ -316,14 +338,19 @@ class RateLimiter:
         # Still unclear. Without a noise estimate this is classic AIMD's case: a cut for a throttled
         # share that did not clearly go away (replicas sharing a quota each see a partial effect of
         # their own cut). With one, an unclear excess over it is most likely a chance high: undone.
-        return "congestion" if cause - share > fall / 2.0 or not self._cut_noise else "unclear"
+        return "assumed" if cause - share > fall / 2.0 or not self._cut_noise else "unclear"
 
-    def _cut(self, now: float, sent_rate: float, share: float, answers: int, noise: float) -> None:
-        self._cause_steady = not self._probing
+    def _cut(self, now: float, sent_rate: float, share: float, answers: int, noise: float, early: bool) -> None:
+        # A short run of answers (an early cut) may have caught a transient, such as a token bucket's
+        # burst running out: its check can only find congestion.
+        self._cause_steady = not (self._probing or early)
         if self._probing:
             self._probe(now)
-        self._undo = (self.rate, self._since, now)
+        if not self._chained:
+            self._undo = (self.rate, self._since, now)
+        self._chained = False
         factor = min(self.DECREASE, (1.0 - share) / (1.0 - noise))
+        log.debug("rate cut", extra={"share": round(share, 3), "answers": answers, "from": round(self.rate, 1)})
         self.rate = max(self._floor, min(self.rate, sent_rate) * factor)
         self._probing = False  # held while the check runs: a clean measurement of the new rate
         self._checking = True
