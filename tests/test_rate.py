@@ -35,14 +35,14 @@ def feed(limiter: RateLimiter, clock: Clock, answers: int, throttled: int, secon
     for i in range(answers):
         clock.now += step if i else 0.001
         if i in marks:
-            limiter.throttled(0.03)
+            limiter.throttled()
         else:
-            limiter.succeeded(0.03)
+            limiter.succeeded()
 
 
 def settle(limiter: RateLimiter, clock: Clock) -> None:
-    """Past the time after a cut in which answers to earlier calls are ignored."""
-    clock.now += max(RateLimiter.SETTLE_SECONDS, 0.06) + 0.001
+    """Past a cut by more than `feed`'s latency: answers from then on are to calls sent after it."""
+    clock.now += 0.001
 
 
 # --- slots -------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def test_rate_never_falls_below_the_floor() -> None:
     assert limiter.rate == pytest.approx(100.0 * RateLimiter.MIN_FRACTION)
 
 
-def test_probing_starts_slow_and_doubles_up_to_the_maximum() -> None:
+def test_probing_starts_slow_accelerates_with_evidence_and_waits_for_it() -> None:
     limiter, clock = make(1000.0)
     feed(limiter, clock, 100, 90, 0.1)
     settle(limiter, clock)
@@ -260,12 +260,19 @@ def test_probing_starts_slow_and_doubles_up_to_the_maximum() -> None:
     limiter.available()
     first = limiter.rate - start
     assert 0.5 * 1000 * RateLimiter.PROBE_PER_SECOND < first < 2 * 1000 * RateLimiter.PROBE_PER_SECOND
-    clock.now += RateLimiter.PROBE_DOUBLING_SECONDS
+    clock.now += 30.0  # no answers, no evidence: at most PROBE_PER_WINDOW over the last judged rate
     limiter.available()
-    assert limiter.rate - start > 2.5 * first, "faster the longer nothing is throttled"
-    clock.now += 30.0
-    limiter.available()
-    assert limiter.rate == 1000.0
+    assert limiter.rate <= start * (1 + RateLimiter.PROBE_PER_WINDOW) + 1000 * RateLimiter.PROBE_PER_SECOND
+    gains = []
+    for _ in range(60):  # unthrottled windows: each lets the probe go on, faster and faster
+        before = limiter.rate
+        feed(limiter, clock, max(RateLimiter.PROBING_OUTCOMES, int(limiter.rate / 2)), 0, 0.5)
+        limiter.available()  # (the dispatcher asks all the time; the rate follows the clock then)
+        gains.append(limiter.rate - before)
+        if limiter.rate == 1000.0:
+            break
+    assert limiter.rate == 1000.0, "back at the maximum within 30 s of windows"
+    assert max(gains) > 4 * gains[0], "faster the longer nothing is throttled"
     clock.now += 1e6  # a long idle time neither overflows nor passes the maximum
     limiter.available()
     assert limiter.rate == 1000.0

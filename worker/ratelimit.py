@@ -71,6 +71,7 @@ class RateLimiter:
     PROBE_PER_SECOND = 0.005
     """Additive increase right after a cut, as a fraction of the maximum per second."""
     PROBE_DOUBLING_SECONDS = 2.0
+    PROBE_PER_WINDOW = 0.05
     WINDOW_SECONDS = 0.5
     WINDOW_OUTCOMES = 100
     PROBING_OUTCOMES = 30
@@ -98,8 +99,9 @@ class RateLimiter:
     MIN_NOISE_CHANGE = 0.1
     MAX_NOISE = 0.9
     """No noise estimate above this: at least 1 call in 10 must get through before we stop cutting."""
-    SETTLE_SECONDS = 0.1
-    """After a cut, answers to calls sent before it are ignored for max(this, 2 round trips)."""
+    ANSWERED = 0.75
+    """A window is judged once this share of the calls sent in it has answered: throttles come back
+    faster than successes, so a window judged early, in a latency spike, would look throttled."""
     BURST_SECONDS = 0.05
     """Calls unused in the last 50 ms may still go at once: smooths the dispatcher's ticks."""
 
@@ -120,13 +122,15 @@ class RateLimiter:
         self._gain = self._step * self.PROBE_DOUBLING_SECONDS / math.log(2)
         self._growth = math.log(2) / self.PROBE_DOUBLING_SECONDS
         self._probing, self._since, self._probed_at, self._grown = False, now, now, 1.0
-        # The open window; answers before `_ignore_until` belong to calls sent before a cut.
-        self._window_start = 0.0
+        self._probe_cap = max_rate
+        # The open window: calls sent since `_window_start` (by their send time, from the latency the
+        # caller reports), and their answers so far; earlier calls' answers are not counted.
+        self._window_start = now
+        self._sent = 0
         self._window_length = self.WINDOW_SECONDS
         self._answers = self._throttles = 0
-        self._run_start, self._run_answers, self._run_throttles = 0.0, 0, 0
-        self._ignore_until = -math.inf
-        self._round_trip = 0.0
+        self._run_start, self._run_answers, self._run_throttles = now, 0, 0
+        self._last_success, self._success_latency = now, 0.0
         self._noise_at = now
         self._noise_logged = 0.0
         # The cut being checked: the window that caused it (share, answers, sent rate), whether it was
@@ -148,6 +152,8 @@ class RateLimiter:
             self._probe(now)
         slot = max(self._next_slot, now - self.BURST_SECONDS)
         self._next_slot = slot + 1.0 / self.rate
+        if slot >= self._window_start:
+            self._sent += 1
         return max(0.0, slot - now)
 
     def available(self) -> tuple[int, float]:
@@ -175,11 +181,12 @@ class RateLimiter:
         if rate >= self.max_rate:
             rate = self.max_rate
             self._probing = False
-        self.rate = rate
+        self.rate = min(rate, self._probe_cap)
 
     def _probe_from(self, rate: float, since: float, now: float) -> None:
         """Probe upwards from `rate`, as fast as a probe started at `since` would by now."""
         self.rate = min(rate, self.max_rate)
+        self._probe_cap = max(self._probe_cap, self.rate * (1.0 + self.PROBE_PER_WINDOW) + self._step)
         self._since, self._probed_at = since, now
         self._grown = math.exp(self._growth * min(now - since, 60.0))
         self._probing = self.rate < self.max_rate
@@ -187,7 +194,8 @@ class RateLimiter:
     # --- the answers -----------------------------------------------------------------------------
 
     def throttled(self, latency: float = 0.0) -> None:
-        """A call was throttled. `latency`: its round trip in seconds, if known (sets the settle time)."""
+        """A call was throttled. `latency`: its round trip in seconds, so that the answer is counted
+        for when the call was sent (after a cut, only answers to calls sent after it count)."""
         self._answer(1, latency)
 
     def succeeded(self, latency: float = 0.0) -> None:
@@ -196,17 +204,17 @@ class RateLimiter:
 
     def _answer(self, throttled: int, latency: float) -> None:
         now = self._clock()
-        if latency > 0.0:
-            self._round_trip += 0.1 * (latency - self._round_trip)
-        if now < self._ignore_until:
+        if not throttled:
+            self._success_latency += 0.1 * (latency - self._success_latency)
+            self._last_success = now
+        if now - latency < self._window_start:
             return
-        if self._answers == 0:
-            self._window_start = self._run_start = now
-            self._run_answers = self._run_throttles = 0
         self._answers += 1
         self._throttles += throttled
         self._run_answers += 1
         self._run_throttles += throttled
+        if self._answers < self.ANSWERED * self._sent or now - self._last_success > self._overdue():
+            return  # the window's successes are still out (a latency spike): its share would lie
         elapsed = now - self._window_start
         needed = self.PROBING_OUTCOMES if self._probing else self.WINDOW_OUTCOMES
         if self._answers >= needed and elapsed >= self._window_length:
@@ -284,7 +292,7 @@ class RateLimiter:
                 self._window_length += self.WINDOW_SECONDS
                 return
             self._close(share)
-            self._cut(now, answers / elapsed, share, answers, noise, early)
+            self._cut(now, self._sent_rate(answers, elapsed), share, answers, noise, early)
             return
         self._close(share)
         self._chained = False
@@ -312,8 +320,23 @@ class RateLimiter:
         noise = self._noise_now(now)
         return noise + max(self.MARGIN, self.Z_TRIGGER * _spread(noise, answers))
 
+    def _overdue(self) -> float:
+        """How long without a success before the ones still out are late, not missing: throttles are
+        answered at once, successes after the work, so in a latency spike throttles arrive alone."""
+        return max(self.WINDOW_SECONDS, 4.0 * self._success_latency)
+
+    def _sent_rate(self, answers: int, elapsed: float) -> float:
+        """Calls sent per second in the window: counted at `reserve`, else (a caller that never
+        reserves) the answers."""
+        return max(self._sent, answers) / elapsed
+
     def _close(self, share: float) -> None:
-        self._answers = self._throttles = 0
+        now = self._clock()
+        # Probing waits for evidence: no more than PROBE_PER_WINDOW above the rate a window started
+        # at before that window is judged, however long it takes (long round trips, few calls).
+        self._probe_cap = self.rate * (1.0 + self.PROBE_PER_WINDOW) + self._step
+        self._window_start, self._sent, self._answers, self._throttles = now, 0, 0, 0
+        self._run_start, self._run_answers, self._run_throttles = now, 0, 0
         self._window_length = self.WINDOW_SECONDS
         self.throttled_share = share
 
@@ -325,7 +348,7 @@ class RateLimiter:
         if moved > self.Z * error:
             return "congestion"
         # A quota of our own: the accepted rate stays, so the share at the new rate is what that leaves.
-        own_quota = max(self._cut_noise, 1.0 - (1.0 - cause) * cause_rate * elapsed / answers)
+        own_quota = max(self._cut_noise, 1.0 - (1.0 - cause) * cause_rate / self._sent_rate(answers, elapsed))
         fall = cause - own_quota
         unmoved = moved + self.Z_NOISE * error < fall / 2.0
         midway = math.hypot(_spread(cause, cause_answers) / 2.0, _spread(share, answers))
@@ -356,7 +379,6 @@ class RateLimiter:
         self._checking = True
         self._cause = (share, answers, sent_rate)
         self._cut_noise = noise
-        self._ignore_until = now + max(self.SETTLE_SECONDS, 2.0 * self._round_trip)
         # Re-space the queue at the new rate instead of letting reserved slots burst out.
         self._next_slot = max(self._next_slot, now + 1.0 / self.rate)
 
