@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+from worker.ratetally import SendTally
+
 log = logging.getLogger(__name__)
 
 Verdict = Literal["noise", "congestion", "assumed", "unclear"]
@@ -99,9 +101,6 @@ class RateLimiter:
     MIN_NOISE_CHANGE = 0.1
     MAX_NOISE = 0.9
     """No noise estimate above this: at least 1 call in 10 must get through before we stop cutting."""
-    ANSWERED = 0.75
-    """A window is judged once this share of the calls sent in it has answered: throttles come back
-    faster than successes, so a window judged early, in a latency spike, would look throttled."""
     BURST_SECONDS = 0.05
     """Calls unused in the last 50 ms may still go at once: smooths the dispatcher's ticks."""
 
@@ -123,13 +122,9 @@ class RateLimiter:
         self._growth = math.log(2) / self.PROBE_DOUBLING_SECONDS
         self._probing, self._since, self._probed_at, self._grown = False, now, now, 1.0
         self._probe_cap = max_rate
-        # The open window: calls sent since `_window_start` (by their send time, from the latency the
-        # caller reports), and their answers so far; earlier calls' answers are not counted.
-        self._window_start = now
-        self._sent = 0
+        # The open window: calls by send time since the last judgment or cut (worker/ratetally.py).
+        self._tally = SendTally(now)
         self._window_length = self.WINDOW_SECONDS
-        self._answers = self._throttles = 0
-        self._run_start, self._run_answers, self._run_throttles = now, 0, 0
         self._last_success, self._success_latency = now, 0.0
         self._noise_at = now
         self._noise_logged = 0.0
@@ -152,8 +147,7 @@ class RateLimiter:
             self._probe(now)
         slot = max(self._next_slot, now - self.BURST_SECONDS)
         self._next_slot = slot + 1.0 / self.rate
-        if slot >= self._window_start:
-            self._sent += 1
+        self._tally.sent(slot)
         return max(0.0, slot - now)
 
     def available(self) -> tuple[int, float]:
@@ -207,29 +201,31 @@ class RateLimiter:
         if not throttled:
             self._success_latency += 0.1 * (latency - self._success_latency)
             self._last_success = now
-        if now - latency < self._window_start:
+        tally = self._tally
+        if not tally.answered(now - latency, throttled):
+            return  # to a call sent before the window (before a cut: at the old rate)
+        overdue = self._overdue()
+        tally.settle(now, overdue)
+        if overdue < now - self._last_success < 4.0 * overdue:
+            # Successes are late (a latency spike): throttles alone would make the share lie. (Not
+            # forever: with nothing getting through at all, the share is what it is.)
             return
-        self._answers += 1
-        self._throttles += throttled
-        self._run_answers += 1
-        self._run_throttles += throttled
-        if self._answers < self.ANSWERED * self._sent or now - self._last_success > self._overdue():
-            return  # the window's successes are still out (a latency spike): its share would lie
-        elapsed = now - self._window_start
         needed = self.PROBING_OUTCOMES if self._probing else self.WINDOW_OUTCOMES
-        if self._answers >= needed and elapsed >= self._window_length:
-            self._close_window(now, elapsed)
-        elif self._run_answers >= self.WINDOW_OUTCOMES:
-            self._early(now)
+        if tally.answers >= needed and tally.settled_seconds >= self._window_length:
+            self._close_window(now, tally.settled_seconds)
+        elif tally.settled_seconds > self.LONGEST_CHECK_SECONDS and not self._checking:
+            tally.drop_settled()  # hardly any answers for long (an outage): nothing to judge, less to keep
+        else:
+            answers, throttles = tally.run()
+            if answers >= self.WINDOW_OUTCOMES:
+                rate = max(tally.calls, answers) / max(tally.run_span(), self.BURST_SECONDS)
+                tally.mark()
+                self._early(now, answers, throttles / answers, rate)
 
-    def _early(self, now: float) -> None:
+    def _early(self, now: float, answers: int, share: float, rate: float) -> None:
         """Every WINDOW_OUTCOMES answers, the run of them alone: far over the quota (a start at the
         maximum, a quota that just shrank), cut now rather than at the window's end, whose earlier
         answers, from before a token bucket's burst ran out, would dilute it."""
-        answers, share, elapsed = self._run_answers, self._run_throttles / self._run_answers, now - self._run_start
-        self._run_start, self._run_answers, self._run_throttles = now, 0, 0
-        if elapsed <= 0.0:
-            return
         far_over = share - self._threshold(now, answers) > self.Z_EARLY * _spread(share, answers)
         if self._checking:
             # A share that rose far since the cut (a burst ran out, others kept sending): congestion,
@@ -239,12 +235,12 @@ class RateLimiter:
             if not (far_over and share - cause > self.Z_EARLY * error):
                 return
             self._checking, self._chained, self._since = False, False, now
-        elif not (far_over or self._refuted(share, answers, self.Z)):  # (a noise verdict refuted: rule 4)
+        elif not (far_over or self._refuted(share, answers, self.Z_EARLY)):  # (noise refuted: rule 4)
             return
-        self._judge(now, elapsed, answers, share, at_once=True, early=True)
+        self._judge(now, 0.0, answers, share, at_once=True, early=True, rate=rate)
 
     def _close_window(self, now: float, elapsed: float) -> None:
-        answers, share = self._answers, self._throttles / self._answers
+        answers, share = self._tally.answers, self._tally.throttles / self._tally.answers
         if not self._checking:
             self._judge(now, elapsed, answers, share, at_once=self._probing)
             return
@@ -262,9 +258,11 @@ class RateLimiter:
             self._judge(now, elapsed, answers, share, at_once=True)
             return
         self._close(share)
-        # Undone: the probe as it was at the cut, paused while the check ran.
+        # Undone: the probe as it was at the cut, paused while the check ran; calls at the restored
+        # rate are a new sample.
         rate, since, cut_at = self._undo
         self._probe_from(rate, since + (now - cut_at), now)
+        self._tally.restart(now)
         if verdict == "unclear" and 0.0 < share < self.noise:
             self._refine_noise(share, elapsed)
         if verdict == "noise":
@@ -274,11 +272,18 @@ class RateLimiter:
             self._window_length = self.CONFIRM_SECONDS
 
     def _judge(
-        self, now: float, elapsed: float, answers: int, share: float, at_once: bool, early: bool = False
+        self,
+        now: float,
+        elapsed: float,
+        answers: int,
+        share: float,
+        at_once: bool,
+        early: bool = False,
+        rate: float = 0.0,
     ) -> None:
-        """Rules 1 and 2, and the confirmation of rule 4, for one window. `at_once`: over the
-        threshold, cut without a bigger sample (congestion is known, or our rising rate is the likely
-        cause)."""
+        """Rules 1 and 2, and the confirmation of rule 4, for one window of `elapsed` seconds (or an
+        early run sent at `rate`). `at_once`: over the threshold, cut without a bigger sample
+        (congestion is known, or our rising rate is the likely cause)."""
         if self._confirming is not None:
             if self._refuted(share, answers, self.Z_NOISE):
                 self.noise = 0.0  # back at the old rate the share rose again: it follows our rate
@@ -292,7 +297,7 @@ class RateLimiter:
                 self._window_length += self.WINDOW_SECONDS
                 return
             self._close(share)
-            self._cut(now, self._sent_rate(answers, elapsed), share, answers, noise, early)
+            self._cut(now, rate or self._sent_rate(answers), share, answers, noise, early)
             return
         self._close(share)
         self._chained = False
@@ -325,18 +330,16 @@ class RateLimiter:
         answered at once, successes after the work, so in a latency spike throttles arrive alone."""
         return max(self.WINDOW_SECONDS, 4.0 * self._success_latency)
 
-    def _sent_rate(self, answers: int, elapsed: float) -> float:
+    def _sent_rate(self, answers: int) -> float:
         """Calls sent per second in the window: counted at `reserve`, else (a caller that never
-        reserves) the answers."""
-        return max(self._sent, answers) / elapsed
+        reserves) the answers, over the time from the first call sent to the last."""
+        return max(self._tally.calls, answers) / max(self._tally.span(), self.BURST_SECONDS)
 
     def _close(self, share: float) -> None:
-        now = self._clock()
         # Probing waits for evidence: no more than PROBE_PER_WINDOW above the rate a window started
         # at before that window is judged, however long it takes (long round trips, few calls).
         self._probe_cap = self.rate * (1.0 + self.PROBE_PER_WINDOW) + self._step
-        self._window_start, self._sent, self._answers, self._throttles = now, 0, 0, 0
-        self._run_start, self._run_answers, self._run_throttles = now, 0, 0
+        self._tally.drop_settled()
         self._window_length = self.WINDOW_SECONDS
         self.throttled_share = share
 
@@ -348,7 +351,7 @@ class RateLimiter:
         if moved > self.Z * error:
             return "congestion"
         # A quota of our own: the accepted rate stays, so the share at the new rate is what that leaves.
-        own_quota = max(self._cut_noise, 1.0 - (1.0 - cause) * cause_rate / self._sent_rate(answers, elapsed))
+        own_quota = max(self._cut_noise, 1.0 - (1.0 - cause) * cause_rate / self._sent_rate(answers))
         fall = cause - own_quota
         unmoved = moved + self.Z_NOISE * error < fall / 2.0
         midway = math.hypot(_spread(cause, cause_answers) / 2.0, _spread(share, answers))
@@ -379,6 +382,7 @@ class RateLimiter:
         self._checking = True
         self._cause = (share, answers, sent_rate)
         self._cut_noise = noise
+        self._tally.restart(now)  # only calls sent from now on count for the check
         # Re-space the queue at the new rate instead of letting reserved slots burst out.
         self._next_slot = max(self._next_slot, now + 1.0 / self.rate)
 
