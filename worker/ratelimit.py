@@ -28,11 +28,12 @@ class RateLimiter:
     throttles a steady fraction that no rate of ours removes; cutting on each one drove the rate to
     its floor (~20 accepted calls/s of a 1,000 calls/s quota under 30 % random throttling).
 
-    Answers are counted in windows of ≥ WINDOW_SECONDS and ≥ WINDOW_OUTCOMES answers (fewer while the
-    rate rises), and every run of WINDOW_OUTCOMES answers is also looked at alone, so that a share far
-    over the threshold (Z_EARLY) acts at once instead of being diluted by the window's earlier answers
-    (a token bucket's burst hides the first fraction of a second over a quota). `noise` estimates the
-    throttled share that does not follow our rate; it starts at 0.
+    The evidence: answers counted by when their call was sent (worker/ratetally.py), in windows of
+    ≥ WINDOW_SECONDS and ≥ WINDOW_OUTCOMES answers (fewer while the rate rises); each run of
+    WINDOW_OUTCOMES answers is also looked at alone, so that a share far over the threshold (Z_EARLY)
+    acts at once instead of being diluted by earlier answers (a token bucket's burst hides the first
+    fraction of a second over a quota). `noise` estimates the throttled share that does not follow
+    our rate; it starts at 0.
 
     1. A window throttled within `noise` + max(MARGIN, Z_TRIGGER standard errors) is fine: the rate
        keeps probing, and `noise`, if any, moves toward the window's share (up only at the maximum
@@ -62,32 +63,27 @@ class RateLimiter:
        load, and probing fast into it would raise their share until they believe it noise too.
 
     Probing adds PROBE_PER_SECOND of the maximum per second, doubling every PROBE_DOUBLING_SECONDS
-    without a cut: slow near a quota just found, back from 10 % to the maximum within ~15 s once the
-    quota is raised. Replicas sharing a quota see the same share, so they cut by the same factor and
-    probe alike: AIMD converges on fair shares without them talking to each other.
+    without a cut, but never more than PROBE_PER_WINDOW over the last judged window's rate until the
+    next is judged: slow near a quota just found, whatever the round trip; back from 10 % to the
+    maximum within ~20 s once the quota is raised. Replicas sharing a quota see the same share, so
+    they cut by the same factor and probe alike: AIMD converges on fair shares without talking.
     """
 
     DECREASE = 0.85
     MIN_FRACTION = 0.01
     """The floor, as a fraction of the maximum: some calls keep going to see the quota come back."""
-    PROBE_PER_SECOND = 0.005
-    """Additive increase right after a cut, as a fraction of the maximum per second."""
+    PROBE_PER_SECOND = 0.005  # of the maximum: the additive increase right after a cut
     PROBE_DOUBLING_SECONDS = 2.0
     PROBE_PER_WINDOW = 0.05
     WINDOW_SECONDS = 0.5
     WINDOW_OUTCOMES = 100
-    PROBING_OUTCOMES = 30
-    """While the rate rises a window needs fewer answers: a quota is found sooner, overshot less."""
-    MARGIN = 0.03
-    """Throttled share above the noise tolerated before cutting: the steady-state overshoot."""
+    PROBING_OUTCOMES = 30  # while the rate rises: a quota is found sooner, overshot less
+    MARGIN = 0.03  # throttled share over the noise tolerated: the steady-state overshoot
     Z_TRIGGER = 4.0
     """Standard errors over the noise before a cut: rare enough that noise alone almost never cuts."""
-    Z = 3.0
-    """Standard errors a share must move by with a cut to count as following it."""
-    Z_EARLY = 5.0
-    """Standard errors over the threshold at which a window closes early and cuts."""
-    Z_NOISE = 2.0
-    """Standard errors for "it did not follow": a wrong "noise" is caught by rule 4."""
+    Z = 3.0  # standard errors a share must move by with a cut to count as following it
+    Z_EARLY = 5.0  # over the threshold: a run of answers acts at once
+    Z_NOISE = 2.0  # for "it did not follow": a wrong "noise" is caught by rule 4
     CAUSE_OUTCOMES = 300
     MAX_CAUSE_SECONDS = 1.5
     MAX_CHECK_SECONDS = 2.0
@@ -96,13 +92,11 @@ class RateLimiter:
     """A check runs MAX_CHECK_SECONDS, longer at low rates: until CHECK_OUTCOMES answers, at most this."""
     CONFIRM_SECONDS = 1.0
     NOISE_TTL_SECONDS = 60.0
-    NOISE_GAIN = 0.1
-    """How far each fine window moves the noise estimate toward its share (~5 s of memory)."""
+    NOISE_GAIN = 0.1  # how far each fine window moves `noise` toward its share (~5 s of memory)
     MIN_NOISE_CHANGE = 0.1
     MAX_NOISE = 0.9
     """No noise estimate above this: at least 1 call in 10 must get through before we stop cutting."""
-    BURST_SECONDS = 0.05
-    """Calls unused in the last 50 ms may still go at once: smooths the dispatcher's ticks."""
+    BURST_SECONDS = 0.05  # calls unused in the last 50 ms may go at once: smooths the dispatcher's ticks
 
     def __init__(self, max_rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_rate = max_rate
