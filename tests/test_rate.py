@@ -138,20 +138,23 @@ def test_the_cut_stands_when_the_share_falls_with_it() -> None:
 
 
 def establish_noise(limiter: RateLimiter, clock: Clock, share: float = 0.2) -> None:
-    """A steady window over the threshold (not far enough over it to cut early), a check in which
-    the share stays, and the confirming window: `noise` is `share`, the rate back at 1,000/s."""
+    """Noise setting in at 1,000 calls/s (not far enough over the threshold to cut early): a cut,
+    its check, which cannot call a first throttled window noise, a second cut, its check, which
+    can, and the confirming window: `noise` is `share`, the rate back at 1,000/s."""
     feed(limiter, clock, 500, round(500 * share), 0.5)
     settle(limiter, clock)
-    feed(limiter, clock, 400, round(400 * share), 0.5)
+    sent = round(limiter.rate * RateLimiter.MAX_CHECK_SECONDS)
+    feed(limiter, clock, sent, round(sent * share), RateLimiter.MAX_CHECK_SECONDS)
+    settle(limiter, clock)
+    sent = round(limiter.rate * 0.5)
+    feed(limiter, clock, sent, round(sent * share), 0.5)
     feed(limiter, clock, 1000, round(1000 * share), RateLimiter.CONFIRM_SECONDS)
 
 
 def test_the_cut_is_undone_when_the_share_does_not_follow_it() -> None:
+    """20 % at 1,000 calls/s, and 20 % at every lower rate: noise, and both cuts are undone."""
     limiter, clock = make(1000.0)
-    feed(limiter, clock, 500, 100, 0.5)  # 20 %
-    assert limiter.rate == pytest.approx(800.0, rel=0.02)
-    settle(limiter, clock)
-    feed(limiter, clock, 400, 80, 0.5)  # still 20 % at 80 % of the rate: noise
+    establish_noise(limiter, clock)
     assert limiter.noise == pytest.approx(0.2, abs=0.01)
     assert limiter.rate == 1000.0
     feed(limiter, clock, 1000, 200, 1.0)  # and 20 % again at the full rate is no reason to cut
@@ -175,17 +178,31 @@ def test_noise_that_sets_in_far_over_the_threshold_takes_two_cuts_and_both_are_u
 
 
 def test_a_noise_verdict_is_refuted_when_the_share_rises_with_the_restored_rate() -> None:
-    """A token bucket's burst running out during the check makes congestion look like noise once:
+    """Congestion that looked like noise for a check (another sender raised its rate meanwhile):
     back at the old rate, the first 100 answers show it."""
     limiter, clock = make(1000.0)
     feed(limiter, clock, 500, 100, 0.5)
     settle(limiter, clock)
-    feed(limiter, clock, 400, 80, 0.5)
+    feed(limiter, clock, 1600, 320, RateLimiter.MAX_CHECK_SECONDS)
+    settle(limiter, clock)
+    feed(limiter, clock, 320, 64, 0.5)
     assert limiter.rate == 1000.0
     assert limiter.noise == pytest.approx(0.2, abs=0.01)
     feed(limiter, clock, 300, 180, 0.3)  # back at 1,000/s: 60 %
     assert limiter.noise == 0.0
     assert limiter.rate < 500.0, "and cut for"
+
+
+def test_a_first_throttled_window_cannot_turn_out_noise() -> None:
+    """Throttling in a window after a clean one may be a token bucket's saved burst running out:
+    its check cannot call it noise, however the share moves."""
+    limiter, clock = make(1000.0)
+    feed(limiter, clock, 500, 100, 0.5)  # 20 % from nothing
+    assert limiter.rate == pytest.approx(800.0, rel=0.02)
+    settle(limiter, clock)
+    feed(limiter, clock, 1600, 320, RateLimiter.MAX_CHECK_SECONDS)  # 20 % at 800/s too
+    assert limiter.noise == 0.0
+    assert limiter.rate < 800.0, "congestion assumed, cut again"
 
 
 def test_a_share_that_rises_as_the_rate_is_cut_is_congestion() -> None:

@@ -127,7 +127,7 @@ class RateLimiter:
         self._checking = False
         self._cause = (0.0, 1, max_rate)
         self._cause_steady = True
-        self._cut_noise = 0.0
+        self._before = 0.0  # the throttled share of the window before the last        self._cut_noise = 0.0
         self._undo = (max_rate, now, now)  # rate, probe start, time of the cut
         self._chained = False
         self._confirming: tuple[float, int] | None = None  # the check's share and answers
@@ -335,7 +335,7 @@ class RateLimiter:
         self._probe_cap = self.rate * (1.0 + self.PROBE_PER_WINDOW) + self._step
         self._tally.drop_settled()
         self._window_length = self.WINDOW_SECONDS
-        self.throttled_share = share
+        self._before, self.throttled_share = self.throttled_share, share
 
     def _verdict(self, share: float, answers: int, elapsed: float) -> Verdict | None:
         """Rule 3 on the check's sample so far; None while it cannot tell yet."""
@@ -361,9 +361,10 @@ class RateLimiter:
         return "assumed" if cause - share > fall / 2.0 or not self._cut_noise else "unclear"
 
     def _cut(self, now: float, sent_rate: float, share: float, answers: int, noise: float, early: bool) -> None:
-        # A short run of answers (an early cut) may have caught a transient, such as a token bucket's
-        # burst running out: its check can only find congestion.
-        self._cause_steady = not (self._probing or early)
+        # A short run (an early cut) may have caught a transient, and so may a first throttled window
+        # after none: the burst a token bucket saved while we were below it running out. Only a
+        # share already there the window before can be told from such a transient.
+        self._cause_steady = not (self._probing or early) and self._before > self.MARGIN
         if self._probing:
             self._probe(now)
         if not self._chained:
