@@ -465,6 +465,9 @@ async def test_personalize_throttling_errors_spikes_and_outage(
     # calls/s in trouble. The limiter before cut on every throttle and fell toward its floor (1.5/s).
     limits = sorted(s.get(P + "rate_limit_requests_per_second", 0.0) for s in in_trouble)
     assert limits and limits[len(limits) // 2] >= 75, f"rate limit in trouble: {limits}"
+    # And back after the outage: faster than in trouble (a limiter held low through it recovered at
+    # a tenth of that once).
+    assert recovered_rate > trouble_rate, f"throughput {recovered_rate:.0f}/s after vs {trouble_rate:.0f}/s"
     counts = received(await asyncio.to_thread(emulator.events))
     assert set(counts) == valid_ids(stream)
     stats = await asyncio.to_thread(emulator.stats)

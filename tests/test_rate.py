@@ -279,7 +279,7 @@ def test_rate_never_falls_below_the_floor() -> None:
     assert limiter.rate == pytest.approx(100.0 * RateLimiter.MIN_FRACTION)
 
 
-def test_probing_starts_slow_accelerates_with_evidence_and_waits_for_it() -> None:
+def test_probing_starts_slow_and_doubles_up_to_the_maximum() -> None:
     limiter, clock = make(1000.0)
     feed(limiter, clock, 100, 90, 0.1)
     settle(limiter, clock)
@@ -289,22 +289,42 @@ def test_probing_starts_slow_accelerates_with_evidence_and_waits_for_it() -> Non
     limiter.available()
     first = limiter.rate - start
     assert 0.5 * 1000 * RateLimiter.PROBE_PER_SECOND < first < 2 * 1000 * RateLimiter.PROBE_PER_SECOND
-    clock.now += 30.0  # no answers, no evidence: at most PROBE_PER_WINDOW over the last judged rate
+    clock.now += RateLimiter.PROBE_DOUBLING_SECONDS
     limiter.available()
-    assert limiter.rate <= start * (1 + RateLimiter.PROBE_PER_WINDOW) + 1000 * RateLimiter.PROBE_PER_SECOND
-    gains = []
-    for _ in range(60):  # unthrottled windows: each lets the probe go on, faster and faster
-        before = limiter.rate
-        feed(limiter, clock, max(RateLimiter.PROBING_OUTCOMES, int(limiter.rate / 2)), 0, 0.5)
-        limiter.available()  # (the dispatcher asks all the time; the rate follows the clock then)
-        gains.append(limiter.rate - before)
-        if limiter.rate == 1000.0:
-            break
-    assert limiter.rate == 1000.0, "back at the maximum within 30 s of windows"
-    assert max(gains) > 4 * gains[0], "faster the longer nothing is throttled"
+    assert limiter.rate - start > 2.5 * first, "faster the longer nothing is throttled"
+    clock.now += 30.0
+    limiter.available()
+    assert limiter.rate == 1000.0
     clock.now += 1e6  # a long idle time neither overflows nor passes the maximum
     limiter.available()
     assert limiter.rate == 1000.0
+
+
+def test_from_the_floor_the_maximum_is_back_within_bounded_time_however_few_the_calls() -> None:
+    """At 1.5 calls/s (the floor of 150) a window takes a minute to fill: recovery must not wait
+    for windows (a chaos run once recovered at 13 events/s after an outage for that reason)."""
+    clock = Clock(100.0)
+    limiter = RateLimiter(150.0, clock)
+    trace = simulate(limiter, clock, Service(quota=2.0, seed=9), 60, events={20: lambda s: s.set_quota(None)})
+    assert trace.seconds[19].rate < 10.0, "at the floor while the quota is tiny"
+    back = next(t for t in range(20, 60) if trace.seconds[t].rate >= 149.0) - 20
+    assert back <= 25, f"back at 150/s after {back} s"
+
+
+def test_an_outage_during_a_check_holds_the_rate_and_the_check_resumes() -> None:
+    """Errors the caller does not report (5xx, timeouts) are no evidence either way: no answers, no
+    decisions; when answers come back the check completes."""
+    limiter, clock = make(1000.0)
+    feed(limiter, clock, 100, 50, 0.1)
+    cut = limiter.rate
+    settle(limiter, clock)
+    clock.now += 60.0  # an outage: nothing answered
+    limiter.available()
+    assert limiter.rate == cut
+    feed(limiter, clock, 500, 0, 1.0)  # back: nothing throttled at the cut rate
+    clock.now += 1.0
+    limiter.available()
+    assert limiter.rate > cut, "the check found congestion, the probe resumed"
 
 
 def test_the_noise_estimate_is_logged_once_confirmed(caplog: pytest.LogCaptureFixture) -> None:
@@ -338,7 +358,7 @@ def test_a_hard_quota_below_the_maximum_is_found_within_seconds(latency: float) 
     assert found <= 3, f"settled after {found} s"
     accepted, throttled, _ = trace.window(10, 60)
     assert accepted >= 95.0, "the quota is used"
-    assert throttled <= 0.05, "overshoot in steady state"
+    assert throttled <= (0.05 if latency < 0.1 else 0.07), "overshoot in steady state (detection waits for answers)"
     assert limiter.noise < 0.05
 
 

@@ -63,10 +63,10 @@ class RateLimiter:
        load, and probing fast into it would raise their share until they believe it noise too.
 
     Probing adds PROBE_PER_SECOND of the maximum per second, doubling every PROBE_DOUBLING_SECONDS
-    without a cut, but never more than PROBE_PER_WINDOW over the last judged window's rate until the
-    next is judged: slow near a quota just found, whatever the round trip; back from 10 % to the
-    maximum within ~20 s once the quota is raised. Replicas sharing a quota see the same share, so
-    they cut by the same factor and probe alike: AIMD converges on fair shares without talking.
+    without a cut: slow near a quota just found, back from the floor to the maximum within ~20 s
+    once the quota is raised (or an outage is over), however few calls that rate makes. Replicas
+    sharing a quota see the same share, so they cut by the same factor and probe alike: AIMD
+    converges on fair shares without them talking to each other.
     """
 
     DECREASE = 0.85
@@ -74,7 +74,6 @@ class RateLimiter:
     """The floor, as a fraction of the maximum: some calls keep going to see the quota come back."""
     PROBE_PER_SECOND = 0.005  # of the maximum: the additive increase right after a cut
     PROBE_DOUBLING_SECONDS = 2.0
-    PROBE_PER_WINDOW = 0.05
     WINDOW_SECONDS = 0.5
     WINDOW_OUTCOMES = 100
     PROBING_OUTCOMES = 30  # while the rate rises: a quota is found sooner, overshot less
@@ -88,7 +87,8 @@ class RateLimiter:
     MAX_CAUSE_SECONDS = 1.5
     MAX_CHECK_SECONDS = 2.0
     CHECK_OUTCOMES = 200
-    LONGEST_CHECK_SECONDS = 8.0
+    LONGEST_CHECK_SECONDS = 4.0
+    FEWEST_OUTCOMES = 10
     """A check runs MAX_CHECK_SECONDS, longer at low rates: until CHECK_OUTCOMES answers, at most this."""
     CONFIRM_SECONDS = 1.0
     NOISE_TTL_SECONDS = 60.0
@@ -115,7 +115,6 @@ class RateLimiter:
         self._gain = self._step * self.PROBE_DOUBLING_SECONDS / math.log(2)
         self._growth = math.log(2) / self.PROBE_DOUBLING_SECONDS
         self._probing, self._since, self._probed_at, self._grown = False, now, now, 1.0
-        self._probe_cap = max_rate
         # The open window: calls by send time since the last judgment or cut (worker/ratetally.py).
         self._tally = SendTally(now)
         self._window_length = self.WINDOW_SECONDS
@@ -169,12 +168,11 @@ class RateLimiter:
         if rate >= self.max_rate:
             rate = self.max_rate
             self._probing = False
-        self.rate = min(rate, self._probe_cap)
+        self.rate = rate
 
     def _probe_from(self, rate: float, since: float, now: float) -> None:
         """Probe upwards from `rate`, as fast as a probe started at `since` would by now."""
         self.rate = min(rate, self.max_rate)
-        self._probe_cap = max(self._probe_cap, self.rate * (1.0 + self.PROBE_PER_WINDOW) + self._step)
         self._since, self._probed_at = since, now
         self._grown = math.exp(self._growth * min(now - since, 60.0))
         self._probing = self.rate < self.max_rate
@@ -205,10 +203,17 @@ class RateLimiter:
             # forever: with nothing getting through at all, the share is what it is.)
             return
         needed = self.PROBING_OUTCOMES if self._probing else self.WINDOW_OUTCOMES
-        if tally.answers >= needed and tally.settled_seconds >= self._window_length:
+        long_enough = tally.settled_seconds >= self._window_length
+        if tally.settled_seconds > self.LONGEST_CHECK_SECONDS and tally.span() > self.LONGEST_CHECK_SECONDS:
+            # Few calls (near the floor of a small maximum): a decision in bounded time on what there
+            # is; with hardly any answers (an outage) nothing to judge, and less to keep.
+            if tally.answers >= self.FEWEST_OUTCOMES:
+                self._window_length = 0.0
+                self._close_window(now, tally.settled_seconds)
+            elif not self._checking:
+                tally.drop_settled()
+        elif tally.answers >= needed and long_enough:
             self._close_window(now, tally.settled_seconds)
-        elif tally.settled_seconds > self.LONGEST_CHECK_SECONDS and not self._checking:
-            tally.drop_settled()  # hardly any answers for long (an outage): nothing to judge, less to keep
         else:
             answers, throttles = tally.run()
             if answers >= self.WINDOW_OUTCOMES:
@@ -330,9 +335,6 @@ class RateLimiter:
         return max(self._tally.calls, answers) / max(self._tally.span(), self.BURST_SECONDS)
 
     def _close(self, share: float) -> None:
-        # Probing waits for evidence: no more than PROBE_PER_WINDOW above the rate a window started
-        # at before that window is judged, however long it takes (long round trips, few calls).
-        self._probe_cap = self.rate * (1.0 + self.PROBE_PER_WINDOW) + self._step
         self._tally.drop_settled()
         self._window_length = self.WINDOW_SECONDS
         self._before, self.throttled_share = self.throttled_share, share
@@ -353,7 +355,9 @@ class RateLimiter:
         plausible = self._cause_steady and cause - self._cut_noise >= self.MIN_NOISE_CHANGE
         if plausible and share <= self.MAX_NOISE and (unmoved or stayed_up):
             return "noise"
-        if elapsed < self.MAX_CHECK_SECONDS or (answers < self.CHECK_OUTCOMES and elapsed < self.LONGEST_CHECK_SECONDS):
+        if elapsed < self.MAX_CHECK_SECONDS or (
+            answers < self.CHECK_OUTCOMES and elapsed <= self.LONGEST_CHECK_SECONDS
+        ):
             return None
         # Still unclear. Without a noise estimate this is classic AIMD's case: a cut for a throttled
         # share that did not clearly go away (replicas sharing a quota each see a partial effect of
