@@ -18,6 +18,7 @@ from worker.config import PersonalizeSettings
 from worker.emulator import run_emulator
 from worker.metrics import Metrics
 from worker.ratelimit import RateLimiter
+from worker.ratetally import SendTally
 from worker.retry import Backoff
 from worker.sink import Sink
 
@@ -27,22 +28,32 @@ def make(max_rate: float = 10.0, now: float = 0.0) -> tuple[RateLimiter, Clock]:
     return RateLimiter(max_rate, clock), clock
 
 
+LATENCY = SendTally.BUCKET
+"""Round trip of `feed`'s calls: the answers to calls sent in a stretch of time are all in one
+bucket later, when the tally can settle it."""
+
+
 def feed(limiter: RateLimiter, clock: Clock, answers: int, throttled: int, seconds: float) -> None:
-    """`answers` answers spread evenly over `seconds`, every k-th one throttled (the last one too)."""
+    """Answers to `answers` calls sent evenly over `seconds`, every k-th one throttled (the last one
+    too), each LATENCY after its call."""
     every = answers / throttled if throttled else 0.0
     marks = {round((i + 1) * every) - 1 for i in range(throttled)}
-    step = seconds / (answers - 1) * (1 + 1e-9)  # the first and the last answer `seconds` apart
+    step = seconds / (answers - 1) * (1 + 1e-9)  # the first and the last call `seconds` apart
     for i in range(answers):
-        clock.now += step if i else 0.001
+        clock.now += step if i else LATENCY + 0.001
         if i in marks:
-            limiter.throttled(0.03)
+            limiter.throttled(LATENCY)
         else:
-            limiter.succeeded(0.03)
+            limiter.succeeded(LATENCY)
+    # One more success for the last call's bucket, a bucket later: the tally settles it now, instead
+    # of at the next call's answer.
+    clock.now += SendTally.BUCKET
+    limiter.succeeded(LATENCY + SendTally.BUCKET)
 
 
 def settle(limiter: RateLimiter, clock: Clock) -> None:
-    """Past the time after a cut in which answers to earlier calls are ignored."""
-    clock.now += max(RateLimiter.SETTLE_SECONDS, 0.06) + 0.001
+    """Past a cut: the next calls are sent after it."""
+    clock.now += 0.001
 
 
 # --- slots -------------------------------------------------------------------------------------
@@ -88,7 +99,7 @@ def test_a_throttled_share_within_the_margin_does_not_cut() -> None:
     limiter, clock = make(1000.0)
     feed(limiter, clock, 500, 10, 0.5)  # 2 %
     assert limiter.rate == 1000.0
-    assert limiter.throttled_share == pytest.approx(0.02)
+    assert limiter.throttled_share == pytest.approx(0.02, abs=0.001)
 
 
 def test_single_throttles_never_cut_before_a_window_is_complete() -> None:
@@ -105,7 +116,8 @@ def test_far_over_the_quota_cuts_at_once_to_the_accepted_rate() -> None:
     limiter, clock = make(1000.0, now=5.0)
     feed(limiter, clock, 100, 90, 0.1)  # 1,000 calls/s sent, 100/s accepted
     assert limiter.rate == pytest.approx(100.0, rel=0.03)
-    assert limiter.reserve() == pytest.approx(1.0 / limiter.rate, rel=0.05), "queue re-spaced at the new rate"
+    calls, _ = limiter.available()
+    assert calls <= limiter.rate * RateLimiter.BURST_SECONDS + 1, "the queue re-spaced at the new rate"
 
 
 def test_a_small_excess_cuts_by_the_decrease_factor() -> None:
@@ -125,29 +137,72 @@ def test_the_cut_stands_when_the_share_falls_with_it() -> None:
     assert limiter.rate == pytest.approx(cut, rel=0.01)
 
 
+def establish_noise(limiter: RateLimiter, clock: Clock, share: float = 0.2) -> None:
+    """Noise setting in at 1,000 calls/s (not far enough over the threshold to cut early): a cut,
+    its check, which cannot call a first throttled window noise, a second cut, its check, which
+    can, and the confirming window: `noise` is `share`, the rate back at 1,000/s."""
+    feed(limiter, clock, 500, round(500 * share), 0.5)
+    settle(limiter, clock)
+    sent = round(limiter.rate * RateLimiter.MAX_CHECK_SECONDS)
+    feed(limiter, clock, sent, round(sent * share), RateLimiter.MAX_CHECK_SECONDS)
+    settle(limiter, clock)
+    sent = round(limiter.rate * 0.5)
+    feed(limiter, clock, sent, round(sent * share), 0.5)
+    feed(limiter, clock, 1000, round(1000 * share), RateLimiter.CONFIRM_SECONDS)
+
+
 def test_the_cut_is_undone_when_the_share_does_not_follow_it() -> None:
+    """20 % at 1,000 calls/s, and 20 % at every lower rate: noise, and both cuts are undone."""
+    limiter, clock = make(1000.0)
+    establish_noise(limiter, clock)
+    assert limiter.noise == pytest.approx(0.2, abs=0.01)
+    assert limiter.rate == 1000.0
+    feed(limiter, clock, 1000, 200, 1.0)  # and 20 % again at the full rate is no reason to cut
+    assert limiter.rate == 1000.0
+
+
+def test_noise_that_sets_in_far_over_the_threshold_takes_two_cuts_and_both_are_undone() -> None:
+    """30 % from one moment to the next: the first cut comes early, on 100 answers, which may have
+    caught a transient, so its check cannot call it noise; the second, on a steady sample, can, and
+    then neither cut was needed."""
     limiter, clock = make(1000.0)
     feed(limiter, clock, 100, 30, 0.1)
     assert limiter.rate == pytest.approx(700.0, rel=0.02)
     settle(limiter, clock)
-    feed(limiter, clock, 350, 105, 0.5)  # still 30 % at 70 % of the rate: noise
+    feed(limiter, clock, 1400, 420, RateLimiter.MAX_CHECK_SECONDS)
+    assert limiter.rate == pytest.approx(490.0, rel=0.02)
+    settle(limiter, clock)
+    feed(limiter, clock, 245, 74, 0.5)
     assert limiter.noise == pytest.approx(0.3, abs=0.01)
     assert limiter.rate == 1000.0
-    feed(limiter, clock, 500, 150, 0.5)  # and 30 % again at the full rate is no reason to cut
-    assert limiter.rate == 1000.0
 
 
-def test_a_noise_verdict_is_reverted_when_the_share_rises_with_the_restored_rate() -> None:
-    """A token bucket's burst running out during the check makes congestion look like noise once."""
+def test_a_noise_verdict_is_refuted_when_the_share_rises_with_the_restored_rate() -> None:
+    """Congestion that looked like noise for a check (another sender raised its rate meanwhile):
+    back at the old rate, the first 100 answers show it."""
     limiter, clock = make(1000.0)
-    feed(limiter, clock, 100, 50, 0.1)
+    feed(limiter, clock, 500, 100, 0.5)
     settle(limiter, clock)
-    feed(limiter, clock, 250, 125, 0.5)
+    feed(limiter, clock, 1600, 320, RateLimiter.MAX_CHECK_SECONDS)
+    settle(limiter, clock)
+    feed(limiter, clock, 320, 64, 0.5)
     assert limiter.rate == 1000.0
-    assert limiter.noise == pytest.approx(0.5, abs=0.01)
-    feed(limiter, clock, 1000, 900, RateLimiter.CONFIRM_SECONDS)  # back at 1,000/s: 90 %
+    assert limiter.noise == pytest.approx(0.2, abs=0.01)
+    feed(limiter, clock, 300, 180, 0.3)  # back at 1,000/s: 60 %
     assert limiter.noise == 0.0
-    assert limiter.rate == pytest.approx(100.0, rel=0.02)
+    assert limiter.rate < 500.0, "and cut for"
+
+
+def test_a_first_throttled_window_cannot_turn_out_noise() -> None:
+    """Throttling in a window after a clean one may be a token bucket's saved burst running out:
+    its check cannot call it noise, however the share moves."""
+    limiter, clock = make(1000.0)
+    feed(limiter, clock, 500, 100, 0.5)  # 20 % from nothing
+    assert limiter.rate == pytest.approx(800.0, rel=0.02)
+    settle(limiter, clock)
+    feed(limiter, clock, 1600, 320, RateLimiter.MAX_CHECK_SECONDS)  # 20 % at 800/s too
+    assert limiter.noise == 0.0
+    assert limiter.rate < 800.0, "congestion assumed, cut again"
 
 
 def test_a_share_that_rises_as_the_rate_is_cut_is_congestion() -> None:
@@ -180,18 +235,15 @@ def test_an_unclear_excess_over_known_noise_undoes_the_cut() -> None:
     """With noise established, a share a little over it that did not fall half way with the cut is
     most likely a chance high: back to the rate before, the estimate unchanged."""
     limiter, clock = make(1000.0)
-    feed(limiter, clock, 100, 30, 0.1)
-    settle(limiter, clock)
-    feed(limiter, clock, 350, 105, 0.5)
-    feed(limiter, clock, 1000, 300, RateLimiter.CONFIRM_SECONDS)
+    establish_noise(limiter, clock)
     assert limiter.rate == 1000.0
-    assert limiter.noise == pytest.approx(0.3, abs=0.01)
-    feed(limiter, clock, 500, 200, 0.5)  # 40 %
-    assert limiter.rate == pytest.approx(850.0, rel=0.01)
+    assert limiter.noise == pytest.approx(0.2, abs=0.01)
+    feed(limiter, clock, 1000, 300, 1.0)  # 30 %
+    assert limiter.rate == pytest.approx(850.0, rel=0.02)
     settle(limiter, clock)
-    feed(limiter, clock, 1700, 612, RateLimiter.MAX_CHECK_SECONDS)  # 36 %
+    feed(limiter, clock, 1700, 459, RateLimiter.MAX_CHECK_SECONDS)  # 27 %
     assert limiter.rate == 1000.0
-    assert limiter.noise == pytest.approx(0.3, abs=0.01)
+    assert limiter.noise == pytest.approx(0.2, abs=0.01)
 
 
 def test_throttling_at_a_steady_rate_is_measured_on_more_calls_before_a_cut() -> None:
@@ -248,18 +300,45 @@ def test_probing_starts_slow_and_doubles_up_to_the_maximum() -> None:
     assert limiter.rate == 1000.0
 
 
+def test_from_the_floor_the_maximum_is_back_within_bounded_time_however_few_the_calls() -> None:
+    """At 1.5 calls/s (the floor of 150) a window takes a minute to fill: recovery must not wait
+    for windows (a chaos run once recovered at 13 events/s after an outage for that reason)."""
+    clock = Clock(100.0)
+    limiter = RateLimiter(150.0, clock)
+    trace = simulate(limiter, clock, Service(quota=2.0, seed=9), 60, events={20: lambda s: s.set_quota(None)})
+    assert trace.seconds[19].rate < 10.0, "at the floor while the quota is tiny"
+    back = next(t for t in range(20, 60) if trace.seconds[t].rate >= 149.0) - 20
+    assert back <= 25, f"back at 150/s after {back} s"
+
+
+def test_an_outage_during_a_check_holds_the_rate_and_the_check_resumes() -> None:
+    """Errors the caller does not report (5xx, timeouts) are no evidence either way: no answers, no
+    decisions; when answers come back the check completes."""
+    limiter, clock = make(1000.0)
+    feed(limiter, clock, 100, 50, 0.1)
+    cut = limiter.rate
+    settle(limiter, clock)
+    clock.now += 60.0  # an outage: nothing answered
+    limiter.available()
+    assert limiter.rate == cut
+    feed(limiter, clock, 500, 0, 1.0)  # back: nothing throttled at the cut rate
+    clock.now += 1.0
+    limiter.available()
+    assert limiter.rate > cut, "the check found congestion, the probe resumed"
+
+
 def test_the_noise_estimate_is_logged_once_confirmed(caplog: pytest.LogCaptureFixture) -> None:
     limiter, clock = make(1000.0)
     with caplog.at_level(logging.INFO, logger="worker.ratelimit"):
-        feed(limiter, clock, 500, 150, 0.5)
+        feed(limiter, clock, 500, 100, 0.5)
         settle(limiter, clock)
-        feed(limiter, clock, 350, 105, 0.5)
+        feed(limiter, clock, 400, 80, 0.5)
         assert not caplog.records, "not before the next window confirms it"
         for _ in range(4):
-            feed(limiter, clock, 500, 150, 0.5)
+            feed(limiter, clock, 1000, 200, 1.0)
     (record,) = caplog.records
     assert record.levelno == logging.WARNING and "does not follow our rate" in record.getMessage()
-    assert record.__dict__["noise_share"] == pytest.approx(0.3, abs=0.01)
+    assert record.__dict__["noise_share"] == pytest.approx(0.2, abs=0.01)
 
 
 # --- simulations ---------------------------------------------------------------------------------
@@ -279,7 +358,7 @@ def test_a_hard_quota_below_the_maximum_is_found_within_seconds(latency: float) 
     assert found <= 3, f"settled after {found} s"
     accepted, throttled, _ = trace.window(10, 60)
     assert accepted >= 95.0, "the quota is used"
-    assert throttled <= 0.05, "overshoot in steady state"
+    assert throttled <= (0.05 if latency < 0.1 else 0.07), "overshoot in steady state (detection waits for answers)"
     assert limiter.noise < 0.05
 
 
