@@ -96,6 +96,9 @@ class RateLimiter:
     MIN_NOISE_CHANGE = 0.1
     MAX_NOISE = 0.9
     """No noise estimate above this: at least 1 call in 10 must get through before we stop cutting."""
+    SLOW_HALF_LIFE = 2.0
+    LATE_SECONDS = 10.0
+    """Successes later than this are not waited for: the request timeout's default."""
     BURST_SECONDS = 0.05  # calls unused in the last 50 ms may go at once: smooths the dispatcher's ticks
 
     def __init__(self, max_rate: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -118,7 +121,8 @@ class RateLimiter:
         # The open window: calls by send time since the last judgment or cut (worker/ratetally.py).
         self._tally = SendTally(now)
         self._window_length = self.WINDOW_SECONDS
-        self._last_success, self._success_latency = now, 0.0
+        # The last success: when it came, when its call was sent, and the slowest recent round trip.
+        self._last_success, self._success_sent, self._slowest = now, now, 0.0
         self._noise_at = now
         self._noise_logged = 0.0
         # The cut being checked: the window that caused it (share, answers, sent rate), whether it was
@@ -126,7 +130,8 @@ class RateLimiter:
         self._checking = False
         self._cause = (0.0, 1, max_rate)
         self._cause_steady = True
-        self._before = 0.0  # the throttled share of the window before the last        self._cut_noise = 0.0
+        self._before = 0.0  # the throttled share of the window before the last
+        self._cut_noise = 0.0
         self._undo = (max_rate, now, now)  # rate, probe start, time of the cut
         self._chained = False
         self._confirming: tuple[float, int] | None = None  # the check's share and answers
@@ -141,6 +146,7 @@ class RateLimiter:
         slot = max(self._next_slot, now - self.BURST_SECONDS)
         self._next_slot = slot + 1.0 / self.rate
         self._tally.sent(slot)
+        self._settle(now)  # also without answers (an outage): the tally keeps only calls still out
         return max(0.0, slot - now)
 
     def available(self) -> tuple[int, float]:
@@ -191,17 +197,15 @@ class RateLimiter:
     def _answer(self, throttled: int, latency: float) -> None:
         now = self._clock()
         if not throttled:
-            self._success_latency += 0.1 * (latency - self._success_latency)
-            self._last_success = now
+            slowest = self._slowest
+            if latency < slowest:
+                slowest = max(latency, slowest * 0.5 ** ((now - self._last_success) / self.SLOW_HALF_LIFE))
+            self._slowest, self._last_success = max(latency, slowest), now
+            self._success_sent = max(self._success_sent, now - latency)
         tally = self._tally
         if not tally.answered(now - latency, throttled):
             return  # to a call sent before the window (before a cut: at the old rate)
-        overdue = self._overdue()
-        tally.settle(now, overdue)
-        if overdue < now - self._last_success < 4.0 * overdue:
-            # Successes are late (a latency spike): throttles alone would make the share lie. (Not
-            # forever: with nothing getting through at all, the share is what it is.)
-            return
+        self._settle(now)
         needed = self.PROBING_OUTCOMES if self._probing else self.WINDOW_OUTCOMES
         long_enough = tally.settled_seconds >= self._window_length
         if tally.settled_seconds > self.LONGEST_CHECK_SECONDS and tally.span() > self.LONGEST_CHECK_SECONDS:
@@ -324,10 +328,22 @@ class RateLimiter:
         noise = self._noise_now(now)
         return noise + max(self.MARGIN, self.Z_TRIGGER * _spread(noise, answers))
 
+    def _settle(self, now: float) -> None:
+        """Let the tally take in the calls that have answered, and those that never will.
+
+        A call unanswered for `_overdue()` is taken as never answering (errors are not reported), but
+        only if sent before the last success's call: in a latency spike throttles come back at once
+        and successes after the work, and calls taken without their successes would show throttles
+        alone (a 2 s spike under 30 % noise cut the rate by half, back only after a minute). Not
+        forever: after LATE_SECONDS without a success none is coming."""
+        late = now - self._last_success < self.LATE_SECONDS
+        self._tally.settle(now, (min(now, self._success_sent) if late else now) - self._overdue())
+
     def _overdue(self) -> float:
-        """How long without a success before the ones still out are late, not missing: throttles are
-        answered at once, successes after the work, so in a latency spike throttles arrive alone."""
-        return max(self.WINDOW_SECONDS, 4.0 * self._success_latency)
+        """How long a call may stay unanswered before it is taken as never answering. From the slowest
+        recent success, fading slowly: when a spike ends, the fast answers to new calls come back
+        before the slow ones to old calls, which an average would already have written off."""
+        return max(self.WINDOW_SECONDS, 2.0 * self._slowest)
 
     def _sent_rate(self, answers: int) -> float:
         """Calls sent per second in the window: counted at `reserve`, else (a caller that never
