@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any, cast
 
 import orjson
 import pytest
+from botocore.exceptions import ClientError
 
 from tests.rate_sim import Clock, Service, Trace, simulate
 from worker.config import PersonalizeSettings
@@ -623,3 +625,30 @@ def test_replicas_sharing_a_quota_take_a_restarted_one_back_in() -> None:
     assert sum(accepted) >= 950.0
     assert 1 - sum(accepted) / sent <= 0.05
     assert min(accepted) >= 0.15 * 1000.0
+
+
+async def test_the_sink_reports_a_throttles_round_trip() -> None:
+    """The limiter counts an answer for when its call was sent: a throttle reported without its
+    round trip counted for a later send time (after a cut: for the cut rate), 2 s off in a slow
+    network."""
+
+    class SlowThrottle:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def put_events(self, body: bytes) -> None:
+            self.calls += 1
+            await asyncio.sleep(0.2)
+            if self.calls == 1:
+                raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "PutEvents")
+
+    settings = PersonalizeSettings(tracking_id="trk", max_requests_per_second=1000.0)
+    sink = Sink(settings, Metrics(), Backoff(rng=lambda low, high: 0.0))
+    sink.client = cast(Any, SlowThrottle())
+    reported: list[tuple[str, float]] = []
+    sink.limiter.throttled = lambda latency=0.0: reported.append(("throttled", latency))  # type: ignore[method-assign]
+    sink.limiter.succeeded = lambda latency=0.0: reported.append(("succeeded", latency))  # type: ignore[method-assign]
+    event = orjson.dumps({"eventType": "click", "sentAt": 1_790_000_000}).decode()
+    assert await sink.deliver("s", None, [event], 1_790_000_000.0) == []
+    assert [kind for kind, _ in reported] == ["throttled", "succeeded"]
+    assert all(latency >= 0.15 for _, latency in reported), reported

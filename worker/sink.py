@@ -393,7 +393,7 @@ class Sink:
                     route.calls.get(verdict.outcome, route.calls["error"]).inc()
                     if action is Action.SPLIT or action is Action.DEAD_LETTER:
                         return verdict
-                    self._retrying(verdict, action)
+                    self._retrying(verdict, action, time.perf_counter() - started)
                     if not marked:  # the watchdog tells a record waiting on a retried call from one in a call
                         marked = True
                         self.retrying[session_id] = self.retrying.get(session_id, 0) + 1
@@ -422,11 +422,11 @@ class Sink:
                 if left:
                     self.retrying[session_id] = left
 
-    def _retrying(self, verdict: Verdict, action: Action) -> None:
+    def _retrying(self, verdict: Verdict, action: Action, latency: float) -> None:
         if action is Action.ALARM:
             self._alarm(verdict)
         elif verdict.kind is Kind.THROTTLED:
-            self.limiter.throttled()
+            self.limiter.throttled(latency)  # the round trip: counted for when the call was sent, as successes are
         elif self._due(self._warned, verdict.code, WARN_LOG_SECONDS):
             log.warning(
                 f"{self.operation.name} failed, retrying",
