@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from worker.ratelimit import RateLimiter
+from worker.personalize.ratelimit import RateLimiter
 
 
 class Clock:

@@ -13,9 +13,9 @@ import pytest
 from tests.test_mapping import _check_event
 from worker.config import MappingSettings, load_settings
 from worker.errors import ConfigError
-from worker.mapping import InvalidRecord, Mapper
-from worker.presets import NAMES, preset_path
-from worker.snowplow import FIELDS
+from worker.mapping.mapper import InvalidRecord, Mapper
+from worker.mapping.presets import NAMES, preset_path
+from worker.mapping.snowplow import FIELDS
 
 
 def at(iso: str) -> float:

@@ -15,8 +15,8 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from worker.http import HttpProtocolError
-from worker.retry import (
+from worker.personalize.http import HttpProtocolError
+from worker.personalize.retry import (
     MAX_MESSAGE_CHARS,
     SPLIT_AFTER,
     THROTTLING_CODES,

@@ -18,7 +18,7 @@ from tests.stack import AWS_ENV
 from tests.test_interactions import INTERACTIONS
 from worker.config import load_settings
 from worker.errors import ConfigError
-from worker.mapping import InvalidRecord, Mapper
+from worker.mapping.mapper import InvalidRecord, Mapper
 
 ARN = "arn:aws:personalize:us-east-1:123456789012:schema/shop-interactions"
 MISSING = "arn:aws:personalize:us-east-1:123456789012:schema/gone"

@@ -12,22 +12,22 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from worker import codecs
-from worker.batching import Batch
 from worker.config import MappingSettings, Settings, redacted
-from worker.connection import explain_connection_errors, kafka_security
-from worker.deadletter import DeadLetterWriter
-from worker.health import Watchdog
-from worker.metrics import Metrics, MetricsServer
-from worker.offsets import OffsetTracker
-from worker.pipeline import Item, Pipeline
-from worker.routes import Quotas, Route, Routes, resolve
-from worker.sink import Sink
-from worker.source import Source
-from worker.topics import cluster_topics
+from worker.flow.batching import Batch
+from worker.flow.offsets import OffsetTracker
+from worker.flow.pipeline import Item, Pipeline
+from worker.flow.routes import Quotas, Route, Routes, resolve
+from worker.kafka import codecs
+from worker.kafka.connection import explain_connection_errors, kafka_security
+from worker.kafka.deadletter import DeadLetterWriter
+from worker.kafka.source import Source
+from worker.kafka.topics import cluster_topics
+from worker.observe.health import Watchdog
+from worker.observe.metrics import Metrics, MetricsServer
+from worker.personalize.sink import Sink
 
 if TYPE_CHECKING:
-    from worker.schemas import Schemas, TopicSchemas
+    from worker.mapping.schemas import Schemas, TopicSchemas
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def route_schemas(settings: Settings, routes: list[Route], metrics: Metrics) -> 
     if not settings.routes:
         if settings.mapping.format == "json":
             return {}
-        from worker.schemas import Schemas
+        from worker.mapping.schemas import Schemas
 
         return {"": Schemas(settings, metrics)}
     by_format: dict[str, Schemas] = {}
@@ -61,7 +61,7 @@ def route_schemas(settings: Settings, routes: list[Route], metrics: Metrics) -> 
     for route in routes:
         fmt = route.mapping.format if isinstance(route.mapping, MappingSettings) else "json"
         if fmt != "json":
-            from worker.schemas import Schemas
+            from worker.mapping.schemas import Schemas
 
             if fmt not in by_format:
                 by_format[fmt] = Schemas(settings, metrics, format=fmt)
@@ -90,7 +90,7 @@ class Worker:
         if settings.mapping.format != "json" and not settings.routes:
             self.schemas = by_format[""]
         elif by_format:
-            from worker.schemas import TopicSchemas
+            from worker.mapping.schemas import TopicSchemas
 
             self.schemas = TopicSchemas(
                 {topic: by_format[r.name] for r in self.routes if r.name in by_format for topic in r.topics}

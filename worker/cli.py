@@ -15,12 +15,12 @@ import orjson
 
 from worker import __version__
 from worker.config import Settings, load_settings
-from worker.dedup import NEW, Dedup
 from worker.errors import ConfigError
-from worker.mapping import InvalidRecord, Mapper, SessionKey
+from worker.flow.dedup import NEW, Dedup
+from worker.mapping.mapper import InvalidRecord, Mapper, SessionKey
 
 if TYPE_CHECKING:
-    from worker.schemas import Schemas
+    from worker.mapping.schemas import Schemas
 
 
 def _load(path: str) -> Settings:
@@ -66,8 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import logging
 
-    from worker import logs
     from worker.app import Worker, describe
+    from worker.observe import logs
 
     settings = _load(args.config)
     logs.configure(settings.worker.log_level, settings.worker.log_format)
@@ -95,12 +95,12 @@ def dry_run(
 ) -> dict[str, Any]:
     """For each line: the call it would join, or why it would be dead-lettered; then a summary.
 
-    With `schemas` the lines are framed record values (see worker.replay): each entry also shows its schema
+    With `schemas` the lines are framed record values (see worker.commands.replay): each entry also shows its schema
     id and the decoded object. With `offsets` (records read from Kafka) each entry names its offset."""
     mapper = Mapper(settings.mapping)
     map_record = mapper.map if schemas is None else schemas.mapping(mapper)
     if mapper.reads_record:  # `_kafka.*` or a layout: each line stands for a record (see LineRecord)
-        from worker.layouts import LineRecord
+        from worker.mapping.layouts import LineRecord
 
         layout = settings.mapping.layout
         map_record = lambda line: mapper.map_record(LineRecord(line or b"", 0, layout))  # noqa: E731
@@ -168,7 +168,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     if settings.routes or args.route is not None:
         return _map_route(settings, args)
     if args.topic is not None or settings.mapping.format != "json":
-        from worker import replay
+        from worker.commands import replay
 
         return replay.run(settings, args, sys.stdout)
     return _map_lines(args, lambda lines: dry_run(settings, lines, sys.stdout))
@@ -190,8 +190,8 @@ def _map_lines(args: argparse.Namespace, run: Callable[[Iterable[bytes]], dict[s
 
 def _map_route(settings: Settings, args: argparse.Namespace) -> int:
     """`map --route NAME`: one route's dry run; without it on a multi-route config, which routes there are."""
+    from worker.commands.route_map import describe_routes, dry_run_route, find
     from worker.config import MappingSettings
-    from worker.route_map import describe_routes, dry_run_route, find
 
     name = args.route if args.route is not None or len(settings.routes) != 1 else settings.routes[0].name
     route = find(settings, name) if name is not None else None
@@ -211,15 +211,15 @@ def _map_route(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from worker.check import run_checks
+    from worker.commands.check import run_checks
 
     settings = _load(args.config)
     return asyncio.run(run_checks(settings))
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
+    from worker.commands.produce import lines_of, produce, sample_of
     from worker.config import KafkaSettings
-    from worker.produce import lines_of, produce, sample_of
 
     settings = _load(args.config) if args.config else None
     kafka = settings.kafka if settings else KafkaSettings()
@@ -249,7 +249,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from worker.commands.demo import run_demo
 
     return run_demo(args)
 

@@ -27,9 +27,9 @@ from pydantic import (
     model_validator,
 )
 
-from worker import limits
 from worker.errors import ConfigError
-from worker.operations.settings import ActionInteractionsMapping, ActionsMapping, ItemsMapping, UsersMapping
+from worker.mapping import limits
+from worker.personalize.operations.settings import ActionInteractionsMapping, ActionsMapping, ItemsMapping, UsersMapping
 
 ENV_PREFIX = "PW_"
 ENV_NESTING = "__"
@@ -197,7 +197,7 @@ class PersonalizeSettings(_Section):
 
 def _region_name(value: str) -> str:
     """botocore's own rule, which `run` and `check` would otherwise meet only when they build a client."""
-    from botocore.exceptions import InvalidRegionError  # already loaded by worker.limits
+    from botocore.exceptions import InvalidRegionError  # already loaded by worker.mapping.limits
     from botocore.utils import validate_region_name
 
     try:
@@ -226,11 +226,11 @@ _MEMBER_KEYS = (
 
 
 class MappingSettings(_Section):
-    """Where each Event member comes from: a dotted path or a JMESPath expression (see worker.expressions);
+    """Where each Event member comes from: a dotted path or a JMESPath expression (see worker.mapping.expressions);
     "" = not mapped. `preset` fills the keys left out from a shipped mapping (config/presets/)."""
 
     # A shipped preset's name (segment, rudderstack, snowplow, cloudevents) or a preset file's path; the keys
-    # set here override it. Resolved when the settings are read (see worker.presets).
+    # set here override it. Resolved when the settings are read (see worker.mapping.presets).
     preset: str = ""
     # How a record's value becomes that object: plain JSON, or Confluent-framed (magic byte 0, 4-byte schema
     # id) Avro, Protobuf or JSON Schema decoded with the writer's schema from `[schema_registry]`.
@@ -271,7 +271,7 @@ class MappingSettings(_Section):
         if not isinstance(data, dict):  # a model already (a route's mapping of another operation)
             return data
         if data.get("preset"):
-            from worker.presets import apply_preset
+            from worker.mapping.presets import apply_preset
 
             data = apply_preset(data)
         if data.get("schema") and data.get("schema_arn"):
@@ -280,7 +280,7 @@ class MappingSettings(_Section):
         # A malformed ARN is left for its field's validator to name.
         source = data.get("schema") or (arn if isinstance(arn, str) and SCHEMA_ARN.fullmatch(arn) else None)
         if source and not data.get("properties"):
-            from worker.interactions import derived_properties
+            from worker.mapping.interactions import derived_properties
 
             data = {**data, "properties": derived_properties(str(source))}
         return data
@@ -294,7 +294,7 @@ class MappingSettings(_Section):
 
     @property
     def schema_source(self) -> str:
-        """The schema file's path or the schema's ARN (see worker.interactions.load_schema); "" = none."""
+        """The schema file's path or the schema's ARN (see worker.mapping.interactions.load_schema); "" = none."""
         return self.schema_file or self.schema_arn
 
     @field_validator("session_id", "event_type", "sent_at")
@@ -307,7 +307,7 @@ class MappingSettings(_Section):
     @field_validator(*_MEMBER_KEYS)
     @classmethod
     def _source_valid(cls, value: str) -> str:
-        from worker.expressions import compile_source
+        from worker.mapping.expressions import compile_source
 
         if value:
             compile_source(value)
@@ -327,7 +327,7 @@ class MappingSettings(_Section):
     @field_validator("properties")
     @classmethod
     def _properties_valid(cls, value: tuple[str, ...] | dict[str, str]) -> tuple[str, ...] | dict[str, str]:
-        from worker.expressions import compile_source, is_plain
+        from worker.mapping.expressions import compile_source, is_plain
 
         seen: dict[str, str] = {}
         named = value.items() if isinstance(value, dict) else [(None, path) for path in value]
@@ -364,7 +364,7 @@ class MappingSettings(_Section):
         if self.event_types_only and not self.event_types:
             raise ValueError("event_types_only = true needs an event_types table")
         if self.schema_source:
-            from worker.interactions import load_schema
+            from worker.mapping.interactions import load_schema
 
             fields = load_schema(self.schema_source)
             for key, source in property_sources(self):
@@ -373,7 +373,7 @@ class MappingSettings(_Section):
                     where = self.schema_source
                     raise ValueError(f"properties.{key} ({source}): not a field of {where} (it has {known})")
         if self.format != "json":
-            from worker.expressions import references_kafka
+            from worker.mapping.expressions import references_kafka
 
             if self.layout != "json":
                 raise ValueError(f"layout = {self.layout!r} reads plain record values: it needs format = 'json'")
@@ -477,7 +477,7 @@ TRACKED: Final = frozenset({"events", "action_interactions"})
 
 
 def _check_tracker(value: str) -> str:
-    from worker.operations.spec import EVENTS
+    from worker.personalize.operations.spec import EVENTS
 
     problem = EVENTS.check_destination(value)
     if problem:
@@ -553,7 +553,7 @@ class RouteSettings(_Section):
     @field_validator("dataset_arn")
     @classmethod
     def _dataset_arn(cls, value: str, info: ValidationInfo) -> str:
-        from worker.operations.spec import SPECS
+        from worker.personalize.operations.spec import SPECS
 
         operation = info.data.get("operation")
         if operation is None:
@@ -572,7 +572,7 @@ class RouteSettings(_Section):
     @field_validator("mapping", mode="before")
     @classmethod
     def _mapping_of_operation(cls, value: Any, info: ValidationInfo) -> Any:
-        from worker.operations.settings import MAPPINGS
+        from worker.personalize.operations.settings import MAPPINGS
 
         operation = info.data.get("operation")
         if operation is None or not isinstance(value, dict):
@@ -605,7 +605,7 @@ class Settings(_Section):
     personalize: PersonalizeSettings
     routes: tuple[RouteSettings, ...] = ()
     """Empty: the single flow of `[kafka] topics`, `[personalize] tracking_id`, `[mapping]` and `[dead_letter]`,
-    run as one route named `default` (see `worker.routes.resolve`)."""
+    run as one route named `default` (see `worker.flow.routes.resolve`)."""
     mapping: MappingSettings = Field(default_factory=MappingSettings)
     schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
@@ -737,7 +737,7 @@ def load_settings(path: Path | str | None, environ: Mapping[str, str] | None = N
     """Read, merge and validate; every problem is reported at once, each naming its key."""
     data: dict[str, Any] = {} if path is None else _read_toml(Path(path))
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
-    from worker.schema_source import fetch_schemas
+    from worker.personalize.schema_source import fetch_schemas
 
     fetch_schemas(data)  # mapping.schema_arn: read before validation, so it acts as a schema file does
     try:
