@@ -14,8 +14,9 @@ from botocore.validate import ParamValidator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.config import MappingSettings, camel_case
+from worker.config import MappingSettings
 from worker.mapping import limits
+from worker.mapping.interactions import camel_case
 from worker.mapping.mapper import (
     EVENT_ID_PREFIX,
     MAX_EPOCH_SECONDS,

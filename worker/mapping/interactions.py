@@ -18,7 +18,6 @@ from typing import Any, Final
 
 import orjson
 
-from worker.config import camel_case
 from worker.mapping import limits
 
 MEMBER_FIELDS: Final = frozenset(
@@ -47,6 +46,17 @@ _KINDS: Final = {
 CATEGORY_SEPARATOR: Final = "|"
 _REMEMBERED: dict[str, bytes] = {}
 """Schema documents read from Personalize, by ARN (a handful, read once at start-up)."""
+
+
+def camel_case(segment: str) -> str:
+    """`page_category` → `pageCategory`: Personalize wants camelCase keys matching the schema's fields.
+
+    Here, with the schema's field names, and read by the settings' validation too (two paths, one key)."""
+    words = [w for w in segment.replace("-", "_").split("_") if w]
+    if not words:
+        return segment
+    first = words[0][0].lower() + words[0][1:]
+    return first + "".join(w[0].upper() + w[1:] for w in words[1:])
 
 
 @dataclass(frozen=True)

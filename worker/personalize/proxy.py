@@ -26,7 +26,7 @@ from botocore.utils import get_environ_proxies
 from worker.errors import ConfigError
 
 if TYPE_CHECKING:
-    from worker.config import PersonalizeSettings
+    from worker.config.personalize import PersonalizeSettings
 
 
 class ProxyError(ConnectionError):

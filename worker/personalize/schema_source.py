@@ -19,7 +19,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from pydantic import ValidationError
 
-from worker.config import SCHEMA_ARN, PersonalizeSettings
+from worker.config.personalize import SCHEMA_ARN, PersonalizeSettings  # not the package: it imports this module
 from worker.errors import ConfigError
 from worker.mapping.interactions import remember_schema
 from worker.personalize.proxy import client_options
