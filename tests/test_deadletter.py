@@ -23,7 +23,8 @@ from aiokafka.errors import (
 )
 
 from tests.kafka_support import KafkaBroker, TopicFactory, consume_all
-from worker.kafka.deadletter import KEEP_BYTES, DeadLetter, DeadLetterWriter, Form, is_content_error, next_form, render
+from worker.flow.items import DeadLetter
+from worker.kafka.deadletter import KEEP_BYTES, DeadLetterWriter, Form, is_content_error, next_form, render
 from worker.observe.metrics import PREFIX, Metrics
 from worker.personalize.retry import Backoff
 

@@ -15,8 +15,8 @@ from aiokafka.structs import TopicPartition
 from tests.test_pipeline import FakeRecord, GatedSink, Letters, records, wait_for
 from worker.config import Settings
 from worker.flow.batching import Batch
-from worker.flow.pipeline import Item, Pipeline
-from worker.kafka.deadletter import DeadLetter
+from worker.flow.items import DeadLetter, Item
+from worker.flow.pipeline import Pipeline
 from worker.mapping.mapper import SessionKey
 from worker.observe.health import Watchdog
 from worker.observe.metrics import PREFIX, WAITING_AFTER_SECONDS, Metrics

@@ -18,8 +18,8 @@ import pytest
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.config import Settings
-from worker.flow.pipeline import Flag, Pipeline
-from worker.kafka.deadletter import DeadLetter
+from worker.flow.items import DeadLetter, Flag
+from worker.flow.pipeline import Pipeline
 from worker.kafka.source import Source
 from worker.observe.metrics import Metrics
 from worker.personalize.ratelimit import RateLimiter

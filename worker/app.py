@@ -14,9 +14,11 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from worker.config import MappingSettings, Settings, redacted
 from worker.flow.batching import Batch
+from worker.flow.fanout import Routes
+from worker.flow.items import Item
 from worker.flow.offsets import OffsetTracker
-from worker.flow.pipeline import Item, Pipeline
-from worker.flow.routes import Quotas, Route, Routes, resolve
+from worker.flow.pipeline import Pipeline
+from worker.flow.routes import Quotas, Route, resolve
 from worker.kafka import codecs
 from worker.kafka.connection import explain_connection_errors, kafka_security
 from worker.kafka.deadletter import DeadLetterWriter

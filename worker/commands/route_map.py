@@ -15,8 +15,9 @@ from typing import IO, Any
 import orjson
 
 from worker.config import MappingSettings, Settings
+from worker.flow.convert import converter, tracked_events
 from worker.flow.dedup import NEW, Dedup
-from worker.flow.routes import Route, converter, resolve, tracked_events
+from worker.flow.routes import Route, resolve
 from worker.mapping.mapper import InvalidRecord, Mapper
 from worker.personalize.operations.spec import EVENTS
 

@@ -24,6 +24,7 @@ from aiokafka.errors import (
     UnknownError,
 )
 
+from worker.flow.items import DeadLetter
 from worker.observe.metrics import Metrics
 from worker.personalize.retry import Backoff
 
@@ -50,21 +51,6 @@ Everything else (broker down, not leader, timeouts, authorization, out-of-order 
 topic or the connection: the same letter is retried with backoff and the alarm. Not aiokafka's
 `retriable` flag alone: KafkaTimeoutError and TopicAuthorizationFailedError are not retriable either,
 and neither is a reason to drop a letter's content."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A record that can never be delivered, and why."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes]]
-    stage: str
-    reason: str
-    message: str
 
 
 def dlq_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:

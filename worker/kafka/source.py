@@ -13,16 +13,17 @@ from aiokafka.errors import KafkaError, OffsetMetadataTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 
 from worker.config import Settings
+from worker.flow.items import Record
 from worker.flow.offsets import AHEAD_PREFIX, MetadataError, decode_ahead
-from worker.flow.pipeline import Pipeline, Record
+from worker.flow.pipeline import Pipeline
 from worker.kafka.connection import CoordinatorNotReadyYet, kafka_security
 from worker.kafka.positions import known_positions, pass_gaps
 from worker.kafka.topics import RECHECK_SECONDS, WATCH_SECONDS, TopicWatch, exact_pattern, keep_watching_every_topic
 from worker.observe.metrics import Metrics
 
 if TYPE_CHECKING:
+    from worker.flow.fanout import Routes
     from worker.flow.offsets import PartitionOffsets
-    from worker.flow.routes import Routes
     from worker.mapping.schemas import Schemas, TopicSchemas
 
 
@@ -55,7 +56,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         schemas: Schemas | TopicSchemas | None = None,
         topics: Sequence[str] | None = None,
     ) -> None:
-        """`pipeline`: one Pipeline, or every route's (`routes.Routes`) routed by topic; `topics`: what to
+        """`pipeline`: one Pipeline, or every route's (`fanout.Routes`) routed by topic; `topics`: what to
         subscribe to (default: `kafka.topics`, the single flow's)."""
         k = settings.kafka
         self._topics = list(topics if topics is not None else k.topics)

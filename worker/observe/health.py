@@ -17,8 +17,9 @@ from typing import Protocol
 from aiokafka.structs import TopicPartition
 
 from worker.flow.batching import Batch
-from worker.flow.pipeline import Item, Pipeline
-from worker.flow.routes import Routes
+from worker.flow.fanout import Routes
+from worker.flow.items import Item
+from worker.flow.pipeline import Pipeline
 from worker.mapping.mapper import SessionKey
 from worker.observe.metrics import WAITING_AFTER_SECONDS, Metrics
 
