@@ -29,9 +29,10 @@ from worker.commands.check import check_personalize
 from worker.config import PersonalizeSettings, Settings
 from worker.emulator import RunningEmulator, run_emulator
 from worker.observe.metrics import Metrics
+from worker.personalize.client import PutEventsClient
 from worker.personalize.proxy import ProxyError
 from worker.personalize.retry import Backoff, Kind, classify
-from worker.personalize.sink import PutEventsClient, Sink
+from worker.personalize.sink import Sink
 
 KEY, SECRET = "AKIDPROXY", "secret-for-proxy-tests"
 USER, PASSWORD = "bridge", "pw-Pr0xy-s3cret"

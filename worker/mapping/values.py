@@ -121,7 +121,7 @@ def parse_sent_at(value: Any, fmt: str, member: str = "sentAt", *, source: str =
         seconds = _epoch_number(value, member, source)
         if seconds > AUTO_MS_THRESHOLD:
             seconds /= 1000.0
-    # Milliseconds are what clickstreams carry and what the wire format keeps (see sink.request_body).
+    # Milliseconds are what clickstreams carry and what the wire format keeps (see client.request_body).
     seconds = round_ms(seconds)
     if not (math.isfinite(seconds) and 0 < seconds <= MAX_EPOCH_SECONDS):
         message = f"{member}: {_shown(value, member, source)} is outside 1970..9999"

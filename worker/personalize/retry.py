@@ -99,7 +99,7 @@ def classify(error: BaseException) -> Verdict:
         info = error.response.get("Error", {})
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         code = _SAFE_CODE.sub("", str(info.get("Code", "") or ""))[:64]
-        if code == str(status):  # what botocore and `sink._client_error` put when the answer has no code
+        if code == str(status):  # what botocore and `client._client_error` put when the answer has no code
             code = ""
         shown = code or (f"HTTP {status}" if status else "unknown error")
         message = f"{shown}: {info.get('Message', '')}"[:MAX_MESSAGE_CHARS]

@@ -38,7 +38,7 @@ action_interactions_body = _list_body(ACTION_INTERACTIONS)
 
 def events_body(tracking_id: str, session_id: str, user_id: str | None, records: Sequence[str]) -> bytes:
     """The PutEvents body: one session per call, so sessionId and userId are per call, not per record
-    (the same bytes as `sink.request_body`)."""
+    (the same bytes as `client.request_body`)."""
     head: dict[str, str] = {EVENTS.destination: tracking_id, "sessionId": session_id}
     if user_id is not None:
         head["userId"] = user_id
