@@ -23,10 +23,10 @@ from aiokafka.errors import (
 )
 
 from tests.kafka_support import KafkaBroker, TopicFactory, consume_all
+from worker.backoff import Backoff
 from worker.flow.items import DeadLetter
 from worker.kafka.deadletter import KEEP_BYTES, DeadLetterWriter, Form, is_content_error, next_form, render
 from worker.observe.metrics import PREFIX, Metrics
-from worker.personalize.retry import Backoff
 
 MIB = 1024 * 1024
 DLQ_KEYS = ("dlq.error.stage", "dlq.error.reason", "dlq.error.message", "dlq.source.topic", "dlq.source.partition")

@@ -14,12 +14,12 @@ import orjson
 import pytest
 
 from tests.rate_sim import Clock, Service, Trace, simulate
+from worker.backoff import Backoff
 from worker.config import PersonalizeSettings
 from worker.emulator import run_emulator
 from worker.observe.metrics import Metrics
 from worker.personalize.ratelimit import RateLimiter
 from worker.personalize.ratetally import SendTally
-from worker.personalize.retry import Backoff
 from worker.personalize.sink import Sink
 
 

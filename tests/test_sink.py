@@ -18,11 +18,12 @@ import pytest_asyncio
 from aiobotocore.config import AioConfig
 from botocore.exceptions import ClientError
 
+from worker.backoff import Backoff
 from worker.config import PersonalizeSettings
 from worker.emulator import RunningEmulator, run_emulator
 from worker.observe.metrics import Metrics
 from worker.personalize.client import request_body
-from worker.personalize.retry import Backoff, classify
+from worker.personalize.retry import classify
 from worker.personalize.sink import Sink
 
 KEY, SECRET = "AKIDTEST", "secret-for-tests"

@@ -95,7 +95,7 @@ class _Value:
 
 
 def run(settings: Settings, args: argparse.Namespace, out: IO[str]) -> int:
-    from worker.cli import dry_run
+    from worker.commands.dry_run import dry_run
 
     offsets: list[int] | None = None
     if args.topic is not None:

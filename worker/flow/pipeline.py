@@ -64,6 +64,13 @@ class Quota(Protocol):
         ...
 
 
+def session_of(key: Any) -> str:
+    """The first argument a batch's call gives `Delivery.deliver` (see `Pipeline._deliver`): the session of
+    (sessionId, userId) or (trackingId, sessionId, userId), or an items/users/actions route's destination.
+    The sink marks a call being retried by it, which is how the watchdog tells a retried batch."""
+    return key if isinstance(key, str) else key[1] if len(key) == 3 else key[0]
+
+
 class Pipeline(Intake):
     def __init__(
         self,

@@ -16,7 +16,8 @@ from worker.personalize.operations.settings import OperationMapping
 from worker.personalize.operations.spec import EVENTS, SPECS, OperationSpec
 
 if TYPE_CHECKING:
-    pass
+    from worker.mapping.schemas import Schemas, TopicSchemas
+    from worker.observe.metrics import Metrics
 
 
 @dataclass(frozen=True)
@@ -110,3 +111,34 @@ class Quotas:
 
     def __init__(self, limiters: Mapping[str, Any]) -> None:
         self.limiters = dict(limiters)
+
+
+def route_schemas(
+    settings: Settings, routes: list[Route], metrics: Metrics
+) -> tuple[Schemas | TopicSchemas | None, dict[str, Schemas]]:
+    """What the source resolves schema ids with (None: every route reads JSON), and per route reading a
+    schema-registry format its `Schemas` — one per format, shared by the routes using it; "" for the single
+    flow's. Avro and Protobuf runtimes load only for those who use them."""
+    if not settings.routes:
+        if settings.mapping.format == "json":
+            return None, {}
+        from worker.mapping.schemas import Schemas
+
+        single = Schemas(settings, metrics)
+        return single, {"": single}
+    by_format: dict[str, Schemas] = {}
+    found: dict[str, Schemas] = {}
+    for route in routes:
+        fmt = route.mapping.format if isinstance(route.mapping, MappingSettings) else "json"
+        if fmt != "json":
+            from worker.mapping.schemas import Schemas
+
+            if fmt not in by_format:
+                by_format[fmt] = Schemas(settings, metrics, format=fmt)
+            found[route.name] = by_format[fmt]
+    if not found:
+        return None, found
+    from worker.mapping.schemas import TopicSchemas
+
+    by_topic = {topic: found[r.name] for r in routes if r.name in found for topic in r.topics}
+    return TopicSchemas(by_topic), found

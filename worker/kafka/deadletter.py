@@ -24,9 +24,9 @@ from aiokafka.errors import (
     UnknownError,
 )
 
+from worker.backoff import Backoff
 from worker.flow.items import DeadLetter
 from worker.observe.metrics import Metrics
-from worker.personalize.retry import Backoff
 
 log = logging.getLogger("worker.deadletter")  # the pre-move name: log filters match it
 

@@ -14,8 +14,8 @@ from aiokafka.structs import OffsetAndMetadata
 
 from worker.config import Settings
 from worker.flow.items import Record
-from worker.flow.offsets import AHEAD_PREFIX, MetadataError, decode_ahead
 from worker.flow.pipeline import Pipeline
+from worker.kafka import commit_metadata
 from worker.kafka.connection import CoordinatorNotReadyYet, kafka_security
 from worker.kafka.positions import known_positions, pass_gaps
 from worker.kafka.topics import RECHECK_SECONDS, WATCH_SECONDS, TopicWatch, exact_pattern, keep_watching_every_topic
@@ -166,7 +166,9 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             self.on_failure("rebalance", error)
 
     async def _take_over(self, assigned: Sequence[TopicPartition]) -> None:
-        ahead = await self._committed_ahead(assigned)
+        ahead = await commit_metadata.committed_ahead(
+            self.consumer, assigned, self._settings.worker.max_commit_lag_records
+        )
         now = self._clock()
         for tp in assigned:
             state = self._pipeline.tracker.assign(tp, now)
@@ -177,30 +179,6 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             "partitions assigned",
             extra={"partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in assigned)},
         )
-
-    async def _committed_ahead(self, assigned: Sequence[TopicPartition]) -> dict[TopicPartition, set[int]]:
-        """What the previous owners finished beyond their commit points (see worker.flow.offsets)."""
-        if not assigned:
-            return {}
-        try:
-            # aiokafka's public committed() drops the metadata; its coordinator call keeps it.
-            committed = await self.consumer._coordinator.fetch_committed_offsets(list(assigned))
-        except Exception as error:  # without it records are merely re-sent (same eventIds), never lost
-            log.warning("could not read committed metadata", extra={"error": repr(error)})
-            return {}
-        span = self._settings.worker.max_commit_lag_records
-        ahead: dict[TopicPartition, set[int]] = {}
-        for tp, meta in committed.items():
-            if meta is None or meta.offset < 0:
-                continue
-            try:
-                ahead[tp] = decode_ahead(meta.offset, meta.metadata, span)
-            except MetadataError as error:
-                log.warning(
-                    "ignoring unreadable commit metadata; records after the commit point are read again",
-                    extra={"topic": tp.topic, "partition": tp.partition, "error": str(error)},
-                )
-        return ahead
 
     # --- fetching -------------------------------------------------------------------------------
 
@@ -366,19 +344,12 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
                 self._metrics.committed.labels(tp.topic, str(tp.partition)).set(offset)
 
     def _shorten_metadata(self) -> bool:
-        """The broker's `offset.metadata.max.bytes` is below ours: halve the metadata, down to none (the
-        offset alone is always accepted), and keep the shorter length. False if it was already none."""
-        if self.metadata_limit <= 0:
-            log.error("offset commit refused as too large with no metadata at all")
+        """The broker refused the metadata as too large: commit with less (see `commit_metadata.shorter`)."""
+        shorter = commit_metadata.shorter(self.metadata_limit)
+        if shorter is None:
             return False
-        shorter = self.metadata_limit // 2
-        self.metadata_limit = shorter if shorter > len(AHEAD_PREFIX) + 8 else 0
-        self._metrics.commit_metadata_limit.set(self.metadata_limit)
-        log.warning(
-            "broker refused the commit metadata as too large; committing with shorter metadata "
-            "(set kafka.commit_metadata_max_bytes below the broker's offset.metadata.max.bytes)",
-            extra={"metadata_bytes": self.metadata_limit},
-        )
+        self.metadata_limit = shorter
+        self._metrics.commit_metadata_limit.set(shorter)
         return True
 
     def lag(self) -> dict[TopicPartition, int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, tzinfo
-from hashlib import blake2b
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -21,6 +20,7 @@ import orjson
 from worker.config import MappingSettings, property_sources
 from worker.mapping import limits
 from worker.mapping.expressions import KAFKA, Getter, Source, compile_source, is_truthy, literal_bytes, references_kafka
+from worker.mapping.identity import EVENT_ID_PREFIX, derive_event_id, event_bytes, may_exceed_quota
 from worker.mapping.interactions import PropertyField, check_value, load_schema
 from worker.mapping.values import (
     AUTO_MS_THRESHOLD,
@@ -43,7 +43,6 @@ __all__ = ["EVENT_ID_PREFIX", "MAX_EPOCH_SECONDS", "InvalidRecord", "Mapper", "d
 SessionKey = tuple[str, str | None]
 """(sessionId, userId): with the worker's one trackingId, the key of a PutEvents call."""
 
-EVENT_ID_PREFIX = "pw1-"
 # Length bounds of the members checked inline on the hot path, where a call costs more than the check.
 _EVENT_TYPE_MIN, _EVENT_TYPE_MAX = limits.EVENT_TYPE.min, limits.EVENT_TYPE.max
 _SESSION_ID_MIN, _SESSION_ID_MAX = limits.SESSION_ID.min, limits.SESSION_ID.max
@@ -269,7 +268,7 @@ class Mapper:
         elif type(event_id) is not str or not _EVENT_ID_MIN <= len(event_id) <= _EVENT_ID_MAX:
             event_id = identifier(event_id, "eventId", limits.EVENT_ID, texts["eventId"])
         event["eventId"] = event_id
-        if not fits and _may_exceed_quota(event) and _event_bytes(event) > limits.MAX_EVENT_BYTES:
+        if not fits and may_exceed_quota(event) and event_bytes(event) > limits.MAX_EVENT_BYTES:
             raise InvalidRecord("validation", "too_large", f"event exceeds {limits.MAX_EVENT_BYTES} bytes")
         return (session_id, user_id), event
 
@@ -376,32 +375,6 @@ def _walk(value: Any, path: tuple[str, ...]) -> Any:
             return None
         value = value.get(part)
     return value
-
-
-def _may_exceed_quota(event: dict[str, Any]) -> bool:
-    """A cheap upper bound first: JSON escaping grows a character to at most 6 bytes."""
-    if "impression" in event:
-        return True
-    text = sum(len(v) for v in event.values() if type(v) is str)
-    attribution = event.get("metricAttribution")
-    if attribution is not None:
-        text += len(attribution["eventAttributionSource"])
-    return 6 * text + 256 > limits.MAX_EVENT_BYTES
-
-
-def _event_bytes(event: dict[str, Any]) -> int:
-    return len(orjson.dumps(event))
-
-
-# Copied per event ID: cheaper than a new blake2b, whose parameters would be parsed every time.
-_EVENT_ID_HASH = blake2b(digest_size=16)
-
-
-def derive_event_id(session_id: str, user_id: str | None, event: dict[str, Any]) -> str:
-    """A content hash, so a replay after a crash or rebalance yields the same ID and Personalize ignores it."""
-    digest = _EVENT_ID_HASH.copy()
-    digest.update(orjson.dumps((session_id, user_id, event), option=orjson.OPT_SORT_KEYS))
-    return EVENT_ID_PREFIX + digest.hexdigest()
 
 
 _round_ms = round_ms  # the name the tests knew

@@ -29,13 +29,13 @@ from typing import Any, Protocol
 
 import orjson
 
+from worker.backoff import Backoff
 from worker.config import Settings
 from worker.mapping.avro import AvroDecoder, AvroSchemaError
 from worker.mapping.mapper import InvalidRecord, Mapper, SessionKey
 from worker.mapping.protobuf import FrameError, ProtobufDecoder, ProtobufSchemaError, build_pool
 from worker.mapping.registry import RawSchema, RegistryClient, RegistryUnavailable, SchemaNotFound
 from worker.observe.metrics import Metrics
-from worker.personalize.retry import Backoff
 
 log = logging.getLogger("worker.schemas")  # the pre-move name: log filters match it
 

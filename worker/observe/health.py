@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from aiokafka.structs import TopicPartition
 
-from worker.flow.batching import Batch
-from worker.flow.fanout import Routes
-from worker.flow.items import Item
-from worker.flow.pipeline import Pipeline
-from worker.mapping.mapper import SessionKey
 from worker.observe.metrics import WAITING_AFTER_SECONDS, Metrics
 
 log = logging.getLogger("worker.health")  # the pre-move name: log filters match it
@@ -31,14 +26,41 @@ class Causes(Protocol):
 
     def dead_letters_blocked(self) -> str | None: ...
     def calls_failing(self) -> str | None: ...
-    def is_retrying(self, batch: Batch[SessionKey, Item]) -> bool: ...
+    def is_retrying(self, batch: Any) -> bool: ...
     def handing_over(self) -> bool: ...
+
+
+class PartitionProgress(Protocol):
+    """One partition's offset state, as the watchdog reads it (`flow.offsets.PartitionOffsets`)."""
+
+    @property
+    def serial(self) -> int: ...
+    @property
+    def advanced_at(self) -> float: ...
+    def oldest_unfinished(self) -> tuple[int, float] | None: ...
+
+
+class Progress(Protocol):
+    """Owned partitions and their offset states (`flow.offsets.OffsetTracker`)."""
+
+    def __iter__(self) -> Iterator[tuple[TopicPartition, PartitionProgress]]: ...
+
+
+class Watched(Protocol):
+    """What the watchdog watches (a route's `flow.pipeline.Pipeline`, or every route's `flow.fanout.Routes`):
+    declared here, so the watchdog knows no flow internals and the flow never depends on it."""
+
+    @property
+    def tracker(self) -> Progress: ...
+    @property
+    def failure(self) -> str | None: ...
+    def where(self, wanted: dict[int, int], retrying: Callable[[Any], bool]) -> dict[int, str]: ...
 
 
 class Watchdog:
     def __init__(
         self,
-        pipeline: Pipeline | Routes,
+        pipeline: Watched,
         metrics: Metrics,
         causes: Causes,
         stall_after: float,

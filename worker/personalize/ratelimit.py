@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from worker.personalize.ratetally import SendTally
+from worker.personalize.ratetally import SendTally, spread
 
 log = logging.getLogger("worker.ratelimit")  # the pre-move name: log filters match it
 
@@ -126,7 +126,8 @@ class RateLimiter:
         self._checking = False
         self._cause = (0.0, 1, max_rate)
         self._cause_steady = True
-        self._before = 0.0  # the throttled share of the window before the last        self._cut_noise = 0.0
+        self._before = 0.0  # the throttled share of the window before the last
+        self._cut_noise = 0.0
         self._undo = (max_rate, now, now)  # rate, probe start, time of the cut
         self._chained = False
         self._confirming: tuple[float, int] | None = None  # the check's share and answers
@@ -225,12 +226,12 @@ class RateLimiter:
         """Every WINDOW_OUTCOMES answers, the run of them alone: far over the quota (a start at the
         maximum, a quota that just shrank), cut now rather than at the window's end, whose earlier
         answers, from before a token bucket's burst ran out, would dilute it."""
-        far_over = share - self._threshold(now, answers) > self.Z_EARLY * _spread(share, answers)
+        far_over = share - self._threshold(now, answers) > self.Z_EARLY * spread(share, answers)
         if self._checking:
             # A share that rose far since the cut (a burst ran out, others kept sending): congestion,
             # no need to wait for the check's window.
             cause, cause_answers, _ = self._cause
-            error = math.hypot(_spread(cause, cause_answers), _spread(share, answers))
+            error = math.hypot(spread(cause, cause_answers), spread(share, answers))
             if not (far_over and share - cause > self.Z_EARLY * error):
                 return
             self._checking, self._chained, self._since = False, False, now
@@ -291,12 +292,12 @@ class RateLimiter:
         noise = self._noise_now(now)
         threshold = self._threshold(now, answers)
         if share > threshold:
-            overwhelming = share - threshold > self.Z_EARLY * _spread(share, answers)
+            overwhelming = share - threshold > self.Z_EARLY * spread(share, answers)
             if not (at_once or overwhelming) and answers < self.CAUSE_OUTCOMES and elapsed < self.MAX_CAUSE_SECONDS:
                 self._window_length += self.WINDOW_SECONDS
                 return
             self._close(share)
-            self._cut(now, rate or self._sent_rate(answers), share, answers, noise, early)
+            self._cut(now, rate or self._tally.sent_rate(answers, self.BURST_SECONDS), share, answers, noise, early)
             return
         self._close(share)
         self._chained = False
@@ -310,7 +311,7 @@ class RateLimiter:
         if self._confirming is None:
             return False
         checked, checked_answers = self._confirming
-        return share - checked > z * math.hypot(_spread(checked, checked_answers), _spread(share, answers))
+        return share - checked > z * math.hypot(spread(checked, checked_answers), spread(share, answers))
 
     def _noise_now(self, now: float) -> float:
         """The noise estimate; it expires NOISE_TTL_SECONDS after a check last found it (rule 4)."""
@@ -322,17 +323,12 @@ class RateLimiter:
     def _threshold(self, now: float, answers: int) -> float:
         """The throttled share over which a window of `answers` answers says the quota is exceeded."""
         noise = self._noise_now(now)
-        return noise + max(self.MARGIN, self.Z_TRIGGER * _spread(noise, answers))
+        return noise + max(self.MARGIN, self.Z_TRIGGER * spread(noise, answers))
 
     def _overdue(self) -> float:
         """How long without a success before the ones still out are late, not missing: throttles are
         answered at once, successes after the work, so in a latency spike throttles arrive alone."""
         return max(self.WINDOW_SECONDS, 4.0 * self._success_latency)
-
-    def _sent_rate(self, answers: int) -> float:
-        """Calls sent per second in the window: counted at `reserve`, else (a caller that never
-        reserves) the answers, over the time from the first call sent to the last."""
-        return max(self._tally.calls, answers) / max(self._tally.span(), self.BURST_SECONDS)
 
     def _close(self, share: float) -> None:
         self._tally.drop_settled()
@@ -343,14 +339,16 @@ class RateLimiter:
         """Rule 3 on the check's sample so far; None while it cannot tell yet."""
         cause, cause_answers, cause_rate = self._cause
         moved = abs(cause - share)
-        error = math.hypot(_spread(cause, cause_answers), _spread(share, answers))
+        error = math.hypot(spread(cause, cause_answers), spread(share, answers))
         if moved > self.Z * error:
             return "congestion"
         # A quota of our own: the accepted rate stays, so the share at the new rate is what that leaves.
-        own_quota = max(self._cut_noise, 1.0 - (1.0 - cause) * cause_rate / self._sent_rate(answers))
+        own_quota = max(
+            self._cut_noise, 1.0 - (1.0 - cause) * cause_rate / self._tally.sent_rate(answers, self.BURST_SECONDS)
+        )
         fall = cause - own_quota
         unmoved = moved + self.Z_NOISE * error < fall / 2.0
-        midway = math.hypot(_spread(cause, cause_answers) / 2.0, _spread(share, answers))
+        midway = math.hypot(spread(cause, cause_answers) / 2.0, spread(share, answers))
         stayed_up = share - (cause + own_quota) / 2.0 > self.Z_NOISE * midway
         plausible = self._cause_steady and cause - self._cut_noise >= self.MIN_NOISE_CHANGE
         if plausible and share <= self.MAX_NOISE and (unmoved or stayed_up):
@@ -404,9 +402,3 @@ class RateLimiter:
             log.warning("PutEvents throttling that does not follow our rate: not backing off for it", extra=extra)
         else:
             log.info("PutEvents throttling follows our rate again: backing off for all of it", extra=extra)
-
-
-def _spread(share: float, answers: int) -> float:
-    """Standard error of a share measured over `answers` calls, at least one call's worth."""
-    p = min(max(share, 1.0 / answers), 1.0 - 1.0 / answers)
-    return math.sqrt(p * (1.0 - p) / answers)

@@ -8,6 +8,7 @@ reports), and read only over send times whose calls have answered, the share is 
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 
@@ -89,6 +90,11 @@ class SendTally:
         """(answers, throttles) settled since the last `mark`."""
         return self.answers - self._mark_answers, self.throttles - self._mark_throttles
 
+    def sent_rate(self, answers: int, shortest: float) -> float:
+        """Calls sent per second: counted at `sent`, else (a caller that never reserves) the answers, over
+        the time from the first call sent to the last (at least `shortest` seconds)."""
+        return max(self.calls, answers) / max(self.span(), shortest)
+
     def run_span(self) -> float:
         return self._span(self._mark)
 
@@ -111,3 +117,9 @@ class SendTally:
         else:
             bucket[3], bucket[4] = min(bucket[3], at), max(bucket[4], at)
         return bucket
+
+
+def spread(share: float, answers: int) -> float:
+    """Standard error of a share measured over `answers` calls, at least one call's worth."""
+    p = min(max(share, 1.0 / answers), 1.0 - 1.0 / answers)
+    return math.sqrt(p * (1.0 - p) / answers)

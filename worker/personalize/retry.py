@@ -1,8 +1,8 @@
 """What a failed PutEvents call means, what to do next, and how long to wait before trying again.
 
 Pure: `classify` looks at the exception only; `Tries` and `about_content` decide from counts they are
-handed; `Backoff` takes its randomness from the caller. The loop that sleeps and re-sends lives in the
-sink, so every decision here is tested without a clock or a network.
+handed (the waits are `worker.backoff`'s). The loop that sleeps and re-sends lives in the sink, so every
+decision here is tested without a clock or a network.
 
 The two questions behind every decision: is the failure about the *events* (then isolate them, and a
 single event that can never go through becomes a dead letter) or about the *request* (tracker,
@@ -13,9 +13,8 @@ other calls meanwhile? Only then can an event that keeps failing be blamed for i
 from __future__ import annotations
 
 import enum
-import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
@@ -241,19 +240,3 @@ def about_content(messages: Sequence[str], accepted_any: bool, healthy: bool) ->
     if accepted_any or healthy or len(set(messages)) > 1:
         return True
     return any(_EVENT_MEMBER.search(message) for message in messages)
-
-
-class Backoff:
-    """Exponential backoff with full jitter (AWS's recommendation): no herd of replicas retrying in step."""
-
-    def __init__(
-        self, base: float = 0.05, cap: float = 10.0, rng: Callable[[float, float], float] = random.uniform
-    ) -> None:
-        self.base = base
-        self.cap = cap
-        self._rng = rng
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before retry number `attempt` (1-based)."""
-        ceiling = min(self.cap, self.base * (2 ** min(attempt - 1, 32)))
-        return self._rng(0.0, ceiling)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 
+from worker.backoff import Backoff
 from worker.config import PersonalizeSettings
 from worker.observe.metrics import Metrics, RouteMetrics
 from worker.personalize.client import PutEventsClient, request_body
@@ -22,7 +23,6 @@ from worker.personalize.ratelimit import RateLimiter
 from worker.personalize.retry import (
     EXHAUSTED,
     Action,
-    Backoff,
     Health,
     Kind,
     Mark,

@@ -15,7 +15,8 @@ from typing import Any
 
 import orjson
 
-from worker.mapping.mapper import InvalidRecord, derive_event_id, parse_sent_at
+from worker.mapping.identity import derive_event_id
+from worker.mapping.mapper import InvalidRecord, parse_sent_at
 from worker.personalize.operations.settings import (
     MAPPINGS,
     ActionInteractionsMapping,
