@@ -219,6 +219,8 @@ def main() -> int:
     if not (root / "worker").is_dir():
         sys.exit("run from the repository root")
     move(root)
+    # Whatever the mapping package holds now is the new layout, modules added after this script too.
+    NEW_SUBMODULES["mapping"] |= {path.stem for path in (root / "worker" / "mapping").glob("*.py")}
     changed = 0
     for path in files(root):
         try:
