@@ -9,7 +9,7 @@ in a temp dir), the Personalize Events emulator (``python -m worker.emulator``) 
 Modes (each runs on its own):
 
 ``drain`` (default)
-    1. Backlog drain: a synthetic clickstream (``worker.sample.generate``: concurrent sessions,
+    1. Backlog drain: a synthetic clickstream (``worker.commands.sample.generate``: concurrent sessions,
        Zipf items, heavy-tailed session lengths, ~2 % re-delivered duplicates, ~0.5 % malformed)
        is loaded into a topic, then ``run --until-drained`` is timed from process start to exit.
        The worker's CPU time and peak RSS come from ``os.wait4`` on its pid (that process only).
@@ -31,7 +31,7 @@ Modes (each runs on its own):
 ``memory``
     A 1,000,000-record backlog drained with a dedup window of ``--dedup-ids`` (1,000,000) ids:
     the worker's peak RSS. Plus the dedup window's bytes per id, measured in this process with
-    tracemalloc on ``worker.dedup.Dedup`` filled with that many realistic eventIds.
+    tracemalloc on ``worker.flow.dedup.Dedup`` filled with that many realistic eventIds.
 
 ``hot-session``
     Issue 11: the drain of ``drain`` twice, on two topics: the backlog as generated, then the same
@@ -92,8 +92,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.kafka_support import KafkaBroker, create_topic, free_port
-from worker.dedup import Dedup
-from worker.sample import HOT_SESSION_ID, generate, optimal_calls
+from worker.commands.sample import HOT_SESSION_ID, generate, optimal_calls
+from worker.flow.dedup import Dedup
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / ".bench"
@@ -948,7 +948,7 @@ def dedup_bytes_per_id(count: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def sample_id(n: int) -> str:
-        return f"evt-7-{n}"  # worker.sample's ids
+        return f"evt-7-{n}"  # worker.commands.sample's ids
 
     def uuid_id(n: int) -> str:
         return str(uuid.uuid4())  # what many producers send
@@ -982,7 +982,7 @@ def mode_memory(bench: Stack, args: argparse.Namespace) -> dict[str, Any]:
     results = drain_metrics(loaded, result, stats, events, args)
     del events
     gc.collect()
-    log(f"dedup window: tracemalloc over worker.dedup.Dedup with {args.dedup_ids:,} ids")
+    log(f"dedup window: tracemalloc over worker.flow.dedup.Dedup with {args.dedup_ids:,} ids")
     results.update(dedup_bytes_per_id(args.dedup_ids))
     return results
 

@@ -29,12 +29,12 @@ from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 from google.protobuf import message_factory
 
-from worker.avro import AvroDecoder
 from worker.config import Settings
-from worker.mapping import Mapper
-from worker.metrics import Metrics
-from worker.protobuf import ProtobufDecoder, build_pool
-from worker.schemas import Schemas
+from worker.mapping.avro import AvroDecoder
+from worker.mapping.mapper import Mapper
+from worker.mapping.protobuf import ProtobufDecoder, build_pool
+from worker.mapping.schemas import Schemas
+from worker.observe.metrics import Metrics
 
 FIELDS_15 = {
     "type": "record",

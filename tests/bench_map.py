@@ -17,7 +17,7 @@ import orjson
 
 from tests.test_presets import CE_DATA, CE_HEADERS, SEGMENT_PRODUCT_VIEWED, SNOWPLOW_PAGE_VIEW, Rec, enriched
 from worker.config import MappingSettings
-from worker.mapping import Mapper
+from worker.mapping.mapper import Mapper
 
 TARGETS = {"segment_track_us": "<= 10"}
 

@@ -4,7 +4,7 @@
     One worker process feeding two dataset groups: one events route whose ``tracking_id_field`` (``site``)
     picks one of two trackers (``--group-routes 2``: two topics, two routes, one tracker each). In the
     emulator each tracker is its own dataset group with its own PutEvents quota (``--max-tps``, 1,000).
-    Two backlogs of ``--records`` each (``worker.sample``, distinct seeds, so distinct sessions and ids),
+    Two backlogs of ``--records`` each (``worker.commands.sample``, distinct seeds, so distinct sessions and ids),
     interleaved. Per group: calls/s and events/s *together* (between the later group's first accepted call
     and the earlier group's last: both busy), as a share of the group's quota and of its ceiling
     (quota x this data's optimal events per call, as ``drain`` computes ``share_of_ceiling``). The
@@ -50,7 +50,7 @@ from tests.bench import (
     log,
     make_topics,
 )
-from worker.sample import generate, optimal_calls
+from worker.commands.sample import generate, optimal_calls
 
 SITES = ("a", "b")
 TRACKERS = {site: f"bench-tracker-{site}" for site in SITES}

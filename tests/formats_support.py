@@ -100,7 +100,7 @@ def avro_serializer(client: SchemaRegistryClient, schema: dict[str, Any]) -> Avr
 
 
 def avro_object(source: dict[str, Any], *, with_value: bool) -> dict[str, Any]:
-    """The clickstream object (worker.sample) in the Avro schema's shape; timestamps in epoch ms."""
+    """The clickstream object (worker.commands.sample) in the Avro schema's shape; timestamps in epoch ms."""
     obj = {
         "event_id": source["event_id"],
         "session_id": source["session_id"],

@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from worker.ratelimit import RateLimiter
+from worker.personalize.ratelimit import RateLimiter
 
 
 class Clock:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.batching import Batch, Batcher
+from worker.flow.batching import Batch, Batcher
 
 LINGER = 0.5
 MANY = 1000

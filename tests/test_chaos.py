@@ -35,7 +35,7 @@ from tests.kafka_support import (
 )
 from tests.stack import EmulatorProcess, WorkerFactory, WorkerProcess
 from tests.test_e2e import header, load, wait_committed
-from worker.sample import Clickstream, generate
+from worker.commands.sample import Clickstream, generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chaos]
 
@@ -461,7 +461,7 @@ async def test_personalize_throttling_errors_spikes_and_outage(
     assert any(s.get(P + "consumption_paused") == 1 for s in during_outage), "consumption pauses in the outage"
     peak_buffered = max(s.get(P + "events_buffered", 0) for s in samples)
     assert peak_buffered <= cap, f"events_buffered peaked at {peak_buffered} > {cap}"
-    # Random throttling is not cut for (worker/ratelimit.py): the limit stays near its maximum of 150
+    # Random throttling is not cut for (worker/personalize/ratelimit.py): the limit stays near its maximum of 150
     # calls/s in trouble. The limiter before cut on every throttle and fell toward its floor (1.5/s).
     limits = sorted(s.get(P + "rate_limit_requests_per_second", 0.0) for s in in_trouble)
     assert limits and limits[len(limits) // 2] >= 75, f"rate limit in trouble: {limits}"

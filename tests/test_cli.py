@@ -17,8 +17,8 @@ import pytest
 from tests.kafka_support import KafkaBroker, TopicFactory, consume_all
 from worker import __version__
 from worker.cli import build_parser
-from worker.demo import _report
-from worker.sample import generate
+from worker.commands.demo import _report
+from worker.commands.sample import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 

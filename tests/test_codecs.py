@@ -30,8 +30,8 @@ from tests.kafka_support import TopicFactory, committed_offsets, consume_all, en
 from tests.stack import AWS_ENV, EmulatorProcess, WorkerFactory, write_config
 from worker import app
 from worker.app import Worker
+from worker.commands.sample import generate
 from worker.config import load_settings
-from worker.sample import generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
 

@@ -23,9 +23,10 @@ from aiokafka.errors import (
 )
 
 from tests.kafka_support import KafkaBroker, TopicFactory, consume_all
-from worker.deadletter import KEEP_BYTES, DeadLetter, DeadLetterWriter, Form, is_content_error, next_form, render
-from worker.metrics import PREFIX, Metrics
-from worker.retry import Backoff
+from worker.backoff import Backoff
+from worker.flow.items import DeadLetter
+from worker.kafka.deadletter import KEEP_BYTES, DeadLetterWriter, Form, is_content_error, next_form, render
+from worker.observe.metrics import PREFIX, Metrics
 
 MIB = 1024 * 1024
 DLQ_KEYS = ("dlq.error.stage", "dlq.error.reason", "dlq.error.message", "dlq.source.topic", "dlq.source.partition")

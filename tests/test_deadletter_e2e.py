@@ -15,7 +15,7 @@ from tests.kafka_support import TopicFactory, committed_offsets, consume_all, en
 from tests.stack import EmulatorProcess, WorkerFactory
 from tests.test_chaos import RssWatch, figures, log_lines, received, valid_ids
 from tests.test_e2e import header
-from worker.sample import generate
+from worker.commands.sample import generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e, pytest.mark.chaos]
 

@@ -7,8 +7,8 @@ from collections import OrderedDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import worker.dedup
-from worker.dedup import NEW, PARKED, SEEN, Dedup
+import worker.flow.dedup
+from worker.flow.dedup import NEW, PARKED, SEEN, Dedup
 
 
 class Clock:
@@ -243,7 +243,7 @@ class Reference:
 )
 def test_window_matches_a_plain_ordered_dict(ops: list[tuple[str, list[int]]], max_ids: int, chunk: int) -> None:
     """Redeliveries, expiry and the size cap in any mix: the same IDs are seen, the same count kept."""
-    saved, worker.dedup.CHUNK = worker.dedup.CHUNK, chunk
+    saved, worker.flow.dedup.CHUNK = worker.flow.dedup.CHUNK, chunk
     try:
         dedup, clock = make(window=20.0, max_ids=max_ids)
         reference = Reference(20.0, max_ids)
@@ -260,4 +260,4 @@ def test_window_matches_a_plain_ordered_dict(ops: list[tuple[str, list[int]]], m
                     assert (dedup.admit(event_id, event_id) == SEEN) == reference.seen(event_id, clock.now)
                     dedup.failed(event_id)
     finally:
-        worker.dedup.CHUNK = saved
+        worker.flow.dedup.CHUNK = saved

@@ -279,7 +279,7 @@ def test_memory_alert_fires_near_the_limit_only(tmp_path: Path) -> None:
 
 
 def test_cgroup_memory_limit_reads_v1_and_v2_and_takes_the_tightest(tmp_path: Path) -> None:
-    from worker.metrics import cgroup_memory_limit
+    from worker.observe.metrics import cgroup_memory_limit
 
     def write(relative: str, text: str) -> None:
         path = tmp_path / "cg" / relative

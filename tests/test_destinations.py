@@ -11,13 +11,13 @@ import orjson
 from aiokafka.structs import TopicPartition
 
 from tests.test_routes import BASE, Letters, Record, load, route
-from worker.batching import Batcher
-from worker.destinations import MAX_WAIT, DestinationBatcher
-from worker.metrics import Metrics
-from worker.pipeline import Pipeline
-from worker.ratelimit import RateLimiter
-from worker.retry import Rejection
-from worker.routes import Quotas, resolve
+from worker.flow.batching import Batcher
+from worker.flow.destinations import MAX_WAIT, DestinationBatcher
+from worker.flow.pipeline import Pipeline
+from worker.flow.routes import Quotas, resolve
+from worker.observe.metrics import Metrics
+from worker.personalize.ratelimit import RateLimiter
+from worker.personalize.retry import Rejection
 
 
 class Limiter:

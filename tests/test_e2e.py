@@ -15,7 +15,7 @@ import pytest
 
 from tests.kafka_support import TopicFactory, committed_offsets, consume_all, end_offsets, produce
 from tests.stack import AWS_ENV, TRACKING_ID, EmulatorProcess, WorkerFactory, write_config
-from worker.sample import Clickstream, Message, generate
+from worker.commands.sample import Clickstream, Message, generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
 

@@ -21,7 +21,7 @@ from botocore.exceptions import ClientError
 from tests.stack import EmulatorProcess
 from tests.test_emulator import ARN, REPO_ROOT, error_code, event, http, personalize, put_events, put_items, status_of
 from worker.emulator import run_emulator
-from worker.limits import MAX_EVENT_BYTES
+from worker.mapping.limits import MAX_EVENT_BYTES
 
 OTHER_ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/other/ITEMS"
 AMZ_DATE = r"\d{8}T\d{6}Z"

@@ -25,7 +25,7 @@ from worker.emulator.faults import (
 from worker.emulator.model import compiled_model, oversized_events
 from worker.emulator.records import Tallies
 from worker.emulator.sigv4 import request_age_problem
-from worker.limits import MAX_EVENT_BYTES
+from worker.mapping.limits import MAX_EVENT_BYTES
 
 
 class FakeClock:

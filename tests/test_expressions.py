@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from tests.test_mapping import T0, _check_event
 from worker.config import MappingSettings
 from worker.errors import ConfigError
-from worker.expressions import compile_source, is_plain, is_truthy, plain_path, references_kafka
-from worker.layouts import LineRecord
-from worker.mapping import InvalidRecord, Mapper, _walk
+from worker.mapping.expressions import compile_source, is_plain, is_truthy, plain_path, references_kafka
+from worker.mapping.layouts import LineRecord
+from worker.mapping.mapper import InvalidRecord, Mapper, _walk
 
 
 def mapper(**members: Any) -> Mapper:

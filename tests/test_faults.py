@@ -25,7 +25,7 @@ from tests.test_chaos import (
     valid_ids,
 )
 from tests.test_e2e import wait_committed
-from worker.sample import generate
+from worker.commands.sample import generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chaos]
 

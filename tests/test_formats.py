@@ -14,8 +14,8 @@ import orjson
 import pytest
 from google.protobuf import descriptor_pb2, message_factory
 
-from worker.avro import AvroDecoder, AvroSchemaError, top_level_fields
-from worker.protobuf import (
+from worker.mapping.avro import AvroDecoder, AvroSchemaError, top_level_fields
+from worker.mapping.protobuf import (
     FrameError,
     ProtobufDecoder,
     ProtobufSchemaError,

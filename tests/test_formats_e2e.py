@@ -42,7 +42,7 @@ from tests.formats_support import (
 from tests.kafka_support import TopicFactory, committed_offsets, consume_all, end_offsets, free_port, produce
 from tests.registry_support import SchemaRegistry
 from tests.stack import AWS_ENV, EmulatorProcess, WorkerFactory, wait_until, write_config
-from worker.sample import generate
+from worker.commands.sample import generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
 

@@ -13,15 +13,15 @@ import orjson
 from aiokafka.structs import TopicPartition
 
 from tests.test_pipeline import FakeRecord, GatedSink, Letters, records, wait_for
-from worker.batching import Batch
 from worker.config import Settings
-from worker.deadletter import DeadLetter
-from worker.health import Watchdog
-from worker.mapping import SessionKey
-from worker.metrics import PREFIX, WAITING_AFTER_SECONDS, Metrics
-from worker.pipeline import Item, Pipeline
-from worker.ratelimit import RateLimiter
-from worker.retry import Rejection
+from worker.flow.batching import Batch
+from worker.flow.items import DeadLetter, Item
+from worker.flow.pipeline import Pipeline
+from worker.mapping.mapper import SessionKey
+from worker.observe.health import Watchdog
+from worker.observe.metrics import PREFIX, WAITING_AFTER_SECONDS, Metrics
+from worker.personalize.ratelimit import RateLimiter
+from worker.personalize.retry import Rejection
 
 TP0, TP1 = TopicPartition("t", 0), TopicPartition("t", 1)
 STALL_AFTER = 30.0

@@ -23,14 +23,14 @@ from tests.kafka_support import TopicFactory, end_offsets
 from tests.stack import EmulatorProcess, WorkerFactory
 from tests.test_chaos import RssWatch, figures, log_lines, received, valid_ids
 from tests.test_e2e import load
-from worker.batching import Batch, Batcher
+from worker.commands.sample import HOT_SESSION_ID, generate
 from worker.config import Settings
-from worker.metrics import Metrics
-from worker.pipeline import Pipeline
-from worker.ratelimit import RateLimiter
-from worker.retry import Rejection
-from worker.sample import HOT_SESSION_ID, generate
-from worker.source import Source
+from worker.flow.batching import Batch, Batcher
+from worker.flow.pipeline import Pipeline
+from worker.kafka.source import Source
+from worker.observe.metrics import Metrics
+from worker.personalize.ratelimit import RateLimiter
+from worker.personalize.retry import Rejection
 
 LINGER = 0.5
 MANY = 1000

@@ -1,4 +1,4 @@
-"""`worker.http.HttpClient` against real sockets: scripted asyncio servers on 127.0.0.1 that write raw
+"""`worker.personalize.http.HttpClient` against real sockets: scripted asyncio servers on 127.0.0.1 that write raw
 bytes, no mocks.
 
 Proven here: the request on the wire; Content-Length, chunked, read-until-close and interim 1xx answers,
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from worker.http import MAX_BODY_BYTES, MAX_HEAD_BYTES, HttpClient, HttpProtocolError
+from worker.personalize.http import MAX_BODY_BYTES, MAX_HEAD_BYTES, HttpClient, HttpProtocolError
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"

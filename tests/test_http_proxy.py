@@ -1,4 +1,4 @@
-"""`worker.http.HttpClient` through scripted proxies on real sockets: the edge cases a real proxy will not
+"""`worker.personalize.http.HttpClient` through scripted proxies on real sockets: the edge cases a real proxy will not
 produce on demand (tests/test_proxy.py runs the same paths through tinyproxy).
 
 Proven here: CONNECT and the absolute-form request on the wire, Proxy-Authorization only to the proxy
@@ -25,9 +25,9 @@ import pytest
 
 from tests.proxy_support import make_certificates
 from tests.test_http import Peer, Script, Server, answering, serve
-from worker.http import HttpClient, HttpProtocolError
-from worker.proxy import Proxy, ProxyError
-from worker.retry import classify
+from worker.personalize.http import HttpClient, HttpProtocolError
+from worker.personalize.proxy import Proxy, ProxyError
+from worker.personalize.retry import classify
 
 AUTH = "Basic YnJpZGdlOnMzY3JldA=="  # bridge:s3cret
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"

@@ -11,8 +11,8 @@ import pytest
 from tests.test_mapping import T0, _check_event
 from worker.config import MappingSettings, load_settings
 from worker.errors import ConfigError
-from worker.interactions import load_schema
-from worker.mapping import InvalidRecord, Mapper
+from worker.mapping.interactions import load_schema
+from worker.mapping.mapper import InvalidRecord, Mapper
 
 # As given to CreateSchema for an Interactions dataset with metadata fields.
 INTERACTIONS = {

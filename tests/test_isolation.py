@@ -21,7 +21,7 @@ from tests.kafka_support import TopicFactory, consume_all
 from tests.stack import EmulatorProcess, WorkerFactory, WorkerProcess
 from tests.test_chaos import RssWatch, figures, log_lines, metric, readyz, received, until
 from tests.test_e2e import header, load, wait_committed
-from worker.sample import Clickstream, Message, generate
+from worker.commands.sample import Clickstream, Message, generate
 
 pytestmark = [pytest.mark.kafka, pytest.mark.chaos]
 

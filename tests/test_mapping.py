@@ -14,9 +14,10 @@ from botocore.validate import ParamValidator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker import limits
-from worker.config import MappingSettings, camel_case
-from worker.mapping import (
+from worker.config import MappingSettings
+from worker.mapping import limits
+from worker.mapping.interactions import camel_case
+from worker.mapping.mapper import (
     EVENT_ID_PREFIX,
     MAX_EPOCH_SECONDS,
     InvalidRecord,

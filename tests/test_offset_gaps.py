@@ -18,7 +18,7 @@ from tests.kafka_support import KafkaBroker, TopicFactory, committed_offsets, en
 from tests.stack import EmulatorProcess, WorkerFactory
 from tests.test_chaos import metric, readyz, received, until
 from tests.test_e2e import wait_committed
-from worker.sample import generate
+from worker.commands.sample import generate
 
 pytestmark = [pytest.mark.kafka]
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.offsets import (
+from worker.flow.offsets import (
     MAX_AHEAD_CHARS,
     MetadataError,
     OffsetOrderError,

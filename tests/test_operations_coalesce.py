@@ -11,7 +11,7 @@ from functools import partial
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.operations.coalesce import Call, Coalescer
+from worker.personalize.operations.coalesce import Call, Coalescer
 
 Item = tuple[str, int, int]
 """(id, partition, offset): what a test record carries."""

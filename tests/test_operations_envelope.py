@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from worker.mapping import InvalidRecord
-from worker.operations.envelope import DELETE, debezium, unwrap
+from worker.mapping.mapper import InvalidRecord
+from worker.personalize.operations.envelope import DELETE, debezium, unwrap
 
 ROW = {"item_id": "i-1", "title": "T"}
 

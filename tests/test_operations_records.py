@@ -13,10 +13,15 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from tests.test_operations_spec import ARN, validate
-from worker.mapping import EVENT_ID_PREFIX, InvalidRecord
-from worker.operations.bodies import BODIES
-from worker.operations.records import MAX_REMEMBERED_FIELDS, ActionInteractionMapper, UpsertMapper, mapper_for
-from worker.operations.settings import (
+from worker.mapping.mapper import EVENT_ID_PREFIX, InvalidRecord
+from worker.personalize.operations.bodies import BODIES
+from worker.personalize.operations.records import (
+    MAX_REMEMBERED_FIELDS,
+    ActionInteractionMapper,
+    UpsertMapper,
+    mapper_for,
+)
+from worker.personalize.operations.settings import (
     MAPPINGS,
     ActionInteractionsMapping,
     ActionsMapping,
@@ -25,7 +30,7 @@ from worker.operations.settings import (
     canonical_event_type,
     property_key,
 )
-from worker.operations.spec import ACTION_INTERACTIONS, ACTIONS, ITEMS, USERS, OperationSpec
+from worker.personalize.operations.spec import ACTION_INTERACTIONS, ACTIONS, ITEMS, USERS, OperationSpec
 
 T0 = 1_700_000_000
 

@@ -11,8 +11,9 @@ import pytest
 from botocore.validate import ParamValidator
 
 from worker.emulator.model import compiled_model, format_problems
-from worker.operations.bodies import BODIES, action_interactions_body, events_body, items_body
-from worker.operations.spec import (
+from worker.personalize.client import request_body
+from worker.personalize.operations.bodies import BODIES, action_interactions_body, events_body, items_body
+from worker.personalize.operations.spec import (
     ACTION_INTERACTIONS,
     ACTIONS,
     DEFAULT_REQUESTS_PER_SECOND,
@@ -23,7 +24,6 @@ from worker.operations.spec import (
     allowed_values,
     route_key,
 )
-from worker.sink import request_body
 
 ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/shop/ITEMS"
 _SERVICE = botocore.session.get_session().get_service_model("personalize-events")

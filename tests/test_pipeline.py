@@ -18,12 +18,12 @@ import pytest
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.config import Settings
-from worker.deadletter import DeadLetter
-from worker.metrics import Metrics
-from worker.pipeline import Flag, Pipeline
-from worker.ratelimit import RateLimiter
-from worker.retry import Rejection
-from worker.source import Source
+from worker.flow.items import DeadLetter, Flag
+from worker.flow.pipeline import Pipeline
+from worker.kafka.source import Source
+from worker.observe.metrics import Metrics
+from worker.personalize.ratelimit import RateLimiter
+from worker.personalize.retry import Rejection
 
 
 @dataclass(frozen=True)

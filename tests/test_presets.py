@@ -13,9 +13,9 @@ import pytest
 from tests.test_mapping import _check_event
 from worker.config import MappingSettings, load_settings
 from worker.errors import ConfigError
-from worker.mapping import InvalidRecord, Mapper
-from worker.presets import NAMES, preset_path
-from worker.snowplow import FIELDS
+from worker.mapping.mapper import InvalidRecord, Mapper
+from worker.mapping.presets import NAMES, preset_path
+from worker.mapping.snowplow import FIELDS
 
 
 def at(iso: str) -> float:
@@ -386,7 +386,7 @@ def test_an_unknown_preset_stops_start_up_naming_the_key(name: str, tmp_path: Pa
 def test_the_map_command_runs_presets_and_layouts() -> None:
     import io
 
-    from worker.cli import dry_run
+    from worker.commands.dry_run import dry_run
     from worker.config import Settings
 
     def run(mapping: dict[str, Any], lines: list[bytes]) -> list[dict[str, Any]]:

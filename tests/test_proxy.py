@@ -25,13 +25,15 @@ import pytest_asyncio
 from tests.proxy_support import Tinyproxy, TinyproxyFactory, make_certificates
 from tests.test_http import serve
 from tests.test_http_proxy import tunnelling
-from worker.check import check_personalize
+from worker.backoff import Backoff
+from worker.commands.check import check_personalize
 from worker.config import PersonalizeSettings, Settings
 from worker.emulator import RunningEmulator, run_emulator
-from worker.metrics import Metrics
-from worker.proxy import ProxyError
-from worker.retry import Backoff, Kind, classify
-from worker.sink import PutEventsClient, Sink
+from worker.observe.metrics import Metrics
+from worker.personalize.client import PutEventsClient
+from worker.personalize.proxy import ProxyError
+from worker.personalize.retry import Kind, classify
+from worker.personalize.sink import Sink
 
 KEY, SECRET = "AKIDPROXY", "secret-for-proxy-tests"
 USER, PASSWORD = "bridge", "pw-Pr0xy-s3cret"

@@ -1,4 +1,4 @@
-"""Which proxy: `worker.proxy.resolve_proxy` decides exactly as aiobotocore does (environment, NO_PROXY,
+"""Which proxy: `worker.personalize.proxy.resolve_proxy` decides exactly as aiobotocore does (environment, NO_PROXY,
 the Config's `proxies`, `{}`), and refuses what it cannot use, naming the key and never the URL."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from botocore.config import Config
 from tests.proxy_support import PROXY_VARIABLES
 from worker.config import PersonalizeSettings
 from worker.errors import ConfigError
-from worker.proxy import client_options, resolve_proxy
+from worker.personalize.proxy import client_options, resolve_proxy
 
 
 @pytest.fixture

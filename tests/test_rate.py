@@ -17,13 +17,13 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.rate_sim import Clock, Service, Trace, simulate
+from worker.backoff import Backoff
 from worker.config import PersonalizeSettings
 from worker.emulator import run_emulator
-from worker.metrics import Metrics
-from worker.ratelimit import RateLimiter
-from worker.ratetally import SendTally
-from worker.retry import Backoff
-from worker.sink import Sink
+from worker.observe.metrics import Metrics
+from worker.personalize.ratelimit import RateLimiter
+from worker.personalize.ratetally import SendTally
+from worker.personalize.sink import Sink
 
 
 def make(max_rate: float = 10.0, now: float = 0.0) -> tuple[RateLimiter, Clock]:

@@ -12,10 +12,10 @@ from aiokafka.structs import TopicPartition
 
 from tests.test_pipeline import FakeConsumer, GatedSink, Letters, records
 from worker.config import Settings
-from worker.metrics import Metrics
-from worker.pipeline import Pipeline
-from worker.ratelimit import RateLimiter
-from worker.source import Source
+from worker.flow.pipeline import Pipeline
+from worker.kafka.source import Source
+from worker.observe.metrics import Metrics
+from worker.personalize.ratelimit import RateLimiter
 
 TP0, TP1 = TopicPartition("t", 0), TopicPartition("t", 1)
 

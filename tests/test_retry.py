@@ -15,13 +15,13 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from worker.http import HttpProtocolError
-from worker.retry import (
+from worker.backoff import Backoff
+from worker.personalize.http import HttpProtocolError
+from worker.personalize.retry import (
     MAX_MESSAGE_CHARS,
     SPLIT_AFTER,
     THROTTLING_CODES,
     Action,
-    Backoff,
     Health,
     Kind,
     Tries,

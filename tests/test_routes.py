@@ -13,11 +13,11 @@ from aiokafka.structs import TopicPartition
 
 from worker.config import load_settings
 from worker.errors import ConfigError
-from worker.metrics import Metrics
-from worker.pipeline import Pipeline
-from worker.ratelimit import RateLimiter
-from worker.retry import Rejection
-from worker.routes import resolve
+from worker.flow.pipeline import Pipeline
+from worker.flow.routes import resolve
+from worker.observe.metrics import Metrics
+from worker.personalize.ratelimit import RateLimiter
+from worker.personalize.retry import Rejection
 
 ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/shop/ITEMS"
 BASE = '[personalize]\nregion = "us-east-1"\n'

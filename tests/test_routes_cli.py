@@ -17,8 +17,8 @@ from botocore.exceptions import ClientError
 from tests.kafka_support import TopicFactory
 from tests.stack import AWS_ENV, EmulatorProcess
 from tests.test_routes_e2e import routes_toml
-from worker.check import verdict
-from worker.operations.spec import EVENTS, SPECS
+from worker.commands.check import verdict
+from worker.personalize.operations.spec import EVENTS, SPECS
 
 ITEMS_ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/shop/ITEMS"
 UNKNOWN_ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/other/USERS"

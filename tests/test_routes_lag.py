@@ -15,7 +15,7 @@ from tests.stack import EmulatorProcess, WorkerFactory
 from tests.test_chaos import metric
 from tests.test_e2e import wait_committed
 from tests.test_routes_e2e import records, routes_toml
-from worker.coalescing import CoalescingBatcher
+from worker.flow.coalescing import CoalescingBatcher
 
 ITEMS_ARN = "arn:aws:personalize:us-east-1:123456789012:dataset/shop/ITEMS"
 WINDOW = 600.0

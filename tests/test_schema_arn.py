@@ -18,7 +18,7 @@ from tests.stack import AWS_ENV
 from tests.test_interactions import INTERACTIONS
 from worker.config import load_settings
 from worker.errors import ConfigError
-from worker.mapping import InvalidRecord, Mapper
+from worker.mapping.mapper import InvalidRecord, Mapper
 
 ARN = "arn:aws:personalize:us-east-1:123456789012:schema/shop-interactions"
 MISSING = "arn:aws:personalize:us-east-1:123456789012:schema/gone"
@@ -141,7 +141,7 @@ def test_a_malformed_arn_is_refused_before_any_call(tmp_path: Path) -> None:
 async def test_map_shows_each_lines_schema_mismatch_with_its_key_and_why(stub: Stub, tmp_path: Path) -> None:
     import io
 
-    from worker.cli import dry_run
+    from worker.commands.dry_run import dry_run
 
     settings = await asyncio.to_thread(load_settings, write_config(tmp_path, stub, schema_arn=ARN))
     base = {"event_type": "click", "session_id": "s", "timestamp": 1717171717}

@@ -19,12 +19,12 @@ from aiohttp import web
 
 from tests.kafka_support import free_port
 from tests.registry_support import SchemaRegistry
+from worker.backoff import Backoff
 from worker.config import SchemaRegistrySettings, Settings
-from worker.mapping import InvalidRecord, Mapper
-from worker.metrics import Metrics
-from worker.registry import RawSchema, Reference, RegistryClient, RegistryUnavailable, SchemaNotFound
-from worker.retry import Backoff
-from worker.schemas import Schemas
+from worker.mapping.mapper import InvalidRecord, Mapper
+from worker.mapping.registry import RawSchema, Reference, RegistryClient, RegistryUnavailable, SchemaNotFound
+from worker.mapping.schemas import Schemas
+from worker.observe.metrics import Metrics
 
 AVRO = {
     "type": "record",

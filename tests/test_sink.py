@@ -18,11 +18,13 @@ import pytest_asyncio
 from aiobotocore.config import AioConfig
 from botocore.exceptions import ClientError
 
+from worker.backoff import Backoff
 from worker.config import PersonalizeSettings
 from worker.emulator import RunningEmulator, run_emulator
-from worker.metrics import Metrics
-from worker.retry import Backoff, classify
-from worker.sink import Sink, request_body
+from worker.observe.metrics import Metrics
+from worker.personalize.client import request_body
+from worker.personalize.retry import classify
+from worker.personalize.sink import Sink
 
 KEY, SECRET = "AKIDTEST", "secret-for-tests"
 MINIMAL = b'{"trackingId":"trk","sessionId":"s","eventList":[{"eventType":"x","sentAt":1}]}'
@@ -183,7 +185,7 @@ def test_fixed_request_signer_signs_exactly_like_botocore(
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
-    from worker.sink import FixedRequestSigV4
+    from worker.personalize.client import FixedRequestSigV4
 
     credentials = Credentials(KEY, SECRET, token)
     fixed = FixedRequestSigV4(credentials, "personalize", "us-east-1", url)
@@ -203,7 +205,7 @@ def test_signing_clock_is_botocores_to_the_second(monkeypatch: pytest.MonkeyPatc
     from botocore.auth import SIGV4_TIMESTAMP
     from botocore.credentials import Credentials
 
-    from worker.sink import FixedRequestSigV4
+    from worker.personalize.client import FixedRequestSigV4
 
     signer = FixedRequestSigV4(Credentials(KEY, SECRET), "personalize", "us-east-1", "http://127.0.0.1:1/events")
     for now in (1_795_391_999.9, 1_795_392_000.0, 1_795_392_000.7, 1_795_478_400.2):

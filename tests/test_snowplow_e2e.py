@@ -15,7 +15,7 @@ import pytest
 from tests.kafka_support import TopicFactory, committed_offsets, consume_all, end_offsets, produce
 from tests.stack import EmulatorProcess, WorkerFactory
 from tests.test_e2e import check_calls, header
-from worker.snowplow import FIELDS
+from worker.mapping.snowplow import FIELDS
 
 pytestmark = [pytest.mark.kafka, pytest.mark.e2e]
 

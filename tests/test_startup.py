@@ -22,9 +22,9 @@ from tests.kafka_support import KafkaBroker, _warm_up, create_topic, free_port, 
 from tests.stack import EmulatorProcess, WorkerFactory, WorkerProcess, write_config
 from tests.test_chaos import log_lines, metric, readyz, received, until, valid_ids
 from tests.test_e2e import load, run_cli, wait_committed
-from worker.check import DLQ_HEADROOM_BYTES
-from worker.sample import generate
-from worker.topics import RECHECK_SECONDS
+from worker.commands.check import DLQ_HEADROOM_BYTES
+from worker.commands.sample import generate
+from worker.kafka.topics import RECHECK_SECONDS
 
 MISSING = "source topic missing; waiting for it to be created (the worker never creates source topics)"
 DEFAULT_LIMIT = 1048588

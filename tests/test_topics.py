@@ -11,13 +11,13 @@ from typing import Any, cast
 import pytest
 from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaConnectionError
 
-from worker.check import _check_dead_letter_topic, _Cluster
+from worker.commands.check import _check_dead_letter_topic, _Cluster
 from worker.config import KafkaSettings, Settings
-from worker.connection import CoordinatorNotReadyYet, explain_connection_errors
 from worker.errors import KafkaConnectError
-from worker.metrics import Metrics
-from worker.source import Source
-from worker.topics import TopicWatch, exact_pattern
+from worker.kafka.connection import CoordinatorNotReadyYet, explain_connection_errors
+from worker.kafka.source import Source
+from worker.kafka.topics import TopicWatch, exact_pattern
+from worker.observe.metrics import Metrics
 
 MISSING = "source topic missing; waiting for it to be created (the worker never creates source topics)"
 

@@ -12,22 +12,24 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from worker import codecs
-from worker.batching import Batch
-from worker.config import MappingSettings, Settings, redacted
-from worker.connection import explain_connection_errors, kafka_security
-from worker.deadletter import DeadLetterWriter
-from worker.health import Watchdog
-from worker.metrics import Metrics, MetricsServer
-from worker.offsets import OffsetTracker
-from worker.pipeline import Item, Pipeline
-from worker.routes import Quotas, Route, Routes, resolve
-from worker.sink import Sink
-from worker.source import Source
-from worker.topics import cluster_topics
+from worker.config import Settings, redacted
+from worker.flow.batching import Batch
+from worker.flow.fanout import Routes
+from worker.flow.items import Item
+from worker.flow.offsets import OffsetTracker
+from worker.flow.pipeline import Pipeline, session_of
+from worker.flow.routes import Quotas, resolve, route_schemas
+from worker.kafka import codecs
+from worker.kafka.connection import explain_connection_errors, kafka_security
+from worker.kafka.deadletter import DeadLetterWriter
+from worker.kafka.source import Source
+from worker.kafka.topics import cluster_topics
+from worker.observe.health import Watchdog
+from worker.observe.metrics import Metrics, MetricsServer
+from worker.personalize.sink import Sink
 
 if TYPE_CHECKING:
-    from worker.schemas import Schemas, TopicSchemas
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +49,6 @@ def tune_garbage_collector() -> None:
     gc.freeze()
 
 
-def route_schemas(settings: Settings, routes: list[Route], metrics: Metrics) -> dict[str, Schemas]:
-    """Per route reading a schema-registry format, its `Schemas` — one per format, shared by the routes using
-    it; "" for the single flow's. Avro and Protobuf runtimes load only for those who use them."""
-    if not settings.routes:
-        if settings.mapping.format == "json":
-            return {}
-        from worker.schemas import Schemas
-
-        return {"": Schemas(settings, metrics)}
-    by_format: dict[str, Schemas] = {}
-    found: dict[str, Schemas] = {}
-    for route in routes:
-        fmt = route.mapping.format if isinstance(route.mapping, MappingSettings) else "json"
-        if fmt != "json":
-            from worker.schemas import Schemas
-
-            if fmt not in by_format:
-                by_format[fmt] = Schemas(settings, metrics, format=fmt)
-            found[route.name] = by_format[fmt]
-    return found
-
-
 class Worker:
     def __init__(self, settings: Settings, *, until_drained: bool = False) -> None:
         self.settings = settings
@@ -85,16 +65,7 @@ class Worker:
                 **kafka_security(settings.kafka),
             )
 
-        self.schemas: Schemas | TopicSchemas | None = None
-        by_format = route_schemas(settings, self.routes, self.metrics)
-        if settings.mapping.format != "json" and not settings.routes:
-            self.schemas = by_format[""]
-        elif by_format:
-            from worker.schemas import TopicSchemas
-
-            self.schemas = TopicSchemas(
-                {topic: by_format[r.name] for r in self.routes if r.name in by_format for topic in r.topics}
-            )
+        self.schemas, by_format = route_schemas(settings, self.routes, self.metrics)
         # Per route: its sinks (one per destination, each with its own AIMD limiter), dead-letter writer and
         # pipeline; one offset tracker for all, so the one consumer commits every route's partitions.
         tracker: OffsetTracker[TopicPartition] = OffsetTracker()
@@ -189,8 +160,7 @@ class Worker:
     def is_retrying(self, batch: Batch[Any, Item]) -> bool:
         """Whether the batch's call is being retried: its sink marks the first argument it was delivered
         with (the session; an items/users/actions route's destination; see `Pipeline._deliver`)."""
-        key = batch.key
-        first = key if isinstance(key, str) else key[1] if len(key) == 3 else key[0]
+        first = session_of(batch.key)
         return any(first in sink.retrying for sink in self.sinks)
 
     def handing_over(self) -> bool:

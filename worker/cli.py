@@ -6,21 +6,17 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
-
-import orjson
+from typing import TYPE_CHECKING, Any
 
 from worker import __version__
 from worker.config import Settings, load_settings
-from worker.dedup import NEW, Dedup
 from worker.errors import ConfigError
-from worker.mapping import InvalidRecord, Mapper, SessionKey
+from worker.mapping.mapper import Mapper
 
 if TYPE_CHECKING:
-    from worker.schemas import Schemas
+    pass
 
 
 def _load(path: str) -> Settings:
@@ -66,8 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import logging
 
-    from worker import logs
     from worker.app import Worker, describe
+    from worker.observe import logs
 
     settings = _load(args.config)
     logs.configure(settings.worker.log_level, settings.worker.log_format)
@@ -85,92 +81,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
-def dry_run(
-    settings: Settings,
-    lines: Iterable[bytes],
-    out: IO[str],
-    *,
-    schemas: Schemas | None = None,
-    offsets: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """For each line: the call it would join, or why it would be dead-lettered; then a summary.
-
-    With `schemas` the lines are framed record values (see worker.replay): each entry also shows its schema
-    id and the decoded object. With `offsets` (records read from Kafka) each entry names its offset."""
-    mapper = Mapper(settings.mapping)
-    map_record = mapper.map if schemas is None else schemas.mapping(mapper)
-    if mapper.reads_record:  # `_kafka.*` or a layout: each line stands for a record (see LineRecord)
-        from worker.layouts import LineRecord
-
-        layout = settings.mapping.layout
-        map_record = lambda line: mapper.map_record(LineRecord(line or b"", 0, layout))  # noqa: E731
-    dedup: Dedup[int] = Dedup(float("inf"), sys.maxsize, lambda: 0.0)
-    open_calls: dict[SessionKey, list[int]] = {}  # session → [call number, events in it]
-    outcomes: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    next_call = 0
-    tsv = settings.mapping.layout == "snowplow_tsv"
-    for number, raw in enumerate(lines, start=1):
-        # A Snowplow TSV line ends in tabs when its last fields are empty: only the line break goes.
-        line = raw if schemas is not None else raw.rstrip(b"\r\n") if tsv else raw.strip()
-        if not line and offsets is None:
-            continue
-        outcomes["lines"] += 1
-        entry: dict[str, Any] = {"line": number}
-        if offsets is not None:
-            entry["offset"] = offsets[number - 1]
-        if schemas is not None:
-            entry.update(schema_id=schemas.schema_id_of(line), decoded=schemas.decoded(line))
-        try:
-            mapped = map_record(line)
-        except InvalidRecord as error:
-            outcomes["dead_lettered"] += 1
-            reasons[error.reason] += 1
-            entry["dead_letter"] = {"stage": error.stage, "reason": error.reason, "message": error.message}
-            mapped = None
-        else:
-            if mapped is None:
-                outcomes["filtered"] += 1
-                entry["filtered"] = True
-        if mapped is not None:
-            key, event = mapped
-            if dedup.admit(event["eventId"], number) != NEW:
-                outcomes["duplicates"] += 1
-                entry["duplicate_of_event_id"] = event["eventId"]
-            else:
-                dedup.delivered([event["eventId"]])
-                current = open_calls.get(key)
-                if current is None:
-                    current = open_calls[key] = [next_call, 0]
-                    next_call += 1
-                call = current[0]
-                current[1] += 1
-                if current[1] == settings.batching.max_events:
-                    del open_calls[key]
-                outcomes["events"] += 1
-                request = {"trackingId": settings.personalize.tracking_id, "sessionId": key[0]}
-                if key[1] is not None:
-                    request["userId"] = key[1]
-                entry.update(call=call, request=request, event=event)
-        out.write(orjson.dumps(entry).decode() + "\n")
-    summary = {
-        **{k: outcomes[k] for k in ("lines", "events", "duplicates", "filtered", "dead_lettered")},
-        "dead_letter_reasons": dict(reasons),
-        "calls": next_call,
-        "events_per_call": round(outcomes["events"] / next_call, 2) if next_call else 0.0,
-    }
-    out.write(orjson.dumps({"summary": summary}).decode() + "\n")
-    return summary
-
-
 def cmd_map(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     if settings.routes or args.route is not None:
         return _map_route(settings, args)
     if args.topic is not None or settings.mapping.format != "json":
-        from worker import replay
+        from worker.commands import replay
 
         return replay.run(settings, args, sys.stdout)
+    from worker.commands.dry_run import dry_run
+
     return _map_lines(args, lambda lines: dry_run(settings, lines, sys.stdout))
 
 
@@ -190,8 +110,8 @@ def _map_lines(args: argparse.Namespace, run: Callable[[Iterable[bytes]], dict[s
 
 def _map_route(settings: Settings, args: argparse.Namespace) -> int:
     """`map --route NAME`: one route's dry run; without it on a multi-route config, which routes there are."""
+    from worker.commands.route_map import describe_routes, dry_run_route, find
     from worker.config import MappingSettings
-    from worker.route_map import describe_routes, dry_run_route, find
 
     name = args.route if args.route is not None or len(settings.routes) != 1 else settings.routes[0].name
     route = find(settings, name) if name is not None else None
@@ -211,15 +131,15 @@ def _map_route(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from worker.check import run_checks
+    from worker.commands.check import run_checks
 
     settings = _load(args.config)
     return asyncio.run(run_checks(settings))
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
+    from worker.commands.produce import lines_of, produce, sample_of
     from worker.config import KafkaSettings
-    from worker.produce import lines_of, produce, sample_of
 
     settings = _load(args.config) if args.config else None
     kafka = settings.kafka if settings else KafkaSettings()
@@ -249,7 +169,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from worker.commands.demo import run_demo
 
     return run_demo(args)
 

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from botocore.loaders import Loader
 
-from worker.limits import MAX_EVENT_BYTES, reserved_property_keys
+from worker.mapping.limits import MAX_EVENT_BYTES, reserved_property_keys
 
 SERVICE_NAME = "personalize-events"
 
@@ -334,7 +334,7 @@ def format_problems(problems: Problems) -> str:
 
 def oversized_events(events: list[Any], limit: int = MAX_EVENT_BYTES) -> Problems:
     """The documented 10 KB per-event quota, which the model cannot express. An event's size is its
-    compact UTF-8 JSON, as the worker measures it before sending (``worker.mapping``), so what the worker
+    compact UTF-8 JSON, as the worker measures it before sending (``worker.mapping.mapper``), so what the worker
     lets through the emulator accepts; the wire form (ASCII-escaped by botocore) is never smaller, which
     is why callers may skip this when the whole body is within the limit."""
     return [

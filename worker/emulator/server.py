@@ -22,7 +22,7 @@ from worker.emulator.faults import FaultConfig, QuotaBuckets, Rejection, quota_g
 from worker.emulator.model import Operation, compiled_model, format_problems, oversized_events
 from worker.emulator.records import CallLog, Stats, Tallies
 from worker.emulator.sigv4 import SigV4Verifier
-from worker.limits import MAX_EVENT_BYTES
+from worker.mapping.limits import MAX_EVENT_BYTES
 
 ACCESS_DENIED = (
     "User: arn:aws:sts::123456789012:assumed-role/personalize-worker/i-0123456789abcdef0 is not authorized to "
