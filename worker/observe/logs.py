@@ -39,9 +39,44 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class RepeatFilter(logging.Filter):
+    """Lets a library's repeated line through once per `every` seconds, then says how many were held back.
+
+    Why: while the broker is down aiokafka logs the same coordinator error ~10 times a second, which buries
+    the worker's own one-line alarms and fills log storage. Keyed by logger and message template (never the
+    formatted text, which may carry addresses), with a bounded number of keys.
+    """
+
+    MAX_KEYS = 256
+
+    def __init__(self, prefixes: tuple[str, ...], every: float = 30.0, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self._prefixes = prefixes
+        self._every = every
+        self._clock = clock
+        self._seen: dict[tuple[str, str], list[float | int]] = {}  # key -> [last shown, held back since]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._prefixes):
+            return True
+        key = (record.name, str(record.msg))
+        now = self._clock()
+        entry = self._seen.get(key)
+        if entry is not None and now - entry[0] < self._every:
+            entry[1] += 1
+            return False
+        if entry is None and len(self._seen) >= self.MAX_KEYS:
+            self._seen.clear()
+        if entry is not None and entry[1]:
+            record.repeated = int(entry[1])  # shown as a field: lines like this one held back since the last
+        self._seen[key] = [now, 0]
+        return True
+
+
 def configure(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RepeatFilter(("aiokafka",)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
