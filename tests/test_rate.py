@@ -613,6 +613,23 @@ def test_a_hostile_day(name: str) -> None:
     assert trace.window(end + 20, end + 60)[1] <= noise + 0.05
 
 
+IDLE_UNDER_NOISE = {1000.0: (11, 1, 2, 3), 50.0: (1, 4, 7, 10)}
+
+
+@pytest.mark.parametrize("max_rate", IDLE_UNDER_NOISE)
+def test_an_idle_minute_under_noise_keeps_the_noise_estimate(max_rate: float) -> None:
+    """30 % noise, nothing to send from 30 s to 90 s, then a backlog. The estimate expired in the idle
+    minute (its TTL counted wall time), so the first windows after it re-found the noise from nothing:
+    every seed at 50 calls/s cut for seconds, and at 1,000 calls/s (seed 11) a chance-high share cut,
+    a chance-low one called that congestion and cut again, and only the second cut was undone: back
+    at +5 calls/s, ~70 s to the maximum. An idle minute is no evidence: the estimate stands."""
+    for seed in IDLE_UNDER_NOISE[max_rate]:
+        events = {30: change(demand=0.0), 90: change(demand=None)}
+        trace, limiter = run(Service(noise=0.3, seed=seed), 100, max_rate=max_rate, events=events)
+        assert trace.window(90, 100)[0] >= 0.9 * 0.7 * max_rate, seed
+        assert limiter.noise == pytest.approx(0.3, abs=0.1), seed
+
+
 def test_replicas_sharing_a_quota_take_a_restarted_one_back_in() -> None:
     """Three replicas on a 1,000 calls/s quota; one restarts at full rate: the quota is used and
     kept to within seconds, and the restarted one gets its share back."""

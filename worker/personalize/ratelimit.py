@@ -59,9 +59,10 @@ class RateLimiter:
        the next check finds noise, both are undone.
     4. Noise is believed only while the evidence holds. The answers after a noise verdict, back at
        the old rate, must not be throttled significantly more than in the check (else `noise` is 0
-       again); the estimate expires NOISE_TTL_SECONDS after a check last found it; and while there is
-       noise the probe does not accelerate: throttling believed to be noise may be other replicas'
-       load, and probing fast into it would raise their share until they believe it noise too.
+       again); the estimate expires NOISE_TTL_SECONDS of traffic (idle time is no evidence) after a
+       check last found it (worker/personalize/ratenoise.py); and while there is noise the probe does
+       not accelerate: throttling believed to be noise may be other replicas' load, and probing fast
+       into it would raise their share until they believe it noise too.
 
     Probing adds PROBE_PER_SECOND of the maximum per second, doubling every PROBE_DOUBLING_SECONDS
     without a cut: slow near a quota just found, back from the floor to the maximum within ~20 s
@@ -119,7 +120,7 @@ class RateLimiter:
         self._window_length = self.WINDOW_SECONDS
         # The last success: when it came, when its call was sent, and the slowest recent round trip.
         self._last_success, self._success_sent, self._slowest = now, now, 0.0
-        self._noise = NoiseEstimate(now, self.WINDOW_SECONDS)
+        self._noise = NoiseEstimate(self.WINDOW_SECONDS)
         # The cut being checked: the window that caused it (share, answers, sent rate), whether it was
         # measured at a steady rate, the noise the cut assumed, and the probe to resume on an undo.
         self._checking = False
@@ -199,6 +200,7 @@ class RateLimiter:
 
     def _answer(self, throttled: int, latency: float) -> None:
         now = self._clock()
+        self._noise.heard(now, 1.0 / self.rate)
         if not throttled:
             slowest = self._slowest
             if latency < slowest:
@@ -273,7 +275,7 @@ class RateLimiter:
             self._noise.refine(share, elapsed, self.rate)
         if verdict == "noise":
             cause, cause_answers, _ = self._cause
-            self._noise.found((cause * cause_answers + share * answers) / (cause_answers + answers), now)
+            self._noise.found((cause * cause_answers + share * answers) / (cause_answers + answers))
             self._noise.confirming = (share, answers)
             self._window_length = self.CONFIRM_SECONDS
 
@@ -292,7 +294,7 @@ class RateLimiter:
         (congestion is known, or our rising rate is the likely cause)."""
         if self._noise.confirming is not None:
             self._noise.confirm(share, answers, self.Z_NOISE, self.rate)
-        noise = self._noise_now(now)
+        noise = self._noise_now()
         threshold = self._threshold(now, answers)
         if share > threshold:
             overwhelming = share - threshold > self.Z_EARLY * spread(share, answers)
@@ -309,15 +311,15 @@ class RateLimiter:
         if not self._probing and self.rate < self.max_rate:
             self._probe_from(self.rate, self._since, now)  # a hold ends
 
-    def _noise_now(self, now: float) -> float:
-        """The noise estimate; it expires NOISE_TTL_SECONDS after a check last found it (rule 4)."""
-        if self._noise.expired(now):
+    def _noise_now(self) -> float:
+        """The noise estimate; it expires NOISE_TTL_SECONDS of traffic after a check last found it (rule 4)."""
+        if self._noise.expired():
             self._noise.report(self.rate)
         return self._noise.share
 
     def _threshold(self, now: float, answers: int) -> float:
         """The throttled share over which a window of `answers` answers says the quota is exceeded."""
-        noise = self._noise_now(now)
+        noise = self._noise_now()
         return noise + max(self.MARGIN, self.Z_TRIGGER * spread(noise, answers))
 
     def _settle(self, now: float) -> None:

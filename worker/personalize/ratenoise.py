@@ -21,35 +21,48 @@ class NoiseEstimate:
     - A noise verdict sets it (`found`); windows within the threshold refine it (`refine`).
     - The answers after a verdict, back at the old rate, must not be throttled significantly more
       than in the check (`confirm`), else it is 0 again: the throttling followed our rate.
-    - It expires TTL_SECONDS after a check last found it, so that a wrong estimate cannot hide a
-      quota for long.
+    - It expires TTL_SECONDS of traffic after a check last found it, so that a wrong estimate cannot
+      hide a quota for long. Only time with answers counts (`heard`): an idle minute (or an outage)
+      is no evidence either way, and expiring in it made the first windows after it re-find the
+      noise from nothing, where a chance-high share cut and a chance-low one called that congestion
+      and cut again: the rate stayed low for a minute (rule 4's slow probe).
     """
 
     TTL_SECONDS = 60.0
     GAIN = 0.1  # how far each fine window moves the share toward its own (~5 s of memory)
     MAX = 0.9
     """No estimate above this: at least 1 call in 10 must get through before we stop cutting."""
+    IDLE_GAP_SECONDS = 1.0
+    """A gap between answers longer than this (and than two calls' spacing) is not traffic: not counted."""
     REPORT_STEP = 0.03  # the log line's hysteresis: the limiter's MARGIN
 
-    def __init__(self, now: float, window: float) -> None:
+    def __init__(self, window: float) -> None:
         self.share = 0.0
         self._window = window  # the limiter's WINDOW_SECONDS: what GAIN is per
-        self._found_at = now
+        self._age = 0.0  # seconds of traffic since a check last found the noise
+        self._heard_at: float | None = None
         self._logged = 0.0
         self.confirming: tuple[float, int] | None = None
         """The noise verdict's check (share, answers) while the next window confirms it."""
 
-    def expired(self, now: float) -> bool:
+    def heard(self, now: float, spacing: float) -> None:
+        """An answer came at `now`, calls being `spacing` seconds apart at our rate: traffic time
+        passes. Cheap, for it runs on every answer."""
+        if self._heard_at is not None:
+            self._age += min(now - self._heard_at, max(self.IDLE_GAP_SECONDS, 2.0 * spacing))
+        self._heard_at = now
+
+    def expired(self) -> bool:
         """Drop an estimate past its TTL; True when this call dropped it."""
-        if not self.share or now - self._found_at <= self.TTL_SECONDS:
+        if not self.share or self._age <= self.TTL_SECONDS:
             return False
         self.share = 0.0
         return True
 
-    def found(self, share: float, now: float) -> None:
-        """A check found noise: believe `share` (at most MAX) for TTL_SECONDS, once confirmed."""
+    def found(self, share: float) -> None:
+        """A check found noise: believe `share` (at most MAX) for TTL_SECONDS of traffic, once confirmed."""
         self.share = min(share, self.MAX)
-        self._found_at = now
+        self._age = 0.0
 
     def refine(self, share: float, elapsed: float, rate: float) -> None:
         """Move toward the `share` of a fine window of `elapsed` seconds, by GAIN per window's length."""
