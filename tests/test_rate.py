@@ -249,6 +249,28 @@ def test_an_unclear_excess_over_known_noise_undoes_the_cut() -> None:
     assert limiter.noise == pytest.approx(0.2, abs=0.01)
 
 
+def test_noise_found_again_after_it_expired_undoes_every_cut_made_meanwhile() -> None:
+    """20 % noise, its estimate expired after NOISE_TTL_SECONDS of traffic: the next window cuts, a
+    lower share at the cut rate (a chance low, the noise ebbing) calls that congestion and cuts
+    again, and the second check finds about the same noise. Both cuts were for noise: back to the
+    maximum, not to the first cut's 800/s (from where rule 4's probe takes a minute)."""
+    limiter, clock = make(1000.0)
+    establish_noise(limiter, clock)
+    for _ in range(4 * round(RateLimiter.NOISE_TTL_SECONDS)):  # fine 20 % windows until it expires
+        feed(limiter, clock, 500, 100, 0.5)
+        if limiter.rate < 1000.0:
+            break
+    assert limiter.noise == 0.0
+    assert limiter.rate == pytest.approx(800.0, rel=0.02), "expired: 20 % is over the threshold"
+    settle(limiter, clock)
+    feed(limiter, clock, 800, 96, 1.0)  # 12 %: "it fell with the cut"
+    assert limiter.rate == pytest.approx(800.0 * RateLimiter.DECREASE, rel=0.02), "congestion: cut again"
+    settle(limiter, clock)
+    feed(limiter, clock, 700, 84, 1.0)  # 12 % again: noise, near enough the one that expired
+    assert limiter.noise == pytest.approx(0.12, abs=0.01)
+    assert limiter.rate == 1000.0
+
+
 def test_throttling_at_a_steady_rate_is_measured_on_more_calls_before_a_cut() -> None:
     """At 100 calls/s a window closes after 100 answers: too few to tell noise later from a modest
     excess, so it grows first (up to CAUSE_OUTCOMES answers or MAX_CAUSE_SECONDS)."""

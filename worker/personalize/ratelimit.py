@@ -269,15 +269,17 @@ class RateLimiter:
         # Undone: the probe as it was at the cut, paused while the check ran; calls at the restored
         # rate are a new sample.
         rate, since, cut_at = self._undo
+        if verdict == "noise":
+            cause, cause_answers, _ = self._cause
+            lost = self._noise.found((cause * cause_answers + share * answers) / (cause_answers + answers), now)
+            if lost is not None and lost[0] > rate:
+                rate, since, cut_at = lost  # the same noise that expired: every cut since was for it (rule 4)
+            self._noise.confirming = (share, answers)
+            self._window_length = self.CONFIRM_SECONDS
         self._probe_from(rate, since + (now - cut_at), now)
         self._tally.restart(now)
         if verdict == "unclear" and 0.0 < share < self._noise.share:
             self._noise.refine(share, elapsed, self.rate)
-        if verdict == "noise":
-            cause, cause_answers, _ = self._cause
-            self._noise.found((cause * cause_answers + share * answers) / (cause_answers + answers))
-            self._noise.confirming = (share, answers)
-            self._window_length = self.CONFIRM_SECONDS
 
     def _judge(
         self,
@@ -294,7 +296,7 @@ class RateLimiter:
         (congestion is known, or our rising rate is the likely cause)."""
         if self._noise.confirming is not None:
             self._noise.confirm(share, answers, self.Z_NOISE, self.rate)
-        noise = self._noise_now()
+        noise = self._noise_now(now)
         threshold = self._threshold(now, answers)
         if share > threshold:
             overwhelming = share - threshold > self.Z_EARLY * spread(share, answers)
@@ -311,15 +313,15 @@ class RateLimiter:
         if not self._probing and self.rate < self.max_rate:
             self._probe_from(self.rate, self._since, now)  # a hold ends
 
-    def _noise_now(self) -> float:
+    def _noise_now(self, now: float) -> float:
         """The noise estimate; it expires NOISE_TTL_SECONDS of traffic after a check last found it (rule 4)."""
-        if self._noise.expired():
+        if self._noise.expired(now, self._undo if self._checking else (self.rate, self._since, now)):
             self._noise.report(self.rate)
         return self._noise.share
 
     def _threshold(self, now: float, answers: int) -> float:
         """The throttled share over which a window of `answers` answers says the quota is exceeded."""
-        noise = self._noise_now()
+        noise = self._noise_now(now)
         return noise + max(self.MARGIN, self.Z_TRIGGER * spread(noise, answers))
 
     def _settle(self, now: float) -> None:

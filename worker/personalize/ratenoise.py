@@ -14,6 +14,9 @@ from worker.personalize.ratetally import spread
 
 log = logging.getLogger("worker.ratelimit")  # the limiter's logger: its log filters and alerts match it
 
+Undo = tuple[float, float, float]
+"""A rate to return to, as the limiter keeps it: (rate, its probe's start, when it was left)."""
+
 
 class NoiseEstimate:
     """The noise share, believed only while the evidence holds.
@@ -25,7 +28,10 @@ class NoiseEstimate:
       hide a quota for long. Only time with answers counts (`heard`): an idle minute (or an outage)
       is no evidence either way, and expiring in it made the first windows after it re-find the
       noise from nothing, where a chance-high share cut and a chance-low one called that congestion
-      and cut again: the rate stayed low for a minute (rule 4's slow probe).
+      and cut again: the rate stayed low for a minute (rule 4's slow probe). The same can happen to
+      an estimate that expires in traffic, so a check that finds the same noise again (within
+      SAME) within TTL_SECONDS of its expiry hands back the rate the lost estimate allowed: every
+      cut made while re-finding it was for noise too.
     """
 
     TTL_SECONDS = 60.0
@@ -34,6 +40,7 @@ class NoiseEstimate:
     """No estimate above this: at least 1 call in 10 must get through before we stop cutting."""
     IDLE_GAP_SECONDS = 1.0
     """A gap between answers longer than this (and than two calls' spacing) is not traffic: not counted."""
+    SAME = 0.1  # the limiter's MIN_NOISE_CHANGE: a re-found share this close is the noise that expired
     REPORT_STEP = 0.03  # the log line's hysteresis: the limiter's MARGIN
 
     def __init__(self, window: float) -> None:
@@ -41,6 +48,7 @@ class NoiseEstimate:
         self._window = window  # the limiter's WINDOW_SECONDS: what GAIN is per
         self._age = 0.0  # seconds of traffic since a check last found the noise
         self._heard_at: float | None = None
+        self._lost: tuple[float, float, Undo] | None = None  # at the last expiry: share, time, the rate allowed
         self._logged = 0.0
         self.confirming: tuple[float, int] | None = None
         """The noise verdict's check (share, answers) while the next window confirms it."""
@@ -52,17 +60,24 @@ class NoiseEstimate:
             self._age += min(now - self._heard_at, max(self.IDLE_GAP_SECONDS, 2.0 * spacing))
         self._heard_at = now
 
-    def expired(self) -> bool:
-        """Drop an estimate past its TTL; True when this call dropped it."""
+    def expired(self, now: float, allowed: Undo) -> bool:
+        """Drop an estimate past its TTL; True when this call dropped it. `allowed`: the limiter's rate
+        then, as its undo (rate, probe start, time), for `found` to hand back."""
         if not self.share or self._age <= self.TTL_SECONDS:
             return False
+        self._lost = (self.share, now, allowed)
         self.share = 0.0
         return True
 
-    def found(self, share: float) -> None:
-        """A check found noise: believe `share` (at most MAX) for TTL_SECONDS of traffic, once confirmed."""
+    def found(self, share: float, now: float) -> Undo | None:
+        """A check found noise: believe `share` (at most MAX) for TTL_SECONDS of traffic, once confirmed.
+        Returns the rate the estimate allowed when it expired, if that was the same noise, recently."""
+        lost, self._lost = self._lost, None
         self.share = min(share, self.MAX)
         self._age = 0.0
+        if lost is None or now - lost[1] > self.TTL_SECONDS or abs(lost[0] - self.share) > self.SAME:
+            return None
+        return lost[2]
 
     def refine(self, share: float, elapsed: float, rate: float) -> None:
         """Move toward the `share` of a fine window of `elapsed` seconds, by GAIN per window's length."""
