@@ -249,6 +249,28 @@ def test_an_unclear_excess_over_known_noise_undoes_the_cut() -> None:
     assert limiter.noise == pytest.approx(0.2, abs=0.01)
 
 
+def test_noise_found_again_after_it_expired_undoes_every_cut_made_meanwhile() -> None:
+    """20 % noise, its estimate expired after NOISE_TTL_SECONDS of traffic: the next window cuts, a
+    lower share at the cut rate (a chance low, the noise ebbing) calls that congestion and cuts
+    again, and the second check finds about the same noise. Both cuts were for noise: back to the
+    maximum, not to the first cut's 800/s (from where rule 4's probe takes a minute)."""
+    limiter, clock = make(1000.0)
+    establish_noise(limiter, clock)
+    for _ in range(4 * round(RateLimiter.NOISE_TTL_SECONDS)):  # fine 20 % windows until it expires
+        feed(limiter, clock, 500, 100, 0.5)
+        if limiter.rate < 1000.0:
+            break
+    assert limiter.noise == 0.0
+    assert limiter.rate == pytest.approx(800.0, rel=0.02), "expired: 20 % is over the threshold"
+    settle(limiter, clock)
+    feed(limiter, clock, 800, 96, 1.0)  # 12 %: "it fell with the cut"
+    assert limiter.rate == pytest.approx(800.0 * RateLimiter.DECREASE, rel=0.02), "congestion: cut again"
+    settle(limiter, clock)
+    feed(limiter, clock, 700, 84, 1.0)  # 12 % again: noise, near enough the one that expired
+    assert limiter.noise == pytest.approx(0.12, abs=0.01)
+    assert limiter.rate == 1000.0
+
+
 def test_throttling_at_a_steady_rate_is_measured_on_more_calls_before_a_cut() -> None:
     """At 100 calls/s a window closes after 100 answers: too few to tell noise later from a modest
     excess, so it grows first (up to CAUSE_OUTCOMES answers or MAX_CAUSE_SECONDS)."""
@@ -611,6 +633,23 @@ def test_a_hostile_day(name: str) -> None:
     trace, _ = run(service, end + 60, max_rate=max_rate, events=events)
     assert recovered_by(trace, end, available * (0.85 if noise else 1.0)) <= 20
     assert trace.window(end + 20, end + 60)[1] <= noise + 0.05
+
+
+IDLE_UNDER_NOISE = {1000.0: (11, 1, 2, 3), 50.0: (1, 4, 7, 10)}
+
+
+@pytest.mark.parametrize("max_rate", IDLE_UNDER_NOISE)
+def test_an_idle_minute_under_noise_keeps_the_noise_estimate(max_rate: float) -> None:
+    """30 % noise, nothing to send from 30 s to 90 s, then a backlog. The estimate expired in the idle
+    minute (its TTL counted wall time), so the first windows after it re-found the noise from nothing:
+    every seed at 50 calls/s cut for seconds, and at 1,000 calls/s (seed 11) a chance-high share cut,
+    a chance-low one called that congestion and cut again, and only the second cut was undone: back
+    at +5 calls/s, ~70 s to the maximum. An idle minute is no evidence: the estimate stands."""
+    for seed in IDLE_UNDER_NOISE[max_rate]:
+        events = {30: change(demand=0.0), 90: change(demand=None)}
+        trace, limiter = run(Service(noise=0.3, seed=seed), 100, max_rate=max_rate, events=events)
+        assert trace.window(90, 100)[0] >= 0.9 * 0.7 * max_rate, seed
+        assert limiter.noise == pytest.approx(0.3, abs=0.1), seed
 
 
 def test_replicas_sharing_a_quota_take_a_restarted_one_back_in() -> None:

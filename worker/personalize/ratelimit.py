@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+from worker.personalize.ratenoise import NoiseEstimate
 from worker.personalize.ratetally import SendTally, spread
 
 log = logging.getLogger("worker.ratelimit")  # the pre-move name: log filters match it
@@ -58,9 +59,10 @@ class RateLimiter:
        the next check finds noise, both are undone.
     4. Noise is believed only while the evidence holds. The answers after a noise verdict, back at
        the old rate, must not be throttled significantly more than in the check (else `noise` is 0
-       again); the estimate expires NOISE_TTL_SECONDS after a check last found it; and while there is
-       noise the probe does not accelerate: throttling believed to be noise may be other replicas'
-       load, and probing fast into it would raise their share until they believe it noise too.
+       again); the estimate expires NOISE_TTL_SECONDS of traffic (idle time is no evidence) after a
+       check last found it (worker/personalize/ratenoise.py); and while there is noise the probe does
+       not accelerate: throttling believed to be noise may be other replicas' load, and probing fast
+       into it would raise their share until they believe it noise too.
 
     Probing adds PROBE_PER_SECOND of the maximum per second, doubling every PROBE_DOUBLING_SECONDS
     without a cut: slow near a quota just found, back from the floor to the maximum within ~20 s
@@ -91,11 +93,8 @@ class RateLimiter:
     FEWEST_OUTCOMES = 10
     """A check runs MAX_CHECK_SECONDS, longer at low rates: until CHECK_OUTCOMES answers, at most this."""
     CONFIRM_SECONDS = 1.0
-    NOISE_TTL_SECONDS = 60.0
-    NOISE_GAIN = 0.1  # how far each fine window moves `noise` toward its share (~5 s of memory)
+    NOISE_TTL_SECONDS = NoiseEstimate.TTL_SECONDS  # rule 4's expiry, named here for the tests and docs
     MIN_NOISE_CHANGE = 0.1
-    MAX_NOISE = 0.9
-    """No noise estimate above this: at least 1 call in 10 must get through before we stop cutting."""
     SLOW_HALF_LIFE = 2.0
     LATE_SECONDS = 10.0
     """Successes later than this are not waited for: the request timeout's default."""
@@ -104,8 +103,6 @@ class RateLimiter:
     def __init__(self, max_rate: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_rate = max_rate
         self.rate = max_rate
-        self.noise = 0.0
-        """The throttled share that does not follow our rate (see the class docstring)."""
         self.throttled_share = 0.0
         """The last complete window's throttled share, for the metrics."""
         self._clock = clock
@@ -123,8 +120,7 @@ class RateLimiter:
         self._window_length = self.WINDOW_SECONDS
         # The last success: when it came, when its call was sent, and the slowest recent round trip.
         self._last_success, self._success_sent, self._slowest = now, now, 0.0
-        self._noise_at = now
-        self._noise_logged = 0.0
+        self._noise = NoiseEstimate(self.WINDOW_SECONDS)
         # The cut being checked: the window that caused it (share, answers, sent rate), whether it was
         # measured at a steady rate, the noise the cut assumed, and the probe to resume on an undo.
         self._checking = False
@@ -134,7 +130,15 @@ class RateLimiter:
         self._cut_noise = 0.0
         self._undo = (max_rate, now, now)  # rate, probe start, time of the cut
         self._chained = False
-        self._confirming: tuple[float, int] | None = None  # the check's share and answers
+
+    @property
+    def noise(self) -> float:
+        """The throttled share that does not follow our rate (rule 4; for the metrics)."""
+        return self._noise.share
+
+    @noise.setter
+    def noise(self, share: float) -> None:
+        self._noise.share = share  # a test's wrong belief, to see it expire
 
     # --- the slots -------------------------------------------------------------------------------
 
@@ -166,7 +170,7 @@ class RateLimiter:
 
     def _probe(self, now: float) -> None:
         grown = math.exp(self._growth * min(now - self._since, 60.0))  # 2**30: past any maximum
-        if self.noise:
+        if self._noise.share:
             rate = self.rate + self._step * (now - self._probed_at)  # rule 4: no acceleration
         else:
             rate = self.rate + self._gain * (grown - self._grown)
@@ -196,6 +200,7 @@ class RateLimiter:
 
     def _answer(self, throttled: int, latency: float) -> None:
         now = self._clock()
+        self._noise.heard(now, 1.0 / self.rate)
         if not throttled:
             slowest = self._slowest
             if latency < slowest:
@@ -238,7 +243,7 @@ class RateLimiter:
             if not (far_over and share - cause > self.Z_EARLY * error):
                 return
             self._checking, self._chained, self._since = False, False, now
-        elif not (far_over or self._refuted(share, answers, self.Z_EARLY)):  # (noise refuted: rule 4)
+        elif not (far_over or self._noise.refuted(share, answers, self.Z_EARLY)):  # (noise refuted: rule 4)
             return
         self._judge(now, 0.0, answers, share, at_once=True, early=True, rate=rate)
 
@@ -264,15 +269,17 @@ class RateLimiter:
         # Undone: the probe as it was at the cut, paused while the check ran; calls at the restored
         # rate are a new sample.
         rate, since, cut_at = self._undo
-        self._probe_from(rate, since + (now - cut_at), now)
-        self._tally.restart(now)
-        if verdict == "unclear" and 0.0 < share < self.noise:
-            self._refine_noise(share, elapsed)
         if verdict == "noise":
             cause, cause_answers, _ = self._cause
-            self._set_noise((cause * cause_answers + share * answers) / (cause_answers + answers), now)
-            self._confirming = (share, answers)
+            lost = self._noise.found((cause * cause_answers + share * answers) / (cause_answers + answers), now)
+            if lost is not None and lost[0] > rate:
+                rate, since, cut_at = lost  # the same noise that expired: every cut since was for it (rule 4)
+            self._noise.confirming = (share, answers)
             self._window_length = self.CONFIRM_SECONDS
+        self._probe_from(rate, since + (now - cut_at), now)
+        self._tally.restart(now)
+        if verdict == "unclear" and 0.0 < share < self._noise.share:
+            self._noise.refine(share, elapsed, self.rate)
 
     def _judge(
         self,
@@ -287,11 +294,8 @@ class RateLimiter:
         """Rules 1 and 2, and the confirmation of rule 4, for one window of `elapsed` seconds (or an
         early run sent at `rate`). `at_once`: over the threshold, cut without a bigger sample
         (congestion is known, or our rising rate is the likely cause)."""
-        if self._confirming is not None:
-            if self._refuted(share, answers, self.Z_NOISE):
-                self.noise = 0.0  # back at the old rate the share rose again: it follows our rate
-            self._confirming = None
-            self._report_noise()
+        if self._noise.confirming is not None:
+            self._noise.confirm(share, answers, self.Z_NOISE, self.rate)
         noise = self._noise_now(now)
         threshold = self._threshold(now, answers)
         if share > threshold:
@@ -305,23 +309,15 @@ class RateLimiter:
         self._close(share)
         self._chained = False
         if noise > 0.0 and (share < noise or self.rate >= self.max_rate):
-            self._refine_noise(share, elapsed)
+            self._noise.refine(share, elapsed, self.rate)
         if not self._probing and self.rate < self.max_rate:
             self._probe_from(self.rate, self._since, now)  # a hold ends
 
-    def _refuted(self, share: float, answers: int, z: float) -> bool:
-        """While a noise verdict is being confirmed: the share rose `z` errors over the check's."""
-        if self._confirming is None:
-            return False
-        checked, checked_answers = self._confirming
-        return share - checked > z * math.hypot(spread(checked, checked_answers), spread(share, answers))
-
     def _noise_now(self, now: float) -> float:
-        """The noise estimate; it expires NOISE_TTL_SECONDS after a check last found it (rule 4)."""
-        if self.noise and now - self._noise_at > self.NOISE_TTL_SECONDS:
-            self.noise = 0.0
-            self._report_noise()
-        return self.noise
+        """The noise estimate; it expires NOISE_TTL_SECONDS of traffic after a check last found it (rule 4)."""
+        if self._noise.expired(now, self._undo if self._checking else (self.rate, self._since, now)):
+            self._noise.report(self.rate)
+        return self._noise.share
 
     def _threshold(self, now: float, answers: int) -> float:
         """The throttled share over which a window of `answers` answers says the quota is exceeded."""
@@ -366,7 +362,7 @@ class RateLimiter:
         midway = math.hypot(spread(cause, cause_answers) / 2.0, spread(share, answers))
         stayed_up = share - (cause + own_quota) / 2.0 > self.Z_NOISE * midway
         plausible = self._cause_steady and cause - self._cut_noise >= self.MIN_NOISE_CHANGE
-        if plausible and share <= self.MAX_NOISE and (unmoved or stayed_up):
+        if plausible and share <= NoiseEstimate.MAX and (unmoved or stayed_up):
             return "noise"
         if elapsed < self.MAX_CHECK_SECONDS or (
             answers < self.CHECK_OUTCOMES and elapsed <= self.LONGEST_CHECK_SECONDS
@@ -397,23 +393,3 @@ class RateLimiter:
         self._tally.restart(now)  # only calls sent from now on count for the check
         # Re-space the queue at the new rate instead of letting reserved slots burst out.
         self._next_slot = max(self._next_slot, now + 1.0 / self.rate)
-
-    def _refine_noise(self, share: float, elapsed: float) -> None:
-        self.noise += min(0.5, self.NOISE_GAIN * elapsed / self.WINDOW_SECONDS) * (share - self.noise)
-        self._report_noise()
-
-    def _set_noise(self, share: float, now: float) -> None:
-        self.noise = min(share, self.MAX_NOISE)
-        self._noise_at = now
-
-    def _report_noise(self) -> None:
-        """One log line when the (confirmed) noise estimate moves by a margin: why the worker is not
-        backing off from throttling it sees, or that it is again."""
-        if abs(self.noise - self._noise_logged) < self.MARGIN:
-            return
-        self._noise_logged = self.noise
-        extra = {"noise_share": round(self.noise, 3), "rate_limit": round(self.rate, 1)}
-        if self.noise >= self.MARGIN:
-            log.warning("PutEvents throttling that does not follow our rate: not backing off for it", extra=extra)
-        else:
-            log.info("PutEvents throttling follows our rate again: backing off for all of it", extra=extra)
