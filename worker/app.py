@@ -391,15 +391,19 @@ class Worker:
     async def _commit_loop(self) -> None:
         """Commits on an interval; also the stall watchdog and the `until_drained` exit check."""
         interval = self.settings.worker.commit_interval_seconds
-        # Draining, look often whether everything is done, so the exit follows the last call closely.
-        tick = min(interval, 0.1) if self.until_drained else interval
-        last = time.monotonic()
+        # Draining, look often whether everything is done, so the exit follows the last call closely (a look
+        # while records are outstanding is two comparisons; at 0.1 s the exit waited 50 ms on average).
+        tick = min(interval, 0.02) if self.until_drained else interval
+        last = committed = time.monotonic()
         while True:
             await asyncio.sleep(tick)
             if self.until_drained and self.pipeline.outstanding and time.monotonic() - last < interval:
                 continue
             last = time.monotonic()
-            await self.source.commit()
+            # Drained-looking, drained() commits: not twice in a row, but at least once an interval.
+            if self.pipeline.outstanding or not self.until_drained or last - committed >= interval:
+                await self.source.commit()
+                committed = last
             self.watchdog.check(self.source.lag())
             if self.until_drained and await self.source.drained():
                 log.info("all assigned partitions drained and committed")
