@@ -4,15 +4,20 @@ call and after its last one. Pure units with fakes where the logic is ours; a re
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from aiokafka.structs import TopicPartition
 
+from tests.stack import WorkerFactory
+from tests.test_chaos import until
 from tests.test_pipeline import FakeConsumer, Letters, records
 from worker.app import all_or_none
 from worker.config import Settings
@@ -174,3 +179,32 @@ def test_a_worker_start_imports_no_aiohttp_or_aioboto3(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60, env=env, check=False)
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode().strip() == ""
+
+
+@pytest.mark.kafka
+async def test_sigterm_while_the_credential_chain_hangs_exits_at_once(worker_factory: WorkerFactory) -> None:
+    """The credential chain runs in a thread beside the Kafka start; an instance-metadata endpoint that never
+    answers holds it for botocore's timeouts (here 2 x 20 s). A stop meanwhile exits without waiting for it."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        env = {
+            "AWS_ACCESS_KEY_ID": "",  # empty: botocore's environment provider finds nothing
+            "AWS_SECRET_ACCESS_KEY": "",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+            "AWS_CONFIG_FILE": "/nonexistent",
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}",
+            "AWS_METADATA_SERVICE_TIMEOUT": "20",
+            "AWS_METADATA_SERVICE_NUM_ATTEMPTS": "1",
+        }
+        worker = worker_factory(worker_factory.config("t", "t.dlq", "g"), env=env)
+        await until(lambda: '"msg":"starting"' in worker.log_text(), 60, "the starting line")
+        await asyncio.sleep(2.0)  # the Kafka side has started meanwhile; the credentials have not
+        assert worker.running
+        worker.signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        code = await worker.await_exit(60)
+        elapsed = time.monotonic() - stopped_at
+    assert code == 0
+    assert elapsed < 10, f"took {elapsed:.1f}s after SIGTERM: the exit waited for the credential thread"
+    assert "stop requested during start-up; stopping" in worker.log_text()

@@ -10,12 +10,15 @@ the quota and the batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
+import threading
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from hashlib import sha256
-from typing import Any
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import botocore
@@ -49,6 +52,7 @@ from worker.retry import (
 )
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 USER_AGENT = f"personalize-worker/{__version__} botocore/{botocore.__version__}"
@@ -161,7 +165,7 @@ class PutEventsClient:
     async def start(self) -> None:
         # botocore's own session and client, built in a thread: the credential chain may wait on the network
         # (IMDS, STS) and building the client is ~0.1 s of CPU, both overlapping the Kafka start-up meanwhile.
-        client, credentials, ca_bundle = await asyncio.to_thread(_botocore_client, self._settings)
+        client, credentials, ca_bundle = await in_daemon_thread(_botocore_client, self._settings)
         self.url = client.meta.endpoint_url.rstrip("/") + self._path
         self.region = client.meta.region_name
         self._signer_name = client.meta.service_model.signing_name
@@ -196,7 +200,7 @@ class PutEventsClient:
         credentials = self._credentials
         if self._refreshable and credentials.refresh_needed():
             # botocore refreshes (STS, IMDS) synchronously: in a thread, so the loop never waits on it.
-            frozen = await asyncio.to_thread(credentials.get_frozen_credentials)
+            frozen = await in_daemon_thread(credentials.get_frozen_credentials)
         else:
             frozen = credentials.get_frozen_credentials()
         signer = self._signer
@@ -205,6 +209,32 @@ class PutEventsClient:
         response = await self._http.post(signer.headers(body), body)
         if response.status != 200:
             raise _client_error(response.status, response.headers, response.body)
+
+
+async def in_daemon_thread(function: Callable[..., R], *args: Any) -> R:
+    """`function(*args)` in a daemon thread: botocore's credential chain blocks (IMDS, STS: up to its own
+    timeouts), and a stop meanwhile must neither wait for it (cancelling the await leaves it running) nor be
+    held at exit as `asyncio.to_thread`'s executor threads are joined."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[R] = loop.create_future()
+
+    def settle(result: R | None, error: BaseException | None) -> None:
+        if not future.done():
+            if error is None:
+                future.set_result(cast(R, result))
+            else:
+                future.set_exception(error)
+
+    def run() -> None:
+        try:
+            result, error = function(*args), None
+        except Exception as caught:  # handed to the awaiting coroutine
+            result, error = None, caught
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="aws-credentials", daemon=True).start()
+    return await future
 
 
 def _botocore_client(settings: PersonalizeSettings) -> tuple[Any, Any, Any]:
