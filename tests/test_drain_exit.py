@@ -12,19 +12,23 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from aiokafka.structs import TopicPartition
+from botocore.credentials import Credentials
 
 from tests.stack import WorkerFactory
 from tests.test_chaos import until
 from tests.test_pipeline import FakeConsumer, Letters, records
 from worker.app import all_or_none
 from worker.config import Settings
+from worker.http import Response
 from worker.metrics import Metrics
 from worker.pipeline import Pipeline
 from worker.ratelimit import RateLimiter
 from worker.retry import Rejection
+from worker.sink import PutEventsClient
 from worker.source import Source
 
 
@@ -208,3 +212,48 @@ async def test_sigterm_while_the_credential_chain_hangs_exits_at_once(worker_fac
     assert code == 0
     assert elapsed < 10, f"took {elapsed:.1f}s after SIGTERM: the exit waited for the credential thread"
     assert "stop requested during start-up; stopping" in worker.log_text()
+
+
+class SlowRefreshing:
+    """botocore's RefreshableCredentials as the sink sees it: due for a refresh that blocks (STS, IMDS)."""
+
+    def __init__(self) -> None:
+        self.refreshes = 0
+        self.due = True
+
+    def refresh_needed(self) -> bool:
+        return self.due
+
+    def get_frozen_credentials(self) -> Any:
+        self.refreshes += 1
+        time.sleep(0.5)
+        self.due = False
+        return Credentials("AKID", "secret").get_frozen_credentials()
+
+
+class OkHttp:
+    async def post(self, headers: list[tuple[str, str]], body: bytes) -> Response:
+        return Response(200, {}, b"")
+
+
+async def test_a_blocking_credential_refresh_runs_once_off_the_loop() -> None:
+    client = PutEventsClient(Settings.model_validate({"personalize": {"tracking_id": "t"}}).personalize)
+    credentials = SlowRefreshing()
+    client._credentials, client._refreshable = credentials, True
+    client._http = cast(Any, OkHttp())
+    client.url, client.region, client._signer_name = "http://127.0.0.1:1/events", "us-east-1", "personalize"
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    beat = asyncio.create_task(ticker())
+    try:
+        await asyncio.wait_for(asyncio.gather(*(client.put_events(b"{}") for _ in range(20))), 10)
+    finally:
+        beat.cancel()
+    assert credentials.refreshes == 1, "one refresh for the calls that found it due together"
+    assert ticks >= 10, "the loop went on while botocore refreshed"

@@ -155,6 +155,7 @@ class PutEventsClient:
         self._stack = AsyncExitStack()
         self._credentials: Any = None
         self._refreshable = False
+        self._refreshing: asyncio.Future[Any] | None = None
         self._http: HttpClient | None = None
         self.url = ""
         self._signer_name = ""
@@ -199,8 +200,11 @@ class PutEventsClient:
         assert self._http is not None, "start() first"
         credentials = self._credentials
         if self._refreshable and credentials.refresh_needed():
-            # botocore refreshes (STS, IMDS) synchronously: in a thread, so the loop never waits on it.
-            frozen = await in_daemon_thread(credentials.get_frozen_credentials)
+            # botocore refreshes (STS, IMDS) synchronously: in a thread, so the loop never waits on it; one
+            # refresh for all the calls that find it due (shielded: one call cancelled must not cancel it).
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.ensure_future(in_daemon_thread(credentials.get_frozen_credentials))
+            frozen = await asyncio.shield(self._refreshing)
         else:
             frozen = credentials.get_frozen_credentials()
         signer = self._signer
