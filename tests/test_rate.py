@@ -65,12 +65,13 @@ def test_reservations_are_spaced_one_interval_apart() -> None:
     assert waits == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
 
 
-def test_idle_time_banks_no_more_than_the_burst_allowance() -> None:
+def test_idle_time_banks_no_more_than_the_catch_up_allowance() -> None:
     limiter, clock = make(10.0)
     limiter.reserve()
     clock.now = 100.0
-    assert limiter.reserve() == 0.0
-    assert limiter.reserve() == pytest.approx(0.1 - RateLimiter.BURST_SECONDS)
+    banked = int(10.0 * RateLimiter.CATCH_UP_SECONDS) + 1
+    assert [limiter.reserve() for _ in range(banked)] == [0.0] * banked
+    assert limiter.reserve() == pytest.approx(banked * 0.1 - RateLimiter.CATCH_UP_SECONDS)
 
 
 def test_available_counts_the_calls_that_need_no_wait() -> None:
@@ -82,6 +83,20 @@ def test_available_counts_the_calls_that_need_no_wait() -> None:
     calls, wait = limiter.available()
     assert calls == 0 and wait == pytest.approx(0.01)
     assert limiter.reserve() == pytest.approx(wait)
+
+
+def test_catch_up_only_at_the_maximum_rate_after_a_quiet_spell() -> None:
+    """A worker held off the CPU for 0.2 s catches up on those calls instead of losing them, once its rate has
+    gone unthrottled for a while; a throttle brings the allowance back to BURST_SECONDS."""
+    limiter, clock = make(100.0, now=10.0)
+    assert limiter.available()[0] == int(100.0 * RateLimiter.BURST_SECONDS) + 1, "unproven at the start"
+    clock.now = 15.0
+    assert limiter.available()[0] == int(100.0 * RateLimiter.CATCH_UP_SECONDS) + 1
+    limiter.throttled()
+    assert limiter.available()[0] == int(100.0 * RateLimiter.BURST_SECONDS) + 1
+    clock.now = 15.0 + RateLimiter.CATCH_UP_AFTER_SECONDS + 0.1
+    assert limiter.rate == limiter.max_rate, "one throttle cuts nothing"
+    assert limiter.available()[0] == int(100.0 * RateLimiter.CATCH_UP_SECONDS) + 1, "quiet again"
 
 
 def test_waits_shrink_as_the_clock_reaches_reserved_slots() -> None:
