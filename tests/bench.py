@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import contextlib
 import gc
 import itertools
@@ -102,13 +103,14 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_
 PROPERTIES = ["ctx.page_category", "ctx.device_type"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# Issue 5 targets: (results key, comparison, threshold or None when it depends on the run).
+# Issue 5 targets, raised by issue 13 (share of the ceiling, CPU per event, both from process start to exit):
+# (results key, comparison, threshold or None when it depends on the run).
 TARGETS_DRAIN = {
     "events_per_second": ">= 9000",
-    "share_of_ceiling": ">= 0.90",
+    "share_of_ceiling": ">= 0.95",
     "speedup_vs_naive": ">= 8",
     "events_per_call_vs_optimal": ">= 0.95",
-    "cpu_us_per_event": "<= 60",
+    "cpu_us_per_event": "<= 50",
     "p99_event_age_ms": "<= linger + 250",
 }
 
@@ -306,6 +308,13 @@ class WorkerResult:
     totals: dict[str, Any]
 
 
+def compile_worker() -> None:
+    """Byte-compile the worker's package before a timed start, as the image's `pip install` does: this editable
+    install under PYTHONDONTWRITEBYTECODE=1 would otherwise compile every module from source at each start
+    (~0.15 s, which the product does not spend)."""
+    compileall.compile_dir(ROOT / "worker", quiet=1)
+
+
 class Worker:
     """`python -m worker.cli run` as a subprocess. A thread reaps it with ``os.wait4``: the rusage
     returned is exactly that process's CPU time and peak RSS (it starts no children)."""
@@ -327,6 +336,7 @@ class Worker:
         self._reaper: threading.Thread | None = None
 
     def start(self) -> None:
+        compile_worker()
         command = [sys.executable, "-m", "worker.cli", "run", "--config", str(self.config)]
         if self.until_drained:
             command.append("--until-drained")

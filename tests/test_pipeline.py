@@ -302,6 +302,9 @@ class SlicedConsumer(FakeConsumer):
 
     def resume(self, *partitions: TopicPartition) -> None: ...
 
+    def last_stable_offset(self, partition: TopicPartition) -> int | None:
+        return None  # no fetch answer seen: the end is asked for
+
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         return dict.fromkeys(partitions, 1000)
 

@@ -6,11 +6,12 @@ revoke, and no user, item or session identifier is ever a label.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
 
-from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     GC_COLLECTOR,
@@ -309,37 +310,69 @@ class RouteMetrics:
 
 
 class MetricsServer:
-    """/metrics, /healthz (the loop is alive) and /readyz (the worker says it can make progress)."""
+    """/metrics, /healthz (the loop is alive) and /readyz (the worker says it can make progress).
+
+    Plain asyncio, one GET per connection: three fixed pages need no web framework, and importing aiohttp's
+    (its connector builds SSL contexts at import) cost ~0.3 s of every start, before the first call."""
 
     def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> None:
         self._metrics = metrics
         self._ready = ready
-        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
         self.port: int | None = None
 
     async def start(self, host: str, port: int) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._serve_metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        addresses = self._runner.addresses
+        self._server = await asyncio.start_server(self._serve, host, port, limit=HEAD_LIMIT)
+        addresses = [s.getsockname() for s in self._server.sockets]
         self.port = int(addresses[0][1]) if addresses else port
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._clients):  # a scraper holding its connection open must not hold the exit
+                task.cancel()
+            await asyncio.gather(*self._clients, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
 
-    async def _serve_metrics(self, _: web.Request) -> web.Response:
-        return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    def page(self, method: str, path: str) -> tuple[int, str, bytes]:
+        """Status, content type and body for one request (the head only, for HEAD)."""
+        if method not in ("GET", "HEAD"):
+            return 405, TEXT, b"method not allowed\n"
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, self._metrics.render()
+        if path == "/healthz":
+            return 200, TEXT, b"ok\n"
+        if path == "/readyz":
+            ok, reason = self._ready()
+            return (200 if ok else 503), TEXT, f"{reason}\n".encode()
+        return 404, TEXT, b"not found\n"
 
-    async def _healthz(self, _: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_SECONDS)
+            method, target, *_ = [*head.split(b"\r\n", 1)[0].decode("latin-1").split(" "), "", ""]
+            status, content_type, body = self.page(method, target.split("?", 1)[0])
+            reason = HTTPStatus(status).phrase
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1")
+            )
+            if method != "HEAD":
+                writer.write(body)
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, UnicodeError):
+            pass  # a client that went away or sent no request: nothing to answer
+        finally:
+            self._clients.discard(task)
+            writer.close()
 
-    async def _readyz(self, _: web.Request) -> web.Response:
-        ok, reason = self._ready()
-        return web.Response(text=f"{reason}\n", status=200 if ok else 503)
+
+TEXT = "text/plain; charset=utf-8"
+HEAD_LIMIT = 16 * 1024
+"""A request head longer than this is not a scrape: the connection is closed unanswered."""
+HEAD_TIMEOUT_SECONDS = 10.0

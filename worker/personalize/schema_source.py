@@ -14,8 +14,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import aioboto3
-from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from pydantic import ValidationError
 
@@ -65,6 +63,10 @@ def fetch_schemas(data: dict[str, Any]) -> None:
 
 
 async def _fetch_all(wanted: dict[str, str], p: PersonalizeSettings) -> None:
+    # Imported only when a schema_arn is set: aioboto3 (aiohttp with it) is ~0.3 s of every worker's start.
+    import aioboto3
+    from aiobotocore.config import AioConfig
+
     config = AioConfig(
         retries={"mode": "standard", "total_max_attempts": 3},
         connect_timeout=p.request_timeout_seconds,
