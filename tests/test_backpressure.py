@@ -44,7 +44,7 @@ async def filled(settings: Settings) -> tuple[Pipeline, Source, FetchingConsumer
 
 
 async def test_a_full_buffer_waits_unpolled_and_unpaused_until_a_tenth_of_it_is_free() -> None:
-    pipeline, source, consumer, sink, dispatcher = await filled(full_buffer_settings())
+    _, source, consumer, sink, dispatcher = await filled(full_buffer_settings())
     try:
         fetching = asyncio.create_task(source.fetch_once(timeout_ms=0))
         await asyncio.sleep(0.3)
