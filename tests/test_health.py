@@ -7,9 +7,11 @@ each place a record can wait in is reached on purpose and the clock is moved by 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import orjson
+import pytest
 from aiokafka.structs import TopicPartition
 
 from tests.test_pipeline import FakeRecord, GatedSink, Letters, records, wait_for
@@ -18,7 +20,7 @@ from worker.flow.batching import Batch
 from worker.flow.items import DeadLetter, Item
 from worker.flow.pipeline import Pipeline
 from worker.mapping.mapper import SessionKey
-from worker.observe.health import Watchdog
+from worker.observe.health import RELOCATE_SECONDS, Watchdog
 from worker.observe.metrics import PREFIX, WAITING_AFTER_SECONDS, Metrics
 from worker.personalize.ratelimit import RateLimiter
 from worker.personalize.retry import Rejection
@@ -186,3 +188,60 @@ async def test_records_waiting_on_a_dead_letter_a_copy_or_a_batch_are_told_apart
 
 def _event(event_id: str) -> dict[str, object]:
     return {"session_id": "s", "event_type": "click", "timestamp": 1_790_000_000, "event_id": event_id}
+
+
+async def test_a_record_found_in_a_batch_is_searched_for_again_only_after_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Searching the batches is a pass over everything held (~15 ms at a full buffer, at every tick of a backlog
+    drain): a record found there is taken to be there for RELOCATE_SECONDS while the calls, the only place it
+    can go next, are looked at every tick. A record a bug lost is still reported, once that time is up."""
+    sink = GatedSink()
+    pipeline, watchdog, metrics, clock, _ = build(sink)
+    searches: list[bool] = []
+    search = pipeline.where
+
+    def spy(wanted: dict[int, int], retrying: Callable[[Any], bool], deep: bool = True) -> dict[int, str]:
+        searches.append(deep)
+        return search(wanted, retrying, deep)
+
+    monkeypatch.setattr(pipeline, "where", spy)
+    pipeline.ingest(TP0, [FakeRecord("t", 0, 0, b"k", orjson.dumps(_event("b-1")))])
+    pipeline.ingest(TP1, [FakeRecord("t", 1, 0, b"k2", orjson.dumps({**_event("b-2"), "session_id": "s2"}))])
+    clock.now += WAITING_AFTER_SECONDS + 1
+    watchdog.check({TP0: 1, TP1: 1})
+    assert waiting(metrics, TP0) == {"batch": 1.0} and waiting(metrics, TP1) == {"batch": 1.0}
+    assert searches == [False, True], "the calls, then the batches"
+
+    searches.clear()
+    clock.now += 1
+    watchdog.check({TP0: 1, TP1: 1})
+    assert waiting(metrics, TP0) == {"batch": 1.0}
+    assert searches == [False], "only the calls looked at"
+
+    dispatcher = asyncio.create_task(pipeline.run_dispatcher())
+    try:
+        await wait_for(lambda: len(sink.sessions) == 2)
+        pipeline.batcher.flush()
+        clock.now += 1
+        watchdog.check({TP0: 1, TP1: 1})
+        assert waiting(metrics, TP0) == {"call": 1.0}, "into a call: seen at the next tick"
+        assert waiting(metrics, TP1) == {"call": 1.0}
+    finally:
+        sink.release.set()
+        await wait_for(lambda: pipeline.outstanding == 0)
+        dispatcher.cancel()
+        await asyncio.gather(dispatcher, return_exceptions=True)
+
+    lost, watchdog, metrics, clock, _ = build(GatedSink())
+    lost.ingest(TP0, [FakeRecord("t", 0, 0, b"k", orjson.dumps(_event("b-3")))])
+    clock.now += WAITING_AFTER_SECONDS + 1
+    watchdog.check({TP0: 1})
+    assert waiting(metrics, TP0) == {"batch": 1.0}
+    lost.batcher.drop(lambda item: False)  # a bug losing a batch: its record never finishes
+    clock.now += 1
+    watchdog.check({TP0: 1})
+    assert waiting(metrics, TP0) == {"batch": 1.0}, "taken to be there still"
+    clock.now += RELOCATE_SECONDS
+    watchdog.check({TP0: 1})
+    assert waiting(metrics, TP0) == {"lost": 1.0}

@@ -55,10 +55,15 @@ class Routes:
             crowded |= pipeline.crowded_partitions()
         return crowded
 
-    def where(self, wanted: dict[int, int], retrying: Callable[[Batch[Any, Item]], bool]) -> dict[int, str]:
+    def where(
+        self, wanted: dict[int, int], retrying: Callable[[Batch[Any, Item]], bool], deep: bool = True
+    ) -> dict[int, str]:
         found: dict[int, str] = {}
         for pipeline in self.pipelines.values():
-            found.update(pipeline.where(wanted, retrying))
+            rest = {serial: offset for serial, offset in wanted.items() if serial not in found}
+            if not rest:
+                break
+            found.update(pipeline.where(rest, retrying, deep))
         return found
 
     async def settle_partitions(self, partitions: Sequence[TopicPartition], timeout: float) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from worker.flow.offsets import OffsetTracker, PartitionOffsets
+from worker.observe.metrics import Metrics
 
 Positions = dict[TopicPartition, tuple[PartitionOffsets, int]]
 
@@ -43,3 +44,20 @@ def pass_gaps(positions: Positions, tracker: OffsetTracker[TopicPartition], revo
     for tp, (state, position) in positions.items():
         if tracker.get(tp) is state and tp not in revoking:
             state.advance(position)
+
+
+def lag(consumer: Any, tracker: OffsetTracker[TopicPartition], metrics: Metrics) -> dict[TopicPartition, int]:
+    """Records behind the high watermark per owned partition, from what the consumer knows; updates the lag
+    gauges."""
+    behind: dict[TopicPartition, int] = {}
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        state = tracker.get(tp)
+        if highwater is None or state is None:
+            continue
+        position = state.committed if state.committed is not None else state.committable()
+        if position is None:
+            continue
+        behind[tp] = max(0, highwater - position)
+        metrics.lag.labels(tp.topic, str(tp.partition)).set(behind[tp])
+    return behind

@@ -17,7 +17,8 @@ from worker.flow.items import Record
 from worker.flow.pipeline import Pipeline
 from worker.kafka import commit_metadata
 from worker.kafka.connection import CoordinatorNotReadyYet, kafka_security
-from worker.kafka.positions import known_positions, pass_gaps
+from worker.kafka.positions import known_positions, lag, pass_gaps
+from worker.kafka.room import wait_for_room
 from worker.kafka.topics import RECHECK_SECONDS, WATCH_SECONDS, TopicWatch, exact_pattern, keep_watching_every_topic
 from worker.observe.metrics import Metrics
 
@@ -188,6 +189,8 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         The records are handed over a slice at a time with the loop let go in between: a poll of 2,000
         mapped in one go held the loop ~40 ms, and calls that wait that long miss the quota's slots.
         """
+        if self._held_poll is None and self._pipeline.outstanding >= self._settings.batching.max_buffered_events:
+            await self._wait_for_room()
         self._apply_backpressure()
         tracker = self._pipeline.tracker
         if self._held_poll is not None:
@@ -240,6 +243,19 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             self._metrics.last_fetch.set(time.time())
         return count
 
+    async def _wait_for_room(self) -> None:
+        """A full buffer: wait for room unpolled, not paused (see `worker.kafka.room`); the gauges count the
+        partitions as paused meanwhile. Still full after the wait, `_apply_backpressure` pauses them."""
+        self._show_paused(len(self.consumer.assignment()))
+        try:
+            await wait_for_room(self._pipeline, self._settings.batching.max_buffered_events, self._settings.kafka)
+        finally:
+            self._show_paused(len(self._paused))
+
+    def _show_paused(self, partitions: int) -> None:
+        self._metrics.paused.set(int(partitions > 0))
+        self._metrics.paused_partitions.set(partitions)
+
     def _apply_backpressure(self) -> None:
         """Pause every partition while the buffer is full, and each partition whose commit point lags its
         highest fetched offset by `worker.max_commit_lag_records`: one record that never finishes must
@@ -267,8 +283,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
             self.consumer.resume(*(tp for tp in resume if tp in assignment))
         if wanted != self._paused:
             self._paused = wanted
-            self._metrics.paused.set(int(bool(wanted)))
-            self._metrics.paused_partitions.set(len(wanted))
+            self._show_paused(len(wanted))
 
     async def _getmany(self, timeout_ms: int, limit: int) -> dict[TopicPartition, list[Any]]:
         """getmany, leaving alone the partitions that feed a session over `batching.max_session_events`
@@ -353,20 +368,7 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         return True
 
     def lag(self) -> dict[TopicPartition, int]:
-        """Records behind the high watermark per owned partition, from what the consumer knows; updates
-        the lag gauges."""
-        behind: dict[TopicPartition, int] = {}
-        for tp in self.consumer.assignment():
-            highwater = self.consumer.highwater(tp)
-            state = self._pipeline.tracker.get(tp)
-            if highwater is None or state is None:
-                continue
-            position = state.committed if state.committed is not None else state.committable()
-            if position is None:
-                continue
-            behind[tp] = max(0, highwater - position)
-            self._metrics.lag.labels(tp.topic, str(tp.partition)).set(behind[tp])
-        return behind
+        return lag(self.consumer, self._pipeline.tracker, self._metrics)
 
     @property
     def handing_over(self) -> bool:
