@@ -99,6 +99,24 @@ async def test_drained_asks_the_broker_while_a_partition_end_is_unknown() -> Non
     assert consumer.asked_for_ends == 1
 
 
+async def test_drained_asks_the_broker_when_a_fetch_answer_gave_no_stable_offset() -> None:
+    """A fetch answer's last stable offset is -1 when the broker does not know it (aiokafka: always so under
+    read_uncommitted; Kafka-compatible brokers): taken as an end, every position is past it and the worker
+    exited 'drained' at its first check with nothing read."""
+    tp0, tp1 = TopicPartition("t", 0), TopicPartition("t", 1)
+    source, consumer = await drained_source({tp0: 3, tp1: -1})
+    consumer.positions[tp1] = 0  # nothing of tp1 read yet; the broker says it ends at 2
+    consumer_ends = {tp0: 3, tp1: 2}
+
+    async def end_offsets(partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        consumer.asked_for_ends += 1
+        return {tp: consumer_ends[tp] for tp in partitions}
+
+    consumer.end_offsets = end_offsets  # type: ignore[method-assign]
+    assert not await source.drained()
+    assert consumer.asked_for_ends == 1
+
+
 async def test_drained_is_false_while_the_fetched_end_is_ahead() -> None:
     tp0, tp1 = TopicPartition("t", 0), TopicPartition("t", 1)
     source, consumer = await drained_source({tp0: 3, tp1: 5})  # tp1 has records not read yet

@@ -379,10 +379,10 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         assignment = self.consumer.assignment()
         if not assignment or self._pipeline.outstanding:
             return False
-        # The ends (last stable offsets) from the latest fetch answer: asking the broker queues behind the fetch
-        # that long-polls at the log's end (0.25-0.5 s at every exit). At most one fetch wait old.
-        fetched = {tp: self.consumer.last_stable_offset(tp) for tp in assignment}
-        ends = await self.consumer.end_offsets(list(assignment)) if None in fetched.values() else fetched
+        # The ends (LSOs) from the latest fetch answers: asking queues behind the long-polling fetch (0.25-0.5 s).
+        ends = {tp: self.consumer.last_stable_offset(tp) for tp in assignment}
+        if any(end is None or end < 0 for end in ends.values()):  # not fetched yet, or -1: the broker did not say
+            ends = await self.consumer.end_offsets(list(assignment))
         positions = {tp: await self.consumer.position(tp) for tp in assignment}
         # Re-checked after the awaits: the consumer's position runs ahead of a poll still being handed
         # over (or held for its schemas), and advancing to it then would commit past records the pipeline
