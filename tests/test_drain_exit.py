@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,3 +276,39 @@ async def test_a_blocking_credential_refresh_runs_once_off_the_loop() -> None:
         beat.cancel()
     assert credentials.refreshes == 1, "one refresh for the calls that found it due together"
     assert ticks >= 10, "the loop went on while botocore refreshed"
+
+
+class AdvisedRefreshHangs:
+    """botocore's RefreshableCredentials 15 to 10 minutes before expiry, once `advised`: a refresh is advised,
+    not mandatory (botocore signs with the current ones meanwhile), and it hangs (STS unreachable)."""
+
+    def __init__(self) -> None:
+        self.advised = False
+        self.release = threading.Event()
+        self.current = Credentials("AKID", "secret").get_frozen_credentials()
+
+    def refresh_needed(self, refresh_in: float | None = None) -> bool:
+        return self.advised and refresh_in is None  # the advisory window's, not the mandatory one's
+
+    def get_frozen_credentials(self) -> Any:
+        if self.advised:
+            self.release.wait(30)
+        return self.current
+
+
+async def test_an_advised_refresh_that_hangs_holds_no_call() -> None:
+    """Waiting for an advised refresh held every PutEvents call for as long as STS took to fail, while the
+    credentials in hand had 10 more minutes: the calls go on with them, as botocore's own do."""
+    client = PutEventsClient(Settings.model_validate({"personalize": {"tracking_id": "t"}}).personalize)
+    credentials = AdvisedRefreshHangs()
+    client._credentials, client._refreshable = credentials, True
+    client._http = cast(Any, OkHttp())
+    client.url, client.region, client._signer_name = "http://127.0.0.1:1/events", "us-east-1", "personalize"
+    await client.put_events(b"{}")  # signed with the current credentials
+    credentials.advised = True
+    try:
+        await asyncio.wait_for(asyncio.gather(*(client.put_events(b"{}") for _ in range(5))), 10)
+    finally:
+        credentials.release.set()
+    assert client._refreshing is not None
+    await asyncio.wait_for(client._refreshing, 10)  # the refresh went on in its thread meanwhile

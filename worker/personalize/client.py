@@ -43,6 +43,8 @@ log = logging.getLogger("worker.sink")  # the sink's logger, as before the split
 
 R = TypeVar("R")
 USER_AGENT = f"personalize-worker/{__version__} botocore/{botocore.__version__}"
+MANDATORY_REFRESH_SECONDS = 10 * 60
+"""botocore's RefreshableCredentials: within this of expiry a refresh must succeed before signing."""
 
 
 _botocore_auth: Any = botocore.auth  # get_current_datetime is not in the stubs
@@ -143,6 +145,8 @@ class PutEventsClient:
         self._credentials: Any = None
         self._refreshable = False
         self._refreshing: asyncio.Future[Any] | None = None
+        self._frozen: Any = None
+        """The credentials the last call signed with."""
         self._http: HttpClient | None = None
         self.url = ""
         self._signer_name = ""
@@ -191,9 +195,16 @@ class PutEventsClient:
             # refresh for all the calls that find it due (shielded: one call cancelled must not cancel it).
             if self._refreshing is None or self._refreshing.done():
                 self._refreshing = asyncio.ensure_future(in_daemon_thread(credentials.get_frozen_credentials))
-            frozen = await asyncio.shield(self._refreshing)
+                self._refreshing.add_done_callback(_retrieved)
+            # Only a mandatory refresh (or none in hand yet) is waited for. In the advisory window (15 to 10
+            # minutes before expiry) botocore signs with the current credentials while one caller refreshes:
+            # waiting there held every call for as long as an unreachable STS took to fail, again and again.
+            mandatory = getattr(credentials, "_mandatory_refresh_timeout", MANDATORY_REFRESH_SECONDS)
+            if self._frozen is None or credentials.refresh_needed(mandatory):
+                self._frozen = await asyncio.shield(self._refreshing)
         else:
-            frozen = credentials.get_frozen_credentials()
+            self._frozen = credentials.get_frozen_credentials()
+        frozen = self._frozen
         signer = self._signer
         if signer is None or signer.credentials != frozen:  # a new tuple per call; equal until refreshed
             signer = self._signer = FixedRequestSigV4(frozen, self._signer_name, self.region, self.url)
@@ -226,6 +237,12 @@ async def in_daemon_thread(function: Callable[..., R], *args: Any) -> R:
 
     threading.Thread(target=run, name="aws-credentials", daemon=True).start()
     return await future
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """A refresh nobody waited for (advisory) that failed: the next call tries again; no 'never retrieved'."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _botocore_client(settings: PersonalizeSettings) -> tuple[Any, Any, Any]:
