@@ -27,7 +27,7 @@ from worker.config import Settings
 from worker.flow.pipeline import Pipeline
 from worker.kafka.source import Source
 from worker.observe.metrics import Metrics
-from worker.personalize.client import PutEventsClient
+from worker.personalize.client import PutEventsClient, in_daemon_thread
 from worker.personalize.http import Response
 from worker.personalize.ratelimit import RateLimiter
 from worker.personalize.retry import Rejection
@@ -312,3 +312,14 @@ async def test_an_advised_refresh_that_hangs_holds_no_call() -> None:
         credentials.release.set()
     assert client._refreshing is not None
     await asyncio.wait_for(client._refreshing, 10)  # the refresh went on in its thread meanwhile
+
+
+async def test_a_credential_chain_that_exits_its_thread_is_an_error_not_a_wait() -> None:
+    """A SystemExit ends a thread silently: the await (and with it every call sharing a refresh) waited
+    forever. It comes back as an error the sink classifies and retries."""
+
+    def exits() -> None:
+        raise SystemExit(1)
+
+    with pytest.raises(RuntimeError, match="SystemExit"):
+        await asyncio.wait_for(in_daemon_thread(exits), 5)

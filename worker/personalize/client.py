@@ -232,6 +232,8 @@ async def in_daemon_thread(function: Callable[..., R], *args: Any) -> R:
             result, error = function(*args), None
         except Exception as caught:  # handed to the awaiting coroutine
             result, error = None, caught
+        except BaseException as caught:  # a thread ends silently on SystemExit: the awaiting would never end
+            result, error = None, RuntimeError(f"{type(caught).__name__} in {getattr(function, '__name__', '?')}")
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
             loop.call_soon_threadsafe(settle, result, error)
 
