@@ -22,6 +22,7 @@ from worker.mapping import limits
 from worker.mapping.expressions import KAFKA, Getter, Source, compile_source, is_truthy, literal_bytes, references_kafka
 from worker.mapping.identity import EVENT_ID_PREFIX, derive_event_id, event_bytes, may_exceed_quota
 from worker.mapping.interactions import PropertyField, check_value, load_schema
+from worker.mapping.layouts import decode_record, kafka_fields
 from worker.mapping.values import (
     AUTO_MS_THRESHOLD,
     MAX_EPOCH_SECONDS,
@@ -154,8 +155,6 @@ class Mapper:
     def map_record(self, record: Any, topic: str = "", partition: int = 0) -> tuple[SessionKey, dict[str, Any]] | None:
         """`map` for a whole Kafka record: its key, headers and metadata are readable as `_kafka.*`, and the
         layout (`cloudevents`, `snowplow_tsv`) may build the object from headers and value together."""
-        from worker.mapping.layouts import decode_record, kafka_fields  # only mappings that read the record pay for it
-
         headers: Sequence[tuple[str, bytes]] = record.headers or ()
         obj = decode_record(self.settings.layout, record.value, headers)
         obj[KAFKA] = kafka_fields(record, headers, topic, partition)
