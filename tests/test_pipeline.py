@@ -425,3 +425,64 @@ async def test_a_rejection_becomes_a_dead_letter_with_its_reason_then_a_commit(r
     assert "InternalFailure" in letters.written[0].message
     assert metrics.registry.get_sample_value("personalize_worker_records_invalid_total", {"reason": reason}) == 1
     assert pipeline.tracker.to_commit() == {tp: 3}
+
+
+class CountingQuota:
+    """A real limiter whose `available` calls are counted: one per dispatcher wake-up."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+        self.looks = 0
+
+    @property
+    def rate(self) -> float:
+        return self.limiter.rate
+
+    def available(self) -> tuple[int, float]:
+        self.looks += 1
+        return self.limiter.available()
+
+
+class PacedSink:
+    """Takes the limiter's slot as the real sink does, then answers after a PutEvents-like round trip."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+        self.calls = 0
+
+    async def deliver(self, session_id: str, user_id: str | None, events: list[str], sent_at: float) -> list[Rejection]:
+        await self.limiter.acquire()
+        self.calls += 1
+        await asyncio.sleep(0.02)
+        return []
+
+
+async def test_at_the_quota_the_dispatcher_wakes_per_tick_not_per_call_and_keeps_the_rate() -> None:
+    """A backlog held back by the quota alone: new records and finished calls cannot start a call sooner,
+    so the dispatcher sleeps until the quota frees a few. It woke ~1.4 times per call before; the rate
+    must stay the quota's (never above it beyond the limiter's burst, not far below it)."""
+    settings = Settings.model_validate({"personalize": {"tracking_id": "t"}})
+    limiter = RateLimiter(500)
+    quota = CountingQuota(limiter)
+    sink = PacedSink(limiter)
+    pipeline = Pipeline(settings, sink, Letters(), Metrics(), quota=quota)
+    tp = TopicPartition("t", 0)
+    await Source(settings, pipeline, Metrics()).consumer.stop()
+    pipeline.tracker.assign(tp, 0.0)
+    values = ({"session_id": f"s{n % 400}", "event_type": "e", "timestamp": 1e9 + n} for n in range(40_000))
+    backlog = [FakeRecord("t", 0, n, None, orjson.dumps(value)) for n, value in enumerate(values)]
+    for start in range(0, len(backlog), 500):
+        pipeline.ingest(tp, backlog[start : start + 500])
+    dispatcher = asyncio.create_task(pipeline.run_dispatcher())
+    try:
+        await asyncio.sleep(0.3)  # past the limiter's initial burst
+        loop = asyncio.get_running_loop()
+        calls, looks, began = sink.calls, quota.looks, loop.time()
+        await asyncio.sleep(1.5)
+        calls, looks, elapsed = sink.calls - calls, quota.looks - looks, loop.time() - began
+    finally:
+        dispatcher.cancel()
+        await asyncio.gather(dispatcher, return_exceptions=True)
+        await pipeline.cancel_in_flight()
+    assert looks < 0.5 * calls, (looks, calls)
+    assert 0.8 * 500 * elapsed <= calls <= 500 * (elapsed + RateLimiter.BURST_SECONDS) + 1, (calls, elapsed)

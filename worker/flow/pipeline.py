@@ -43,6 +43,8 @@ LINGER_FULL = 0.8
 MAX_WAIT_LINGERS = 4
 """While full batches take every call, a partial one waits at most this many lingers, then goes first:
 bounds the latency of a session's last events and the commit lag behind them."""
+QUOTA_TICK = 0.005
+"""Shortest sleep of a dispatcher held by the quota alone: at 1,000 calls/s it starts ~5 calls per wake."""
 
 
 class Delivery(Protocol):
@@ -107,6 +109,9 @@ class Pipeline(Intake):
             self._max_in_flight = route.max_in_flight * len(quota.limiters)
         else:
             self._quota = quota
+        self._one_quota = not isinstance(quota, Quotas)
+        """One limiter: when it holds the next call back, nothing else can start one sooner. (With a quota
+        per tracker, another tracker's new records may.)"""
         super().__init__(route, record_converter(route, schemas), batcher, metrics, clock, tracker)
         self._sink = sink
         self._sinks = sinks
@@ -172,16 +177,25 @@ class Pipeline(Intake):
             # New records or a finished call set `wakeup`; otherwise look again when the quota frees a
             # call for a batch that waits only for one, or when the oldest partial batch lingers out.
             timeout = 0.5
+            quota_bound = False
             if len(self._active) < self._max_in_flight:
                 oldest = self.batcher.oldest_open()
                 due = self.batcher.has_full() or (oldest is not None and oldest + linger <= now)
                 if due and calls <= started:
-                    timeout = max(0.001, wait)
+                    # Only the quota holds the next call back: wake a tick after it frees the next one, to
+                    # start a tick's worth at once (within the limiter's burst), not one call per wake.
+                    timeout = wait + QUOTA_TICK
+                    quota_bound = self._one_quota
                 elif oldest is not None:
                     # Linger shrinks as the call rate falls: re-check at least every 50 ms.
                     timeout = min(0.05, max(0.001, oldest + linger - now))
             self.wakeup.clear()
-            await self.wakeup.wait(timeout)
+            if quota_bound:
+                # New records and finished calls cannot start a call before the quota frees one: waking
+                # for each of them cost ~1.4 loops per call at the quota.
+                await asyncio.sleep(timeout)
+            else:
+                await self.wakeup.wait(timeout)
 
     def linger(self, now: float) -> float:
         """How long a partial batch waits to fill: not at all while calls are plentiful (below half
