@@ -20,12 +20,12 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     Info,
 )
 from prometheus_client.exposition import generate_latest
 
 from worker import __version__
+from worker.observe.histogram import LoopHistogram
 
 PREFIX = "personalize_worker"
 WAITING_ON = ("batch", "call", "retry", "dead_letter", "parked", "intake", "lost")
@@ -110,19 +110,19 @@ class Metrics:
         self.retries = Counter(
             f"{p}_put_events_retries", "PutEvents calls retried after a transient error.", registry=r
         )
-        self.call_latency = Histogram(
+        self.call_latency = LoopHistogram(
             f"{p}_put_events_latency_seconds",
             "PutEvents call latency.",
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )
-        self.events_per_call = Histogram(
+        self.events_per_call = LoopHistogram(
             f"{p}_events_per_call",
             "Events carried by each successful PutEvents call.",
             registry=r,
             buckets=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
         )
-        self.event_age = Histogram(
+        self.event_age = LoopHistogram(
             f"{p}_event_age_seconds",
             "Delivery time minus sentAt, for the first (oldest) event of each call.",
             registry=r,

@@ -1,0 +1,51 @@
+"""A histogram for the per-call figures (latency, events per call, event age), cheap enough to observe
+three times per PutEvents call.
+
+prometheus_client's `Histogram.observe` takes a lock per bucket update and walks the bounds in Python:
+~2.3 µs per observation, 7 µs per call, ~1.3 % of the worker's CPU while draining. Here an observation is a
+bisect into plain counts; the same series (`_bucket` with `le`, `_count`, `_sum`) are built when the
+registry is collected, through prometheus_client's custom-collector interface. Observed and collected on
+the event loop's thread only (the metrics server is on the loop), so no lock is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from itertools import accumulate
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+
+class LoopHistogram:
+    """One unlabelled histogram; `observe` from the event loop only."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        bounds = sorted(float(bound) for bound in buckets)
+        if not bounds or bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self.name = name
+        self._documentation = documentation
+        self._bounds = tuple(bounds)
+        self._labels: list[str] = [floatToGoString(bound) for bound in bounds]  # type: ignore[no-untyped-call]
+        self._counts = [0] * len(bounds)
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        """Counted in the first bucket whose bound is at least `value` (Prometheus's `le`); a NaN in +Inf."""
+        self._counts[bisect_left(self._bounds, value) if value == value else -1] += 1  # noqa: PLR0124 (NaN test)
+        self._sum += value
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self._documentation)
+        cumulative = accumulate(self._counts)
+        family.add_metric([], buckets=list(zip(self._labels, cumulative, strict=True)), sum_value=self._sum)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        """The names it owns, so the registry refuses a second metric by the same name."""
+        yield HistogramMetricFamily(self.name, self._documentation)
