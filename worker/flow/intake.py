@@ -73,17 +73,22 @@ class Intake:
         serial = state.serial
         state.track((r.offset for r in records), now)
         convert = self._convert
-        self._fetched_at = time.time()
-        coalescer = self.batcher if isinstance(self.batcher, CoalescingBatcher) else None
+        self._fetched_at = fetched_at = time.time()
+        batcher = self.batcher
+        coalescer = batcher if isinstance(batcher, CoalescingBatcher) else None
+        # `_admit` inline, its callees bound once: this loop runs for every record.
+        admit = self.dedup.admit
+        add = batcher.add if not isinstance(batcher, CoalescingBatcher) else None
         dropped = duplicates = superseded = 0
         invalid: Counter[str] | None = None
         skip = state.skip
         for record in records:
-            if skip and record.offset in skip:
+            offset = record.offset
+            if skip and offset in skip:
                 # A previous owner finished it after its last commit point: sending it again would
                 # pay twice for nothing.
-                skip.discard(record.offset)
-                state.finish(record.offset)
+                skip.discard(offset)
+                state.finish(offset)
                 duplicates += 1
                 continue
             try:
@@ -92,21 +97,28 @@ class Intake:
                 if invalid is None:
                     invalid = Counter()
                 invalid[error.reason] += 1
-                self._dead_letter(state, partition, record.offset, record.key, record.value, record.headers, error)
+                self._dead_letter(state, partition, offset, record.key, record.value, record.headers, error)
                 continue
             if member is None:
                 dropped += 1
-                state.finish(record.offset)
+                state.finish(offset)
                 continue
             key, record_id, order, body = member
-            item = (serial, record.offset, key, record_id, order, body, record.key, record.value, record.headers)
-            if coalescer is not None:
-                older = coalescer.add(key, record_id, item, serial, record.offset, now)
+            item = (serial, offset, key, record_id, order, body, record.key, record.value, record.headers)
+            if add is not None:
+                verdict = admit(record_id, item)
+                if verdict == NEW:
+                    # Ready batches go in event time (see Batcher.take): a backlog drains evenly across sessions.
+                    add(key, item, now, order if order < fetched_at else fetched_at)
+                elif verdict == SEEN:
+                    self._finish(item)
+                    duplicates += 1
+            else:
+                assert coalescer is not None
+                older = coalescer.add(key, record_id, item, serial, offset, now)
                 if older is not None:
                     superseded += 1
                     self._finish(older)
-            elif self._admit(item, now):
-                duplicates += 1
         self._count_intake(len(records), dropped, duplicates, superseded, invalid)
 
     def _count_intake(
