@@ -6,14 +6,12 @@ Read once at import: the model file is part of the installed botocore, not run-t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import botocore.loaders
 
 
-@dataclass(frozen=True, slots=True)
-class StringLimit:
+class StringLimit(NamedTuple):
     """Length bounds (and pattern, if the model has one) of one string member."""
 
     min: int
