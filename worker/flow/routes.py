@@ -8,8 +8,7 @@ running every route's pipeline behind one face is `fanout`'s.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from worker.config import MappingSettings, Settings
 from worker.personalize.operations.settings import OperationMapping
@@ -20,8 +19,7 @@ if TYPE_CHECKING:
     from worker.observe.metrics import Metrics
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     """One route's settings, resolved: defaults filled from the operation and the top-level sections."""
 
     name: str

@@ -11,10 +11,9 @@ reading the file once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -59,8 +58,7 @@ def camel_case(segment: str) -> str:
     return first + "".join(w[0].upper() + w[1:] for w in words[1:])
 
 
-@dataclass(frozen=True)
-class PropertyField:
+class PropertyField(NamedTuple):
     """One metadata field: its schema name, the Python types its values may have, and whether categorical."""
 
     name: str

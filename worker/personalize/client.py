@@ -35,6 +35,7 @@ from botocore.httpsession import get_cert_path
 
 from worker import __version__
 from worker.config import PersonalizeSettings
+from worker.mapping.limits import LOADER
 from worker.personalize.http import HttpClient, host_header
 from worker.personalize.operations.spec import EVENTS
 from worker.personalize.proxy import Proxy, client_options, resolve_proxy
@@ -255,6 +256,8 @@ def _botocore_client(settings: PersonalizeSettings) -> tuple[Any, Any, Any]:
     from botocore.config import Config
 
     session = botocore.session.Session()
+    if session.get_config_variable("data_path") is None:  # the loader it would build: reuse its caches
+        session.register_component("data_loader", LOADER)
     config = Config(retries={"total_max_attempts": 1}, parameter_validation=False, **client_options(settings))
     client = session.create_client(
         "personalize-events", region_name=settings.region, endpoint_url=settings.endpoint_url or None, config=config

@@ -15,7 +15,6 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 import botocore.retries.standard
@@ -73,8 +72,7 @@ class Kind(enum.Enum):
     """Another 4xx (no code, or one not known here): bounded like TRANSIENT while others succeed, else the alarm."""
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     kind: Kind
     outcome: str
     """Label for the calls metric: throttled | invalid | server_error | client_error | connection | error."""

@@ -11,13 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache
 from types import MappingProxyType
 from typing import Any
 
-import botocore.loaders
-
-from worker.mapping.limits import StringLimit, reserved_property_keys
+from worker.mapping.limits import SERVICE_MODEL, StringLimit, reserved_property_keys
 
 SERVICE = "personalize-events"
 
@@ -107,12 +104,6 @@ class OperationSpec:
         if limit.pattern is not None and not limit.pattern.search(value):
             return f"{self.destination} must match {limit.pattern.pattern!r}"
         return None
-
-
-@cache
-def _model() -> dict[str, Any]:
-    model: dict[str, Any] = botocore.loaders.Loader().load_service_model(SERVICE, "service-2")
-    return model
 
 
 def route_key(operation: str) -> str:
@@ -207,7 +198,7 @@ def _spec(operation: dict[str, Any], shapes: dict[str, Any]) -> OperationSpec:
 
 
 def _specs() -> Mapping[str, OperationSpec]:
-    model = _model()
+    model = SERVICE_MODEL  # read once, by the limits
     specs = (_spec(operation, model["shapes"]) for operation in model["operations"].values())
     return MappingProxyType({spec.key: spec for spec in sorted(specs, key=lambda s: s.key)})
 
