@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.flow.offsets import (
+    AHEAD_PREFIX,
     MAX_AHEAD_CHARS,
     MetadataError,
     OffsetOrderError,
@@ -435,3 +436,36 @@ def test_the_stall_clock_survives_a_partition_going_and_coming_back() -> None:
     again.finish(5)
     assert tracker.mark_committed({"p": 6}, now=52.0)
     assert again.advanced_at == 52.0
+
+
+def reference_encoding(base: int, offsets: set[int], limit: int) -> str:
+    """The metadata format written out plainly: every run, then as many whole runs as fit in `limit`."""
+    runs: list[list[int]] = []
+    for offset in sorted(offsets):
+        if runs and offset == runs[-1][1] + 1:
+            runs[-1][1] = offset
+        else:
+            runs.append([offset, offset])
+    text = ""
+    for start, end in runs:
+        longer = f"{text},{start - base:x}+{end - start:x}" if text else f"{start - base:x}+{end - start:x}"
+        if len(f"{AHEAD_PREFIX}{base:x};{longer}") > limit:
+            break
+        text = longer
+    return f"{AHEAD_PREFIX}{base:x};{text}" if text else ""
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.integers(0, 1 << 40),
+    gaps=st.lists(st.integers(1, 40), max_size=600),
+    limit=st.integers(0, MAX_AHEAD_CHARS),
+)
+def test_encoding_equals_the_plain_reference(base: int, gaps: list[int], limit: int) -> None:
+    """The encoder's one-loop form (it runs per partition at every commit) against the format written plainly:
+    runs of 1 and of many, every cut point of the limit, an empty set."""
+    offsets, offset = set(), base
+    for gap in gaps:
+        offset += gap
+        offsets.add(offset)
+    assert encode_ahead(base, offsets, limit) == reference_encoding(base, offsets, limit)

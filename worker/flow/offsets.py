@@ -246,31 +246,32 @@ def encode_ahead(base: int, offsets: Iterable[int], limit: int = MAX_AHEAD_CHARS
 
 
 def encode_sorted_ahead(base: int, ordered: Iterable[int], limit: int = MAX_AHEAD_CHARS) -> str:
-    """`encode_ahead` for offsets in ascending order, read only as far as `limit` leaves room."""
-    parts: list[str] = []
+    """`encode_ahead` for offsets in ascending order, read only as far as `limit` leaves room.
+
+    One loop, no generator of runs between: it runs for each partition at every commit over thousands of
+    offsets (a drain's commits spent ~1 ms a partition here, 2 % of the worker's CPU)."""
     head = f"{AHEAD_PREFIX}{base:x};"
-    size = len(head) - 1
-    for start, end in _runs(ordered):
-        part = f"{start - base:x}+{end - start:x}"
-        size += len(part) + 1
-        if size > limit:
-            break
+    room = limit - len(head) + 1  # each part takes its length and a comma; the first needs no comma
+    parts: list[str] = []
+    offsets = iter(ordered)
+    first = next(offsets, None)
+    if first is None:
+        return ""
+    start = end = first
+    for offset in offsets:
+        if offset == end + 1:
+            end = offset
+            continue
+        part = "%x+%x" % (start - base, end - start)  # noqa: UP031 (cheaper than an f-string here)
+        room -= len(part) + 1
+        if room < 0:
+            return head + ",".join(parts) if parts else ""
+        parts.append(part)
+        start = end = offset
+    part = "%x+%x" % (start - base, end - start)  # noqa: UP031
+    if room >= len(part) + 1:
         parts.append(part)
     return head + ",".join(parts) if parts else ""
-
-
-def _runs(ordered: Iterable[int]) -> Iterator[tuple[int, int]]:
-    """(first, last) of each run of consecutive offsets, lazily."""
-    offsets = iter(ordered)
-    start = end = next(offsets, None)
-    if start is None or end is None:
-        return
-    for offset in offsets:
-        if offset != end + 1:
-            yield start, end
-            start = offset
-        end = offset
-    yield start, end
 
 
 class MetadataError(ValueError):
