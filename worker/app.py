@@ -48,8 +48,10 @@ def tune_garbage_collector() -> None:
     one scans every object alive, botocore's loaded models and the imported modules included. Freezing
     the start-up objects out of the scans cuts that work by about half. Young collections every
     GC_YOUNG_THRESHOLD allocations instead of 700: each event allocates several containers, so at 700 a
-    young collection ran every ~100 events, and every tenth of them an older one."""
-    gc.collect()
+    young collection ran every ~100 events, and every tenth of them an older one. No collection before
+    the freeze: start-up runs with collection paused (`cli._pause_collection`), so one here scanned all
+    ~80,000 objects for ~1,600 unreachable ones (~55 ms, 0.3 µs per event of a 200k drain); frozen, those
+    stay for the process's life, a few hundred KB once."""
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
