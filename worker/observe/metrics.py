@@ -25,7 +25,7 @@ from prometheus_client import (
 from prometheus_client.exposition import generate_latest
 
 from worker import __version__
-from worker.observe.histogram import LoopHistogram
+from worker.observe.percall import BeforeCollect, LoopHistogram
 
 PREFIX = "personalize_worker"
 WAITING_ON = ("batch", "call", "retry", "dead_letter", "parked", "intake", "lost")
@@ -89,6 +89,8 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         p = PREFIX
+        self._routes: list[RouteMetrics] = []
+        BeforeCollect(self._flush, r)  # first: the per-call counts reach their counters before these are read
         self.records_consumed = Counter(f"{p}_records_consumed", "Kafka records fetched.", registry=r)
         self.events_sent = Counter(f"{p}_events_sent", "Events accepted by PutEvents.", registry=r)
         self.duplicates = Counter(f"{p}_records_duplicate", "Records whose eventId was already delivered.", registry=r)
@@ -258,7 +260,13 @@ class Metrics:
 
     def route(self, name: str) -> RouteMetrics:
         """The route's children, bound once: the hot path never looks a label up."""
-        return RouteMetrics(self, name)
+        route = RouteMetrics(self, name)
+        self._routes.append(route)
+        return route
+
+    def _flush(self) -> None:
+        for route in self._routes:
+            route.flush()
 
     def forget_partition(self, topic: str, partition: int) -> None:
         """A revoked partition's series go away with it."""
@@ -303,7 +311,21 @@ class RouteMetrics:
         self.dead_lettered = records.labels(name, "dead_lettered")
         self.calls = {outcome: metrics.route_calls.labels(name, outcome) for outcome in CALL_OUTCOMES}
         self._rate = metrics.route_rate_limit
-        self.calls_ok = self.calls["ok"]
+        self._calls, self._sent = (metrics.calls_ok, self.calls["ok"]), (metrics.events_sent, self.sent)
+        self._accepted = self._events = 0
+
+    def accepted(self, events: int) -> None:
+        """A call of `events` events accepted: counted here, added to the counters when they are collected."""
+        self._accepted += 1
+        self._events += events
+
+    def flush(self) -> None:
+        if self._accepted:
+            for counter in self._calls:
+                counter.inc(self._accepted)
+            for counter in self._sent:
+                counter.inc(self._events)
+            self._accepted = self._events = 0
 
     def rate_limit(self, destination: str) -> Gauge:
         return self._rate.labels(self.name, destination)

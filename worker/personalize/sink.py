@@ -205,10 +205,7 @@ class Sink:
                 self.last_error = None
                 if self.refused is not None:
                     self._alarm_over()
-                metrics.calls_ok.inc()
-                route.calls_ok.inc()
-                metrics.events_sent.inc(len(events))
-                route.sent.inc(len(events))
+                route.accepted(len(events))
                 metrics.events_per_call.observe(len(events))
                 # Once per call, for the first (in session order, the oldest) event: a bound for the rest.
                 metrics.event_age.observe(time.time() - sent_at)

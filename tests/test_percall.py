@@ -9,7 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import generate_latest
 
-from worker.observe.histogram import LoopHistogram
+from worker.observe.metrics import Metrics
+from worker.observe.percall import LoopHistogram
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -61,3 +62,23 @@ def test_nan_is_counted_beyond_every_bound() -> None:
     histogram.observe(math.nan)
     assert registry.get_sample_value("h_bucket", {"le": "1.0"}) == 0
     assert registry.get_sample_value("h_count") == 1
+
+
+def test_accepted_calls_reach_every_counter_at_each_collection() -> None:
+    """Summed in plain integers per call, exact whenever the registry is read: by a scrape, by
+    `get_sample_value` (the final log line's totals), twice in a row without double counting."""
+    metrics = Metrics()
+    clicks, orders = metrics.route("clicks"), metrics.route("orders")
+    clicks.accepted(9)
+    clicks.accepted(10)
+    orders.accepted(3)
+    value = metrics.registry.get_sample_value
+    assert value("personalize_worker_events_sent_total") == 22
+    assert value("personalize_worker_put_events_calls_total", {"outcome": "ok"}) == 3
+    assert value("personalize_worker_route_records_total", {"route": "clicks", "state": "sent"}) == 19
+    assert value("personalize_worker_route_calls_total", {"route": "orders", "outcome": "ok"}) == 1
+    assert metrics.totals()["sent"] == 22 and metrics.totals()["calls"] == 3  # read again: not added twice
+    orders.accepted(1)
+    text = metrics.render().decode()
+    assert "personalize_worker_events_sent_total 23.0" in text
+    assert 'personalize_worker_put_events_calls_total{outcome="ok"} 4.0' in text

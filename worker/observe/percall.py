@@ -1,18 +1,21 @@
-"""A histogram for the per-call figures (latency, events per call, event age), cheap enough to observe
-three times per PutEvents call.
+"""Metrics updated once per PutEvents call, cheaply: the call's histograms (latency, events per call, event
+age) and its accepted-call and event counts.
 
 prometheus_client's `Histogram.observe` takes a lock per bucket update and walks the bounds in Python:
 ~2.3 µs per observation, 7 µs per call, ~1.3 % of the worker's CPU while draining. Here an observation is a
 bisect into plain counts; the same series (`_bucket` with `le`, `_count`, `_sum`) are built when the
-registry is collected, through prometheus_client's custom-collector interface. Observed and collected on
-the event loop's thread only (the metrics server is on the loop), so no lock is needed.
+registry is collected, through prometheus_client's custom-collector interface. The counts of accepted calls
+and events (four locked counter updates per call, ~4 µs) are summed in plain integers and added to their
+counters by `BeforeCollect`, which the registry runs before every other collector: every scrape, every
+`get_sample_value` reads them exact. Observed and collected on the event loop's thread only (the metrics
+server is on the loop), so no lock is needed.
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry
@@ -49,3 +52,20 @@ class LoopHistogram:
     def describe(self) -> Iterator[Metric]:
         """The names it owns, so the registry refuses a second metric by the same name."""
         yield HistogramMetricFamily(self.name, self._documentation)
+
+
+class BeforeCollect:
+    """Runs `flush` when the registry is collected, before the collectors registered after it (the registry
+    collects in registration order): register it first."""
+
+    def __init__(self, flush: Callable[[], None], registry: CollectorRegistry) -> None:
+        self._flush = flush
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        self._flush()
+        return iter(())
+
+    def describe(self) -> Iterator[Metric]:
+        """No series of its own (and no collection at registration)."""
+        return iter(())
