@@ -41,9 +41,11 @@ def describe(error: BaseException, limit: int = 500) -> str:
 
 
 GC_YOUNG_THRESHOLD = 10_000
+SLOW_START_SECONDS = 3.0
+"""A start-up longer than this retried something: its garbage is collected before the freeze."""
 
 
-def tune_garbage_collector() -> None:
+def tune_garbage_collector(collect: bool = False) -> None:
     """Full collections of the cyclic GC stalled the loop for 200-270 ms every ~2 s while draining: each
     one scans every object alive, botocore's loaded models and the imported modules included. Freezing
     the start-up objects out of the scans cuts that work by about half. Young collections every
@@ -51,7 +53,10 @@ def tune_garbage_collector() -> None:
     young collection ran every ~100 events, and every tenth of them an older one. No collection before
     the freeze: start-up runs with collection paused (`cli._pause_collection`), so one here scanned all
     ~80,000 objects for ~1,600 unreachable ones (~55 ms, 0.3 µs per event of a 200k drain); frozen, those
-    stay for the process's life, a few hundred KB once."""
+    stay for the process's life, a few hundred KB once. `collect` after a slow start (connections retried:
+    their failures' tracebacks hold frames, and frames sockets, which must not be frozen open)."""
+    if collect:
+        gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
@@ -246,13 +251,14 @@ class Worker:
         return 1 if self._failure else 0
 
     async def _start(self) -> None:
+        began = time.monotonic()
         await self.server.start(self.settings.metrics.host, self.settings.metrics.port)
         # The sinks (credentials and endpoint, resolved in threads) and the Kafka side (producers, topics, the
         # group join: mostly waiting on the broker) need nothing from each other: together, not one after the
         # other (in the drain benchmark that was ~0.1-0.2 s before the first call).
         await all_or_none([*(sink.start() for sink in self.sinks), self._start_kafka()])
         self.metrics.commit_metadata_limit.set(self.source.metadata_limit)
-        tune_garbage_collector()
+        tune_garbage_collector(collect=time.monotonic() - began > SLOW_START_SECONDS)
 
     async def _start_kafka(self) -> None:
         with explain_connection_errors(self.settings.kafka):

@@ -65,8 +65,8 @@ def _pause_collection() -> tuple[int, int, int]:
     lives as long as the process (modules, classes, pydantic's validators, botocore's models), and the ~120
     young collections meanwhile (each tenth an older one) scanned it again and again for nothing: 3.4% of
     start-up's instructions. A young threshold of 0 is CPython's "off"; the end of start-up turns it on again
-    (`app.tune_garbage_collector`: one full collection, then the run-time thresholds), `_resume_collection`
-    if it never gets there."""
+    (`app.tune_garbage_collector`: the start-up objects frozen, then the run-time thresholds),
+    `_resume_collection` if it never gets there."""
     before = gc.get_threshold()
     gc.set_threshold(0, *before[1:])
     return before

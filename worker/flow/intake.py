@@ -105,7 +105,7 @@ class Intake:
                 continue
             key, record_id, order, body = member
             item = (serial, offset, key, record_id, order, body, record.key, record.value, record.headers)
-            if add is not None:
+            if add is not None:  # `_admit` inline (per record); the two must agree
                 verdict = admit(record_id, item)
                 if verdict == NEW:
                     # Ready batches go in event time (see Batcher.take): a backlog drains evenly across sessions.
@@ -145,7 +145,7 @@ class Intake:
         self.wakeup.set()
 
     def _admit(self, item: Item, now: float) -> bool:
-        """True when the item is a duplicate (finished here)."""
+        """True when the item is a duplicate (finished here). `ingest` has this inline: change both."""
         verdict = self.dedup.admit(item[EVENT_ID], item)
         if verdict == NEW:
             assert not isinstance(self.batcher, CoalescingBatcher)

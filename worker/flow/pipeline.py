@@ -45,6 +45,8 @@ MAX_WAIT_LINGERS = 4
 bounds the latency of a session's last events and the commit lag behind them."""
 QUOTA_TICK = 0.005
 """Shortest sleep of a dispatcher held by the quota alone: at 1,000 calls/s it starts ~5 calls per wake."""
+MAX_QUOTA_SLEEP = 0.1
+"""Longest such sleep (a 10 calls/s quota's spacing): nothing but a bug in the quota can hold it longer."""
 
 
 class Delivery(Protocol):
@@ -193,7 +195,8 @@ class Pipeline(Intake):
             if quota_bound:
                 # New records and finished calls cannot start a call before the quota frees one: waking
                 # for each of them cost ~1.4 loops per call at the quota.
-                await asyncio.sleep(timeout)
+                # Bounded all the same: it relies on the limiter never moving its next slot earlier.
+                await asyncio.sleep(min(timeout, MAX_QUOTA_SLEEP))
             else:
                 await self.wakeup.wait(timeout)
 

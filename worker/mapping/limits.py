@@ -25,6 +25,7 @@ model (personalize.operations.spec, the client's session): each fresh loader lis
 ships again (~7 ms of start-up CPU)."""
 
 SERVICE_MODEL: dict[str, Any] = LOADER.load_service_model("personalize-events", "service-2")
+"""Read-only: the very dict the botocore client's service model wraps (the loader caches it)."""
 
 _SHAPES: dict[str, Any] = SERVICE_MODEL["shapes"]
 

@@ -90,7 +90,7 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         p = PREFIX
         self._routes: list[RouteMetrics] = []
-        BeforeCollect(self._flush, r)  # first: the per-call counts reach their counters before these are read
+        BeforeCollect(self._flush, r)  # first: the per-call counts reach their counters before they are read
         self.records_consumed = Counter(f"{p}_records_consumed", "Kafka records fetched.", registry=r)
         self.events_sent = Counter(f"{p}_events_sent", "Events accepted by PutEvents.", registry=r)
         self.duplicates = Counter(f"{p}_records_duplicate", "Records whose eventId was already delivered.", registry=r)
@@ -249,7 +249,8 @@ class Metrics:
             registry=r,
         )
         self.memory_limit.set(cgroup_memory_limit())
-        # Children bound once: the hot path never looks a label up.
+        # Bound once: the hot path never looks a label up. calls_ok and events_sent (and each route's) lag
+        # until collected (`RouteMetrics.accepted`): read them through the registry, never their values.
         self.calls_ok = self.calls.labels("ok")
         for outcome in CALL_OUTCOMES:
             self.calls.labels(outcome)
@@ -260,8 +261,7 @@ class Metrics:
 
     def route(self, name: str) -> RouteMetrics:
         """The route's children, bound once: the hot path never looks a label up."""
-        route = RouteMetrics(self, name)
-        self._routes.append(route)
+        self._routes.append(route := RouteMetrics(self, name))
         return route
 
     def _flush(self) -> None:

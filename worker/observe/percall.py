@@ -1,14 +1,15 @@
 """Metrics updated once per PutEvents call, cheaply: the call's histograms (latency, events per call, event
 age) and its accepted-call and event counts.
 
-prometheus_client's `Histogram.observe` takes a lock per bucket update and walks the bounds in Python:
-~2.3 µs per observation, 7 µs per call, ~1.3 % of the worker's CPU while draining. Here an observation is a
-bisect into plain counts; the same series (`_bucket` with `le`, `_count`, `_sum`) are built when the
-registry is collected, through prometheus_client's custom-collector interface. The counts of accepted calls
-and events (four locked counter updates per call, ~4 µs) are summed in plain integers and added to their
-counters by `BeforeCollect`, which the registry runs before every other collector: every scrape, every
-`get_sample_value` reads them exact. Observed and collected on the event loop's thread only (the metrics
-server is on the loop), so no lock is needed.
+prometheus_client's `Histogram.observe` takes a lock per bucket update and walks the bounds in Python: ~2.3 µs
+per observation, 7 µs per call, ~1.3 % of the worker's CPU while draining. Here an observation is a bisect
+into plain counts; the same `_bucket` (with `le`), `_count` and `_sum` series are built when the registry is
+collected, through prometheus_client's custom-collector interface (no `_created` series; a NaN counts in +Inf,
+where prometheus_client counts it nowhere). The counts of accepted calls and events (four locked counter
+updates per call, ~4 µs) are summed in plain integers and added to their counters by `BeforeCollect`, which
+the registry runs before every other collector: every scrape, every `get_sample_value` reads them exact.
+Observed and collected on the event loop's thread only (the metrics server is on the loop), so no lock is
+needed.
 """
 
 from __future__ import annotations

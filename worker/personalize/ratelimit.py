@@ -108,6 +108,7 @@ class RateLimiter:
         self._clock = clock
         self._floor = max_rate * self.MIN_FRACTION
         self._next_slot = 0.0
+        """Never moves earlier: a dispatcher held by the quota sleeps until it (worker/flow/pipeline.py)."""
         now = clock()
         # Probing: the rate grows by step * 2 ** ((now - since) / doubling) per second, up to max_rate
         # (`_grown` is that power at `_probed_at`, the last update).
