@@ -87,9 +87,9 @@ class Source(ConsumerRebalanceListener):  # type: ignore[misc]
         self._handing_over = False
         """A poll is being handed to the pipeline a slice at a time (see `fetch_once`)."""
         self._held: set[TopicPartition] = set()
+        """Partitions left out of fetching for a crowded session (see `_getmany`)."""
         self._lagging: set[TopicPartition] = set()
         """Partitions paused at `worker.max_commit_lag_records` (the pipeline was told)."""
-        """Partitions left out of fetching for a crowded session (see `_getmany`)."""
         self._held_logged = -HELD_LOG_SECONDS
         self._schemas = schemas
         self._held_poll: (
