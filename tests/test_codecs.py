@@ -189,7 +189,7 @@ async def test_a_loop_failing_during_the_drain_is_not_a_clean_stop(
     settings = load_settings(write_config(tmp_path / "w.toml", sections), environ={})
     for key, value in AWS_ENV.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(app, "tune_garbage_collector", lambda: None)  # gc.freeze() would outlive the test
+    monkeypatch.setattr(app, "tune_garbage_collector", lambda collect=False: None)  # gc.freeze() would outlive it
     worker = Worker(settings)
 
     draining = asyncio.Event()
