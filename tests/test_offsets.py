@@ -413,8 +413,9 @@ def test_metadata_walked_from_pending_equals_the_sorted_encoding(
     base = state.committable()
     assert base is not None
     pending_done = {offset for offset in state._done if offset > base}
-    walked = encode_sorted_ahead(base, (o for o in state._pending if o in state._done), limit)
+    walked = encode_sorted_ahead(base, state._pending, limit, state._done)
     assert walked == encode_ahead(base, pending_done, limit)
+    assert walked == encode_sorted_ahead(base, (o for o in state._pending if o in state._done), limit)
     if limit == MAX_AHEAD_CHARS:
         assert state.ahead_metadata() == encode_ahead(base, pending_done)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections import deque
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Container, Hashable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 P = TypeVar("P", bound=Hashable)
@@ -153,7 +153,7 @@ class PartitionOffsets:
         # `_pending` is in offset order and holds every finished offset above `base`: walking it yields
         # the lowest runs without sorting all of them (up to ~20,000 per partition at full buffer, of
         # which the metadata has room for a fraction). Sorting them all was ~4% of the worker's CPU.
-        return encode_sorted_ahead(base, (offset for offset in self._pending if offset in done), limit)
+        return encode_sorted_ahead(base, self._pending, limit, done)
 
     def committable(self) -> int | None:
         """The offset to commit (Kafka's "next record to read"), or None if nothing was ever tracked."""
@@ -245,32 +245,36 @@ def encode_ahead(base: int, offsets: Iterable[int], limit: int = MAX_AHEAD_CHARS
     return encode_sorted_ahead(base, sorted(offsets), limit)
 
 
-def encode_sorted_ahead(base: int, ordered: Iterable[int], limit: int = MAX_AHEAD_CHARS) -> str:
-    """`encode_ahead` for offsets in ascending order, read only as far as `limit` leaves room.
+def encode_sorted_ahead(
+    base: int, ordered: Iterable[int], limit: int = MAX_AHEAD_CHARS, members: Container[int] | None = None
+) -> str:
+    """`encode_ahead` for offsets in ascending order, read only as far as `limit` leaves room; with
+    `members`, only the offsets in it (a partition's finished ones, read off its pending offsets).
 
-    One loop, no generator of runs between: it runs for each partition at every commit over thousands of
-    offsets (a drain's commits spent ~1 ms a partition here, 2 % of the worker's CPU)."""
+    One loop, no generator of runs between, and the membership test inside it rather than a filtering
+    generator before it (~25% less): it runs for each partition at every commit over thousands of offsets
+    (a drain's commits spent ~1 ms a partition here, 2 % of the worker's CPU)."""
     head = f"{AHEAD_PREFIX}{base:x};"
     room = limit - len(head) + 1  # each part takes its length and a comma; the first needs no comma
     parts: list[str] = []
-    offsets = iter(ordered)
-    first = next(offsets, None)
-    if first is None:
-        return ""
-    start = end = first
-    for offset in offsets:
+    start = end = -2  # no run yet: offsets are never negative, so none extends it
+    for offset in ordered:
+        if members is not None and offset not in members:
+            continue
         if offset == end + 1:
             end = offset
             continue
-        part = "%x+%x" % (start - base, end - start)  # noqa: UP031 (cheaper than an f-string here)
-        room -= len(part) + 1
-        if room < 0:
-            return head + ",".join(parts) if parts else ""
-        parts.append(part)
+        if start >= 0:
+            part = "%x+%x" % (start - base, end - start)  # noqa: UP031 (cheaper than an f-string here)
+            room -= len(part) + 1
+            if room < 0:
+                return head + ",".join(parts) if parts else ""
+            parts.append(part)
         start = end = offset
-    part = "%x+%x" % (start - base, end - start)  # noqa: UP031
-    if room >= len(part) + 1:
-        parts.append(part)
+    if start >= 0:
+        part = "%x+%x" % (start - base, end - start)  # noqa: UP031
+        if room >= len(part) + 1:
+            parts.append(part)
     return head + ",".join(parts) if parts else ""
 
 
