@@ -148,11 +148,12 @@ class RateLimiter:
         now = self._clock()
         if self._probing:
             self._probe(now)
-        slot = max(self._next_slot, now - self.BURST_SECONDS)
+        earliest = now - self.BURST_SECONDS
+        slot = self._next_slot if self._next_slot > earliest else earliest  # not max(): per call, it adds up
         self._next_slot = slot + 1.0 / self.rate
         self._tally.sent(slot)
         self._settle(now)  # also without answers (an outage): the tally keeps only calls still out
-        return max(0.0, slot - now)
+        return slot - now if slot > now else 0.0
 
     def available(self) -> tuple[int, float]:
         """(calls that could start now without waiting, seconds until the next one could)."""
@@ -333,14 +334,17 @@ class RateLimiter:
         and successes after the work, and calls taken without their successes would show throttles
         alone (a 2 s spike under 30 % noise cut the rate by half, back only after a minute). Not
         forever: after LATE_SECONDS without a success none is coming."""
-        late = now - self._last_success < self.LATE_SECONDS
-        self._tally.settle(now, (min(now, self._success_sent) if late else now) - self._overdue())
+        before = now
+        if now - self._last_success < self.LATE_SECONDS and self._success_sent < now:
+            before = self._success_sent
+        self._tally.settle(now, before - self._overdue())
 
     def _overdue(self) -> float:
         """How long a call may stay unanswered before it is taken as never answering. From the slowest
         recent success, fading slowly: when a spike ends, the fast answers to new calls come back
         before the slow ones to old calls, which an average would already have written off."""
-        return max(self.WINDOW_SECONDS, 2.0 * self._slowest)
+        overdue = 2.0 * self._slowest
+        return overdue if overdue > self.WINDOW_SECONDS else self.WINDOW_SECONDS
 
     def _close(self, share: float) -> None:
         self._tally.drop_settled()
