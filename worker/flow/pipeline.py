@@ -254,15 +254,19 @@ class Pipeline(Intake):
     def _settle(self, items: list[Item], rejected: list[Rejection]) -> None:
         now = self._clock()
         bad = {rejection.position: rejection for rejection in rejected}
-        delivered_ids = []
         owners = self.tracker.owners
-        for index, item in enumerate(items):
-            if index in bad:
-                continue
-            owner = owners.get(item[OWNER])  # `_finish` inline: this runs for every event sent
-            if owner is not None:  # else revoked: its result no longer counts
-                owner[1].finish(item[OFFSET])
-            delivered_ids.append(item[EVENT_ID])
+        sent = [item for index, item in enumerate(items) if index not in bad] if bad else items
+        # `_finish` inline, its lookups bound once per call: this runs for every event sent.
+        serial: int | None = None
+        state = None
+        for item in sent:
+            if item[OWNER] != serial:  # a call's events are one session's: nearly always one partition's
+                serial = item[OWNER]
+                owner = owners.get(serial)
+                state = owner[1] if owner is not None else None  # None: revoked, its result no longer counts
+            if state is not None:
+                state.finish(item[OFFSET])
+        delivered_ids = [item[EVENT_ID] for item in sent]
         duplicates = [] if self._coalescing else self.dedup.delivered(delivered_ids)
         for copy in duplicates:
             self._finish(copy)
