@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
 import botocore.loaders
 import pytest
 
-from worker.mapping.limits import LOADER, FastJSONFileLoader
+from worker.mapping.limits import LOADER, FastJSONFileLoader, SharedLoader
 
 DATA = Path(botocore.loaders.Loader.BUILTIN_DATA_PATH)
 
@@ -40,6 +41,54 @@ def test_orjson_parses_each_file_as_botocore_does(path: Path) -> None:
 def test_the_shared_loader_parses_with_orjson() -> None:
     assert isinstance(LOADER.file_loader, FastJSONFileLoader)
     assert FastJSONFileLoader().load_file(str(DATA / "nonexistent")) is None
+
+
+MODELS = [
+    ("personalize-events", "service-2", None),
+    ("personalize-events", "endpoint-rule-set-1", None),
+    ("personalize-events", "service-2", "2018-03-22"),
+    ("ec2", "paginators-1", None),  # with sdk-extras
+    ("s3", "waiters-2", None),
+]
+
+
+@pytest.mark.parametrize(("service", "type_name", "version"), MODELS)
+def test_the_shared_loader_loads_what_botocore_loads(service: str, type_name: str, version: str | None) -> None:
+    ours = SharedLoader().load_service_model(service, type_name, version)
+    theirs = botocore.loaders.Loader().load_service_model(service, type_name, version)
+    assert json.dumps(ours) == json.dumps(theirs)
+
+
+def test_the_shared_loader_lists_no_service_for_a_known_one() -> None:
+    loader = SharedLoader()
+    listed: list[str] = []
+    plain = loader.list_available_services
+
+    def counted(type_name: str) -> list[str]:
+        listed.append(type_name)
+        services: list[str] = plain(type_name)
+        return services
+
+    loader.list_available_services = counted
+    loader.load_service_model("personalize-events", "service-2")
+    assert listed == []
+
+
+@pytest.mark.parametrize(
+    ("service", "type_name", "version"),
+    [
+        ("no-such-service", "service-2", None),
+        ("personalize-events", "waiters-2", None),
+        ("s3", "service-2", "1999-01-01"),
+    ],
+)
+def test_the_shared_loader_fails_as_botocore_does(service: str, type_name: str, version: str | None) -> None:
+    errors = []
+    for loader in (SharedLoader(), botocore.loaders.Loader()):
+        with pytest.raises(botocore.exceptions.BotoCoreError) as caught:
+            loader.load_service_model(service, type_name, version)
+        errors.append((type(caught.value), str(caught.value)))
+    assert errors[0] == errors[1]
 
 
 PROBE = """
