@@ -9,9 +9,6 @@ import sys
 
 ALLOWED = {
     "worker.emulator.faults.FaultConfig",  # mutable at run time; the CLI's parser imports the emulator's options
-    "worker.kafka.deadletter._Pending",  # mutable
-    "worker.kafka.deadletter._Failure",  # mutable
-    "worker.kafka.deadletter._Round",  # mutable, default factories
     "worker.personalize.operations.spec.Member",  # a `count` member: a tuple's own method
     "worker.personalize.operations.spec.OperationSpec",
     "worker.personalize.proxy.Proxy",  # repr=False keeps the proxy's credentials out of its repr

@@ -12,7 +12,6 @@ import asyncio
 import enum
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
@@ -135,18 +134,25 @@ def next_form(letter: DeadLetter, form: Form, error: Exception, *, refused_befor
     return Form.MINIMAL
 
 
-@dataclass(slots=True)
 class _Pending:
-    letter: DeadLetter
-    form: Form = Form.FULL
-    refused_by: str = ""
+    """Mutable (its form changes per round), so not a NamedTuple; a plain class, as the two below: a dataclass
+    compiles its generated methods at import (~2M instructions of `run`'s start-up each; issue 13)."""
+
+    __slots__ = ("form", "letter", "refused_by")
+
+    def __init__(self, letter: DeadLetter, form: Form = Form.FULL, refused_by: str = "") -> None:
+        self.letter = letter
+        self.form = form
+        self.refused_by = refused_by
 
 
-@dataclass(slots=True)
 class _Failure:
-    error: Exception
-    before_sending: bool = False
-    """Refused by `send` itself (the producer's size check, metadata): nothing reached the broker."""
+    __slots__ = ("before_sending", "error")
+
+    def __init__(self, error: Exception, before_sending: bool = False) -> None:
+        self.error = error
+        self.before_sending = before_sending
+        """Refused by `send` itself (the producer's size check, metadata): nothing reached the broker."""
 
 
 def _delivery_failure(delivery: asyncio.Future[Any]) -> _Failure | None:
@@ -158,12 +164,14 @@ def _delivery_failure(delivery: asyncio.Future[Any]) -> _Failure | None:
     return _Failure(error if isinstance(error, Exception) else RuntimeError(repr(error)))
 
 
-@dataclass(slots=True)
 class _Round:
-    written: int = 0
-    reduced: dict[Form, int] = field(default_factory=dict)
-    escalated: int = 0
-    failed: list[tuple[_Pending, _Failure]] = field(default_factory=list)
+    __slots__ = ("escalated", "failed", "reduced", "written")
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.reduced: dict[Form, int] = {}
+        self.escalated = 0
+        self.failed: list[tuple[_Pending, _Failure]] = []
 
 
 class DeadLetterWriter:
