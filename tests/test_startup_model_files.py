@@ -38,6 +38,15 @@ def test_orjson_parses_each_file_as_botocore_does(path: Path) -> None:
     assert ours == theirs
 
 
+def test_a_file_only_pythons_json_reads_is_read_as_botocore_reads_it(tmp_path: Path) -> None:
+    """orjson refuses NaN, which Python's json (and so botocore) accepts: such a file, say a model a user put
+    under ~/.aws/models, is read by botocore's own parse instead of failing the start-up."""
+    (tmp_path / "odd.json").write_text('{"b": NaN, "a": [1, 2.5]}', encoding="utf-8")
+    ours: Any = FastJSONFileLoader().load_file(str(tmp_path / "odd"))
+    theirs: Any = botocore.loaders.JSONFileLoader().load_file(str(tmp_path / "odd"))
+    assert json.dumps(ours) == json.dumps(theirs) == '{"b": NaN, "a": [1, 2.5]}'
+
+
 def test_the_shared_loader_parses_with_orjson() -> None:
     assert isinstance(LOADER.file_loader, FastJSONFileLoader)
     assert FastJSONFileLoader().load_file(str(DATA / "nonexistent")) is None

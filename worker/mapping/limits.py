@@ -33,7 +33,11 @@ class FastJSONFileLoader(botocore.loaders.JSONFileLoader):
         if not os.path.isfile(full_path):
             return None
         with open_method(full_path, "rb") as file:
-            return orjson.loads(file.read())
+            payload = file.read()
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError:  # what only Python's json reads (NaN, in a model a user added): botocore's way
+            return super()._load_file(full_path, open_method)  # type: ignore[misc]
 
 
 _BotocoreLoader: Any = botocore.loaders.Loader  # its private helpers are not in the stubs
@@ -54,6 +58,8 @@ class SharedLoader(_BotocoreLoader):  # type: ignore[misc]
         try:
             self.list_api_versions(service_name, type_name)
         except botocore.exceptions.DataNotFoundError:
+            return super().load_service_model(service_name, type_name, api_version)
+        if not (hasattr(self, "_extras_processor") and hasattr(self, "_find_extras")):  # another botocore
             return super().load_service_model(service_name, type_name, api_version)
         if api_version is None:
             api_version = self.determine_latest_version(service_name, type_name)
