@@ -243,12 +243,20 @@ class Mapper:
         raw_sent_at = get(self._sent_at_key)
         kind = type(raw_sent_at)
         if (kind is float or kind is int) and self._numbers_are_epochs:
-            seconds = float(raw_sent_at)
+            seconds = raw_sent_at if kind is float else float(raw_sent_at)
             if seconds > self._milliseconds_above:
                 seconds /= 1000.0
-            sent_at = round_ms(seconds)
-            if not 0.0 < sent_at <= MAX_EPOCH_SECONDS:
-                sent_at = self._sent_at(raw_sent_at)  # raises
+            # `round_ms` inline for a real instant (a call per record); anything else goes to it and is checked.
+            scaled = seconds * 1000.0
+            fraction = scaled % 1.0
+            if fraction < 0.46875 and 1.0 <= seconds <= MAX_EPOCH_SECONDS:
+                sent_at = (scaled - fraction) / 1000.0
+            elif fraction > 0.53125 and 1.0 <= seconds <= MAX_EPOCH_SECONDS:
+                sent_at = (scaled - fraction + 1.0) / 1000.0
+            else:
+                sent_at = round_ms(seconds)
+                if not 0.0 < sent_at <= MAX_EPOCH_SECONDS:
+                    sent_at = self._sent_at(raw_sent_at)  # raises
         elif raw_sent_at is None:
             raise missing("sentAt", texts["sentAt"])
         else:
