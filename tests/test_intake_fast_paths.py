@@ -107,3 +107,50 @@ def test_member_is_map_and_its_converter(value: bytes | None) -> None:
     except InvalidRecord as error:
         got = ("error", error.stage, error.reason, error.message)
     assert got == expected
+
+
+property_values = st.one_of(
+    st.none(),
+    st.text(max_size=8),
+    st.text(min_size=500, max_size=600),  # two of them pass the 1,024 characters of properties
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),  # what a JSON message can hold
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+    st.lists(st.booleans(), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.booleans(), max_size=2),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    paths=st.sampled_from([("ctx.a", "ctx.b"), ("a", "b"), ("ctx.a",), ("x.y.a", "x.y.b", "x.y.c")]),
+    values=st.lists(property_values, min_size=3, max_size=3),
+    parent_kind=st.sampled_from(["object", "missing", "string", "list"]),
+)
+def test_the_inline_properties_are_properties_of(paths: tuple[str, ...], values: list[Any], parent_kind: str) -> None:
+    mapper = Mapper(MappingSettings(properties=paths))
+    assert mapper._leaves is not None, "side by side and untyped: the inline path"
+    obj: dict[str, Any] = {"event_type": "click", "session_id": "s", "event_id": "e", "timestamp": 1_790_000_000}
+    parent_path = paths[0].split(".")[:-1]
+    fields = {path.split(".")[-1]: value for path, value in zip(paths, values, strict=False)}
+    parent: Any = {"object": fields, "missing": None, "string": "text", "list": [fields]}[parent_kind]
+    if parent_path:
+        holder = obj
+        for part in parent_path[:-1]:
+            holder = holder.setdefault(part, {})
+        if parent is not None:
+            holder[parent_path[-1]] = parent
+    elif parent_kind == "object":
+        obj.update(fields)
+    expected: Any
+    try:
+        expected = mapper._properties_of(obj, obj.get if mapper._flat else lambda getter: getter(obj))
+    except InvalidRecord as error:
+        expected = ("error", error.reason, error.message)
+    try:
+        result = mapper.map(orjson.dumps(obj))
+        assert result is not None
+        got: Any = result[1].get("properties")
+    except InvalidRecord as error:
+        got = ("error", error.reason, error.message)
+    assert got == expected
