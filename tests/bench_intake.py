@@ -26,8 +26,8 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from tests.bench import PROPERTIES, TRACKING_ID
-from worker.commands.sample import generate
 from worker.app import tune_garbage_collector
+from worker.commands.sample import generate
 from worker.config import Settings
 from worker.flow.items import DeadLetter
 from worker.flow.pipeline import Pipeline
@@ -51,9 +51,12 @@ class Letters:
         pass
 
 
-def backlog(records: int, partitions: int = 6, chunk: int = 50_000, seed: int = 7) -> dict[int, list[tuple[bytes, bytes]]]:
+Backlog = dict[int, list[tuple[bytes, bytes]]]
+
+
+def backlog(records: int, partitions: int = 6, chunk: int = 50_000, seed: int = 7) -> Backlog:
     """The drain bench's backlog (same seeds, sessions, start times), spread over partitions by key."""
-    out: dict[int, list[tuple[bytes, bytes]]] = {p: [] for p in range(partitions)}
+    out: Backlog = {p: [] for p in range(partitions)}
     for index, start in enumerate(range(0, records, chunk)):
         stream = generate(
             min(chunk, records - start),
@@ -67,7 +70,7 @@ def backlog(records: int, partitions: int = 6, chunk: int = 50_000, seed: int = 
     return out
 
 
-def consumer_records(data: dict[int, list[tuple[bytes, bytes]]]) -> dict[TopicPartition, list[Any]]:
+def consumer_records(data: Backlog) -> dict[TopicPartition, list[Any]]:
     return {
         TopicPartition(TOPIC, p): [
             ConsumerRecord(TOPIC, p, offset, 0, 0, key, value, None, len(key), len(value), ())
@@ -119,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.load:
         with open(args.load, "rb") as f:
-            data = pickle.load(f)  # noqa: S301 (our own file)
+            data = pickle.load(f)
     else:
         data = backlog(args.records)
     if args.save:

@@ -91,8 +91,9 @@ class Mapper:
         self._property_texts = dict(named)
         # With `mapping.schema` or `schema_arn`: each property's field, whose type its values must have.
         self._fields = load_schema(s.schema_source) if s.schema_source else None
-        self._leaves = tuple((key, leaf) for key, leaf, _ in self._properties) if shared is not None and not self._fields else None
-        """(key, field name) of properties side by side and untyped: `_map` reads them inline."""
+        untyped = shared is not None and not self._fields
+        self._leaves = tuple((key, leaf) for key, leaf, _ in self._properties) if untyped else None
+        """(key, field name) of properties side by side and untyped: `worker.mapping.flat` reads them inline."""
         sources: list[Source | None] = [_source(member, text) for member, text in members.items()]
         sources.append(shared or None)
         # A source is usually one key of the message, read with `obj.get`; only a mapping with a nested
@@ -245,20 +246,12 @@ class Mapper:
         raw_sent_at = get(self._sent_at_key)
         kind = type(raw_sent_at)
         if (kind is float or kind is int) and self._numbers_are_epochs:
-            seconds = raw_sent_at if kind is float else float(raw_sent_at)
+            seconds = float(raw_sent_at)
             if seconds > self._milliseconds_above:
                 seconds /= 1000.0
-            # `round_ms` inline for a real instant (a call per record); anything else goes to it and is checked.
-            scaled = seconds * 1000.0
-            fraction = scaled % 1.0
-            if fraction < 0.46875 and 1.0 <= seconds <= MAX_EPOCH_SECONDS:
-                sent_at = (scaled - fraction) / 1000.0
-            elif fraction > 0.53125 and 1.0 <= seconds <= MAX_EPOCH_SECONDS:
-                sent_at = (scaled - fraction + 1.0) / 1000.0
-            else:
-                sent_at = round_ms(seconds)
-                if not 0.0 < sent_at <= MAX_EPOCH_SECONDS:
-                    sent_at = self._sent_at(raw_sent_at)  # raises
+            sent_at = round_ms(seconds)
+            if not 0.0 < sent_at <= MAX_EPOCH_SECONDS:
+                sent_at = self._sent_at(raw_sent_at)  # raises
         elif raw_sent_at is None:
             raise missing("sentAt", texts["sentAt"])
         else:
@@ -281,29 +274,7 @@ class Mapper:
         value = get(self._impression_key)
         if value is not None and value != "" and value != []:  # noqa: PLR1714 (a list is unhashable)
             event["impression"] = impression(value, texts["impression"])
-        if self._leaves is not None:
-            # `_properties_of` inline (a call per record) while every property is a string or absent.
-            parent = obj if self._properties_at_top else get(self._properties_key)
-            found: dict[str, Any] = {}
-            other = False
-            if type(parent) is dict:
-                for key, leaf in self._leaves:
-                    value = parent.get(leaf)
-                    if type(value) is str:
-                        found[key] = value
-                    elif value is not None:
-                        other = True
-                        break
-            if other:
-                properties = self._properties_of(obj, get)
-                if properties is not None:
-                    event["properties"] = properties
-            elif found:
-                properties = orjson.dumps(found).decode()
-                if not _PROPERTIES_MIN <= len(properties) <= _PROPERTIES_MAX:
-                    check_length(properties, "properties", limits.PROPERTIES)
-                event["properties"] = properties
-        elif self._properties:
+        if self._properties:
             properties = self._properties_of(obj, get)
             if properties is not None:
                 event["properties"] = properties
