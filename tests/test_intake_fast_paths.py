@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.config import MappingSettings
+from worker.flow.batching import Batcher
 from worker.mapping.flat import flat_member
 from worker.mapping.mapper import MAX_EPOCH_SECONDS, InvalidRecord, Mapper
 from worker.mapping.values import AUTO_MS_THRESHOLD, round_ms
@@ -318,3 +319,43 @@ def test_the_one_pass_member_is_member_at_each_edge(change: dict[str, Any]) -> N
     }
     value = orjson.dumps(record)
     assert outcome(fast, value) == outcome(mapper.member, value)
+
+
+def batcher_state(batcher: Batcher[str, int]) -> Any:
+    return (
+        {key: (b.created_at, b.order, b.items) for key, b in batcher._open.items()},
+        {key: (b.created_at, b.order, b.items) for key, b in batcher._filling.items()},
+        {key: [b.items for b in waiting] for key, waiting in batcher._waiting.items()},
+        sorted((order, b.key, b.items) for order, _, b in batcher._ready),
+        dict(batcher._calls),
+        batcher.buffered,
+        set(batcher.crowded),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    polls=st.lists(
+        st.lists(st.tuples(st.sampled_from("abcd"), st.floats(0, 100)), max_size=30), min_size=1, max_size=6
+    ),
+    done=st.lists(st.sampled_from("abcd"), max_size=6),
+)
+def test_add_all_is_add_of_each(polls: list[list[tuple[str, float]]], done: list[str]) -> None:
+    one, each = Batcher[str, int](3, 1, 6), Batcher[str, int](3, 1, 6)
+    serial = 0
+    for now, poll in enumerate(polls):
+        entries = []
+        for key, order in poll:
+            entries.append((key, serial, order))
+            serial += 1
+        one.add_all(entries, float(now))
+        for key, item, order in entries:
+            each.add(key, item, float(now), order)
+        assert batcher_state(one) == batcher_state(each)
+        taken_one, taken_each = one.take(float(now), 0.0, 2), each.take(float(now), 0.0, 2)
+        assert [(b.key, b.items) for b in taken_one] == [(b.key, b.items) for b in taken_each]
+        for key in done:
+            if key in one._calls:
+                one.done(key)
+                each.done(key)
+        assert batcher_state(one) == batcher_state(each)

@@ -78,7 +78,10 @@ class Intake:
         coalescer = batcher if isinstance(batcher, CoalescingBatcher) else None
         # `_admit` inline, its callees bound once: this loop runs for every record.
         admit = self.dedup.admit
-        add = batcher.add if not isinstance(batcher, CoalescingBatcher) else None
+        deduplicated = coalescer is None
+        fresh: list[tuple[Any, Item, float]] = []
+        """New items, for `add_all` after the loop: one call per poll, not one per record."""
+        keep = fresh.append
         dropped = duplicates = superseded = 0
         invalid: Counter[str] | None = None
         skip = state.skip
@@ -105,11 +108,11 @@ class Intake:
                 continue
             key, record_id, order, body = member
             item = (serial, offset, key, record_id, order, body, record.key, record.value, record.headers)
-            if add is not None:  # `_admit` inline (per record); the two must agree
+            if deduplicated:  # `_admit` inline (per record); the two must agree
                 verdict = admit(record_id, item)
                 if verdict == NEW:
                     # Ready batches go in event time (see Batcher.take): a backlog drains evenly across sessions.
-                    add(key, item, now, order if order < fetched_at else fetched_at)
+                    keep((key, item, order if order < fetched_at else fetched_at))
                 elif verdict == SEEN:
                     self._finish(item)
                     duplicates += 1
@@ -119,6 +122,9 @@ class Intake:
                 if older is not None:
                     superseded += 1
                     self._finish(older)
+        if fresh:
+            assert not isinstance(batcher, CoalescingBatcher)
+            batcher.add_all(fresh, now)
         self._count_intake(len(records), dropped, duplicates, superseded, invalid)
 
     def _count_intake(
