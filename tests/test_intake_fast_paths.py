@@ -7,23 +7,49 @@ properties inline, as `_properties_of` did): each must give the same value, or t
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import orjson
 import pytest
+from aiokafka.structs import TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.config import MappingSettings
+from worker.config import MappingSettings, Settings
 from worker.flow.batching import Batcher
+from worker.flow.dedup import NEW, SEEN
+from worker.flow.pipeline import Pipeline
 from worker.mapping.flat import flat_member
 from worker.mapping.mapper import MAX_EPOCH_SECONDS, InvalidRecord, Mapper
 from worker.mapping.values import AUTO_MS_THRESHOLD, round_ms
+from worker.observe.metrics import Metrics
+from worker.personalize.ratelimit import RateLimiter
 
 
 class Rec(NamedTuple):
     value: bytes | None
+
+
+@dataclass(frozen=True)
+class FetchedRecord:
+    offset: int
+    value: bytes | None
+    key: bytes | None = b"k"
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+class NoSink:
+    async def deliver(self, session_id: str, user_id: str | None, events: list[str], sent_at: float) -> list[Any]:
+        raise AssertionError("the test settles calls itself")
+
+
+class Letters:
+    async def write(self, letters: Sequence[Any]) -> None:
+        pass
 
 
 def reference_sent_at(raw: float) -> float | None:
@@ -359,3 +385,43 @@ def test_add_all_is_add_of_each(polls: list[list[tuple[str, float]]], done: list
                 one.done(key)
                 each.done(key)
         assert batcher_state(one) == batcher_state(each)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    polls=st.lists(st.lists(st.sampled_from("abcdefg"), max_size=12), min_size=1, max_size=6),
+    delivered=st.lists(st.integers(0, 3), min_size=6, max_size=6),
+    steps=st.lists(st.sampled_from([0.0, 1.0, 30.0, 400.0]), min_size=6, max_size=6),
+)
+def test_the_intakes_inline_admission_is_dedup_admit(
+    polls: list[list[str]], delivered: list[int], steps: list[float]
+) -> None:
+    """Each poll's records admitted inline end as `Dedup.admit` (on a copy of the state before the poll) says:
+    new ones buffered, seen ones finished as duplicates, copies of one in flight parked."""
+    clock = [1000.0]
+    settings = Settings.model_validate(
+        {"personalize": {"tracking_id": "t"}, "batching": {"linger_ms": 0}, "dedup": {"window_seconds": 300}}
+    )
+    metrics = Metrics()
+    pipe = Pipeline(settings, NoSink(), Letters(), metrics, quota=RateLimiter(1000), clock=lambda: clock[0])
+    tp = TopicPartition("t", 0)
+    offset = 0
+    for poll, deliver, step in zip(polls, delivered, steps, strict=False):
+        reference = copy.deepcopy(pipe.dedup)
+        verdicts = [reference.admit(event_id, ()) for event_id in poll]
+        buffered, duplicates = pipe.batcher.buffered, metrics.totals()["duplicates"]
+        records = []
+        for event_id in poll:
+            value = {"session_id": "s", "event_type": "click", "timestamp": 1_790_000_000, "event_id": event_id}
+            records.append(FetchedRecord(offset, orjson.dumps(value)))
+            offset += 1
+        pipe.ingest(tp, records)
+        assert pipe.batcher.buffered - buffered == verdicts.count(NEW)
+        assert metrics.totals()["duplicates"] - duplicates == verdicts.count(SEEN)
+        assert sorted(pipe.dedup._in_flight) == sorted(reference._in_flight)
+        parked = {key: len(copies or ()) for key, copies in pipe.dedup._in_flight.items()}
+        assert parked == {key: len(copies or ()) for key, copies in reference._in_flight.items()}
+        for batch in pipe.batcher.take(clock[0], 0.0, deliver):
+            pipe.batcher.done(batch.key)
+            pipe._settle(batch.items, [])
+        clock[0] += step

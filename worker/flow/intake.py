@@ -76,8 +76,9 @@ class Intake:
         self._fetched_at = fetched_at = time.time()
         batcher = self.batcher
         coalescer = batcher if isinstance(batcher, CoalescingBatcher) else None
-        # `_admit` inline, its callees bound once: this loop runs for every record.
-        admit = self.dedup.admit
+        # `_admit` and `Dedup.admit` inline, their callees bound once: this loop runs for every record.
+        delivered, in_flight, horizon = self.dedup.admission()
+        park = self.dedup.park
         deduplicated = coalescer is None
         fresh: list[tuple[Any, Item, float]] = []
         """New items, for `add_all` after the loop: one call per poll, not one per record."""
@@ -108,14 +109,17 @@ class Intake:
                 continue
             key, record_id, order, body = member
             item = (serial, offset, key, record_id, order, body, record.key, record.value, record.headers)
-            if deduplicated:  # `_admit` inline (per record); the two must agree
-                verdict = admit(record_id, item)
-                if verdict == NEW:
+            if deduplicated:  # `_admit` inline (per record), `Dedup.admit` too: the three must agree
+                delivered_at = delivered.get(record_id)
+                if delivered_at is not None and delivered_at > horizon:  # seen (an expired ID is not)
+                    state.finish(offset)
+                    duplicates += 1
+                elif record_id in in_flight:
+                    park(record_id, item)
+                else:
+                    in_flight[record_id] = None
                     # Ready batches go in event time (see Batcher.take): a backlog drains evenly across sessions.
                     keep((key, item, order if order < fetched_at else fetched_at))
-                elif verdict == SEEN:
-                    self._finish(item)
-                    duplicates += 1
             else:
                 assert coalescer is not None
                 older = coalescer.add(key, record_id, item, serial, offset, now)
