@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from worker.config import MappingSettings, Settings
 from worker.flow.batching import Batcher
-from worker.flow.dedup import NEW, SEEN
+from worker.flow.dedup import NEW, SEEN, Dedup
 from worker.flow.pipeline import Pipeline
 from worker.mapping.flat import flat_member
 from worker.mapping.mapper import MAX_EPOCH_SECONDS, InvalidRecord, Mapper
@@ -407,8 +407,8 @@ def test_the_intakes_inline_admission_is_dedup_admit(
     tp = TopicPartition("t", 0)
     offset = 0
     for poll, deliver, step in zip(polls, delivered, steps, strict=False):
-        reference = copy.deepcopy(pipe.dedup)
-        verdicts = [reference.admit(event_id, ()) for event_id in poll]
+        reference: Dedup[Any] = copy.deepcopy(pipe.dedup)
+        verdicts = [reference.admit(event_id, None) for event_id in poll]
         buffered, duplicates = pipe.batcher.buffered, metrics.totals()["duplicates"]
         records = []
         for event_id in poll:
