@@ -425,3 +425,25 @@ def test_the_intakes_inline_admission_is_dedup_admit(
             pipe.batcher.done(batch.key)
             pipe._settle(batch.items, [])
         clock[0] += step
+
+
+def test_records_admitted_before_a_bug_are_buffered_not_left_in_flight() -> None:
+    """The new items go to the batcher after the loop: a record raising a bug mid-poll must not strand those
+    admitted before it (in flight for dedup, in no batch: never sent, their copies parked for ever)."""
+    settings = Settings.model_validate({"personalize": {"tracking_id": "t"}, "batching": {"linger_ms": 0}})
+    pipe = Pipeline(settings, NoSink(), Letters(), Metrics(), quota=RateLimiter(1000), clock=lambda: 100.0)
+    convert = pipe._convert
+
+    def buggy(record: Any, partition: TopicPartition) -> Any:
+        if record.offset == 2:
+            raise RuntimeError("a bug")
+        return convert(record, partition)
+
+    pipe._convert = buggy
+    values = [
+        {"session_id": "s", "event_type": "click", "timestamp": 1_790_000_000, "event_id": f"e{n}"} for n in range(3)
+    ]
+    with pytest.raises(RuntimeError):
+        pipe.ingest(TopicPartition("t", 0), [FetchedRecord(n, orjson.dumps(v)) for n, v in enumerate(values)])
+    assert pipe.batcher.buffered == 2
+    assert sorted(pipe.dedup._in_flight) == ["e0", "e1"]

@@ -86,49 +86,51 @@ class Intake:
         dropped = duplicates = superseded = 0
         invalid: Counter[str] | None = None
         skip = state.skip
-        for record in records:
-            offset = record.offset
-            if skip and offset in skip:
-                # A previous owner finished it after its last commit point: sending it again would
-                # pay twice for nothing.
-                skip.discard(offset)
-                state.finish(offset)
-                duplicates += 1
-                continue
-            try:
-                member = convert(record, partition)
-            except InvalidRecord as error:
-                if invalid is None:
-                    invalid = Counter()
-                invalid[error.reason] += 1
-                self._dead_letter(state, partition, offset, record.key, record.value, record.headers, error)
-                continue
-            if member is None:
-                dropped += 1
-                state.finish(offset)
-                continue
-            key, record_id, order, body = member
-            item = (serial, offset, key, record_id, order, body, record.key, record.value, record.headers)
-            if deduplicated:  # `_admit` inline (per record), `Dedup.admit` too: the three must agree
-                delivered_at = delivered.get(record_id)
-                if delivered_at is not None and delivered_at > horizon:  # seen (an expired ID is not)
+        try:
+            for record in records:
+                offset = record.offset
+                if skip and offset in skip:
+                    # A previous owner finished it after its last commit point: sending it again would
+                    # pay twice for nothing.
+                    skip.discard(offset)
                     state.finish(offset)
                     duplicates += 1
-                elif record_id in in_flight:
-                    park(record_id, item)
+                    continue
+                try:
+                    member = convert(record, partition)
+                except InvalidRecord as error:
+                    if invalid is None:
+                        invalid = Counter()
+                    invalid[error.reason] += 1
+                    self._dead_letter(state, partition, offset, record.key, record.value, record.headers, error)
+                    continue
+                if member is None:
+                    dropped += 1
+                    state.finish(offset)
+                    continue
+                key, record_id, order, body = member
+                item = (serial, offset, key, record_id, order, body, record.key, record.value, record.headers)
+                if deduplicated:  # `_admit` inline (per record), `Dedup.admit` too: the three must agree
+                    delivered_at = delivered.get(record_id)
+                    if delivered_at is not None and delivered_at > horizon:  # seen (an expired ID is not)
+                        state.finish(offset)
+                        duplicates += 1
+                    elif record_id in in_flight:
+                        park(record_id, item)
+                    else:
+                        in_flight[record_id] = None
+                        # Ready batches go in event time (see Batcher.take): a backlog drains evenly across sessions.
+                        keep((key, item, order if order < fetched_at else fetched_at))
                 else:
-                    in_flight[record_id] = None
-                    # Ready batches go in event time (see Batcher.take): a backlog drains evenly across sessions.
-                    keep((key, item, order if order < fetched_at else fetched_at))
-            else:
-                assert coalescer is not None
-                older = coalescer.add(key, record_id, item, serial, offset, now)
-                if older is not None:
-                    superseded += 1
-                    self._finish(older)
-        if fresh:
-            assert not isinstance(batcher, CoalescingBatcher)
-            batcher.add_all(fresh, now)
+                    assert coalescer is not None
+                    older = coalescer.add(key, record_id, item, serial, offset, now)
+                    if older is not None:
+                        superseded += 1
+                        self._finish(older)
+        finally:  # what the loop admitted is buffered even if a record raised a bug: it is in flight
+            if fresh:
+                assert not isinstance(batcher, CoalescingBatcher)
+                batcher.add_all(fresh, now)
         self._count_intake(len(records), dropped, duplicates, superseded, invalid)
 
     def _count_intake(
@@ -155,7 +157,8 @@ class Intake:
         self.wakeup.set()
 
     def _admit(self, item: Item, now: float) -> bool:
-        """True when the item is a duplicate (finished here). `ingest` has this inline: change both."""
+        """True when the item is a duplicate (finished here). `ingest` has this and `Dedup.admit` inline: change
+        all three."""
         verdict = self.dedup.admit(item[EVENT_ID], item)
         if verdict == NEW:
             assert not isinstance(self.batcher, CoalescingBatcher)
