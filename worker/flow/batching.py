@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -79,6 +79,21 @@ class Batcher(Generic[K, T]):
         if len(batch.items) >= self.max_events:
             del batches[key]
             self._queue(key, batch)
+
+    def add_all(self, entries: Sequence[tuple[K, T, float]], now: float) -> None:
+        """`add` of each (key, item, order) in turn: a poll's new items in one call, not a call per record."""
+        calls, filling, opened, max_events = self._calls, self._filling, self._open, self.max_events
+        for key, item, order in entries:
+            batches = filling if key in calls else opened
+            batch = batches.get(key)
+            if batch is None:
+                batch = batches[key] = Batch(key, now, order)
+            items = batch.items
+            items.append(item)
+            if len(items) >= max_events:
+                del batches[key]
+                self._queue(key, batch)
+        self.buffered += len(entries)
 
     def _queue(self, key: K, batch: Batch[K, T]) -> None:
         """A full (or flushed) batch goes now if its session has a call to spare, else waits for one."""

@@ -51,21 +51,33 @@ class Dedup(Generic[T]):
         return len(self._delivered)
 
     def admit(self, event_id: str, item: T) -> int:
-        """NEW (caller must send it), SEEN (a duplicate: finalize it), or PARKED (wait for the first)."""
+        """NEW (caller must send it), SEEN (a duplicate: finalize it), or PARKED (wait for the first).
+
+        The intake's loop has this inline (see `admission`): change both."""
         delivered_at = self._delivered.get(event_id)
         # An expired ID is not seen, whether or not a delivery has evicted it yet.
         if delivered_at is not None and delivered_at > self._clock() - self._window:
             return SEEN
         in_flight = self._in_flight
         if event_id in in_flight:
-            waiting = in_flight[event_id]
-            if waiting is None:
-                in_flight[event_id] = [item]
-            else:
-                waiting.append(item)
+            self.park(event_id, item)
             return PARKED
         in_flight[event_id] = None
         return NEW
+
+    def admission(self) -> tuple[dict[str, float], dict[str, list[T] | None], float]:
+        """What `admit` reads, for a caller admitting a poll's records inline (a call per record cost more
+        than the admitting): (eventId → when delivered, eventId in flight → parked copies or None, the
+        horizon: delivered after it is seen). The dicts are live; the horizon holds for this poll."""
+        return self._delivered, self._in_flight, self._clock() - self._window
+
+    def park(self, event_id: str, item: T) -> None:
+        """A copy of an eventId in flight waits for the first (`admit`'s PARKED)."""
+        waiting = self._in_flight[event_id]
+        if waiting is None:
+            self._in_flight[event_id] = [item]
+        else:
+            waiting.append(item)
 
     def delivered(self, event_ids: Iterable[str]) -> list[T]:
         """Record delivery; returns the parked copies, which are now duplicates."""

@@ -12,7 +12,7 @@ dispatcher's `Quota` at once: the calls it may start now are what every tracker 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 from worker.flow.batching import Batch, Batcher
@@ -97,6 +97,10 @@ class DestinationBatcher(Generic[T]):
 
     def add(self, key: Key, item: T, now: float, order: float | None = None) -> None:
         self._batchers[key[0]].add(key, item, now, order)
+
+    def add_all(self, entries: Sequence[tuple[Key, T, float]], now: float) -> None:
+        for key, item, order in entries:
+            self._batchers[key[0]].add(key, item, now, order)
 
     def has_full(self) -> bool:
         """A full batch waits for a call at a tracker that has a slot for it."""

@@ -76,49 +76,61 @@ class Intake:
         self._fetched_at = fetched_at = time.time()
         batcher = self.batcher
         coalescer = batcher if isinstance(batcher, CoalescingBatcher) else None
-        # `_admit` inline, its callees bound once: this loop runs for every record.
-        admit = self.dedup.admit
-        add = batcher.add if not isinstance(batcher, CoalescingBatcher) else None
+        # `_admit` and `Dedup.admit` inline, their callees bound once: this loop runs for every record.
+        delivered, in_flight, horizon = self.dedup.admission()
+        park = self.dedup.park
+        deduplicated = coalescer is None
+        fresh: list[tuple[Any, Item, float]] = []
+        """New items, for `add_all` after the loop: one call per poll, not one per record."""
+        keep = fresh.append
         dropped = duplicates = superseded = 0
         invalid: Counter[str] | None = None
         skip = state.skip
-        for record in records:
-            offset = record.offset
-            if skip and offset in skip:
-                # A previous owner finished it after its last commit point: sending it again would
-                # pay twice for nothing.
-                skip.discard(offset)
-                state.finish(offset)
-                duplicates += 1
-                continue
-            try:
-                member = convert(record, partition)
-            except InvalidRecord as error:
-                if invalid is None:
-                    invalid = Counter()
-                invalid[error.reason] += 1
-                self._dead_letter(state, partition, offset, record.key, record.value, record.headers, error)
-                continue
-            if member is None:
-                dropped += 1
-                state.finish(offset)
-                continue
-            key, record_id, order, body = member
-            item = (serial, offset, key, record_id, order, body, record.key, record.value, record.headers)
-            if add is not None:  # `_admit` inline (per record); the two must agree
-                verdict = admit(record_id, item)
-                if verdict == NEW:
-                    # Ready batches go in event time (see Batcher.take): a backlog drains evenly across sessions.
-                    add(key, item, now, order if order < fetched_at else fetched_at)
-                elif verdict == SEEN:
-                    self._finish(item)
+        try:
+            for record in records:
+                offset = record.offset
+                if skip and offset in skip:
+                    # A previous owner finished it after its last commit point: sending it again would
+                    # pay twice for nothing.
+                    skip.discard(offset)
+                    state.finish(offset)
                     duplicates += 1
-            else:
-                assert coalescer is not None
-                older = coalescer.add(key, record_id, item, serial, offset, now)
-                if older is not None:
-                    superseded += 1
-                    self._finish(older)
+                    continue
+                try:
+                    member = convert(record, partition)
+                except InvalidRecord as error:
+                    if invalid is None:
+                        invalid = Counter()
+                    invalid[error.reason] += 1
+                    self._dead_letter(state, partition, offset, record.key, record.value, record.headers, error)
+                    continue
+                if member is None:
+                    dropped += 1
+                    state.finish(offset)
+                    continue
+                key, record_id, order, body = member
+                item = (serial, offset, key, record_id, order, body, record.key, record.value, record.headers)
+                if deduplicated:  # `_admit` inline (per record), `Dedup.admit` too: the three must agree
+                    delivered_at = delivered.get(record_id)
+                    if delivered_at is not None and delivered_at > horizon:  # seen (an expired ID is not)
+                        state.finish(offset)
+                        duplicates += 1
+                    elif record_id in in_flight:
+                        park(record_id, item)
+                    else:
+                        in_flight[record_id] = None
+                        # Ready batches go in event time (see Batcher.take): a backlog drains evenly across sessions.
+                        keep((key, item, order if order < fetched_at else fetched_at))
+                else:
+                    assert coalescer is not None
+                    older = coalescer.add(key, record_id, item, serial, offset, now)
+                    if older is not None:
+                        superseded += 1
+                        self._finish(older)
+        finally:  # what the loop admitted is buffered even if a record raised a bug: it is in flight
+            if fresh:
+                assert not isinstance(batcher, CoalescingBatcher)
+                batcher.add_all(fresh, now)
         self._count_intake(len(records), dropped, duplicates, superseded, invalid)
 
     def _count_intake(
@@ -145,7 +157,8 @@ class Intake:
         self.wakeup.set()
 
     def _admit(self, item: Item, now: float) -> bool:
-        """True when the item is a duplicate (finished here). `ingest` has this inline: change both."""
+        """True when the item is a duplicate (finished here). `ingest` has this and `Dedup.admit` inline: change
+        all three."""
         verdict = self.dedup.admit(item[EVENT_ID], item)
         if verdict == NEW:
             assert not isinstance(self.batcher, CoalescingBatcher)
