@@ -18,7 +18,6 @@ from worker.config import MappingSettings
 from worker.errors import ConfigError
 from worker.flow.items import Record
 from worker.flow.routes import Route
-from worker.mapping.flat import flat_member
 from worker.mapping.mapper import InvalidRecord, Mapper
 from worker.personalize.operations.envelope import DELETE, unwrap
 from worker.personalize.operations.records import mapper_for
@@ -56,7 +55,7 @@ def record_converter(route: Route, schemas: Schemas | None = None) -> Convert:
             raise ConfigError(f"route {route.name}: tracking_id_field with _kafka.* or a layout is not supported")
         return _events_of_records(mapper.map_record)
     if schemas is None and not route.tracking_id_field:
-        return flat_member(mapper) or mapper.member  # `_events(mapper.map)` in one call
+        return mapper.member  # `_events(mapper.map)` in one call
     return _events(map_value)
 
 

@@ -91,9 +91,6 @@ class Mapper:
         self._property_texts = dict(named)
         # With `mapping.schema` or `schema_arn`: each property's field, whose type its values must have.
         self._fields = load_schema(s.schema_source) if s.schema_source else None
-        untyped = shared is not None and not self._fields
-        self._leaves = tuple((key, leaf) for key, leaf, _ in self._properties) if untyped else None
-        """(key, field name) of properties side by side and untyped: `worker.mapping.flat` reads them inline."""
         sources: list[Source | None] = [_source(member, text) for member, text in members.items()]
         sources.append(shared or None)
         # A source is usually one key of the message, read with `obj.get`; only a mapping with a nested
