@@ -1,6 +1,5 @@
 """The intake's per-record shortcuts (issue 13) against the plain code they stand for.
 
-`Mapper.member` is `map` plus the converter around it: the same value, or the same error, for any input;
 `Batcher.add_all` is `add` of each; the intake's inline admission is `Dedup.admit`.
 """
 
@@ -9,7 +8,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 import pytest
@@ -17,17 +16,12 @@ from aiokafka.structs import TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.config import MappingSettings, Settings
+from worker.config import Settings
 from worker.flow.batching import Batcher
 from worker.flow.dedup import NEW, SEEN, Dedup
 from worker.flow.pipeline import Pipeline
-from worker.mapping.mapper import InvalidRecord, Mapper
 from worker.observe.metrics import Metrics
 from worker.personalize.ratelimit import RateLimiter
-
-
-class Rec(NamedTuple):
-    value: bytes | None
 
 
 @dataclass(frozen=True)
@@ -46,45 +40,6 @@ class NoSink:
 class Letters:
     async def write(self, letters: Sequence[Any]) -> None:
         pass
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        None,
-        b"",
-        b"{not json",
-        b"[1, 2]",
-        b'"text"',
-        b'{"event_type": "click", "session_id": "s", "timestamp": 1790000000.5, "ctx": {"page_category": "a"}}',
-        b'{"event_type": "click", "session_id": "s", "timestamp": 1790000000, "event_id": "e", "user_id": ""}',
-        b'{"event_type": "x", "session_id": "s", "timestamp": "nope"}',
-        b'{"event_type": "click", "timestamp": 1790000000}',
-        b'{"event_type": "click", "session_id": "s", "timestamp": 1790000000, "ctx": {"page_category": [1]}}',
-        b'{"event_type": "skip", "session_id": "s", "timestamp": 1790000000}',
-    ],
-)
-def test_member_is_map_and_its_converter(value: bytes | None) -> None:
-    mapper = Mapper(
-        MappingSettings(
-            properties=("ctx.page_category", "ctx.device_type"), event_types={"click": "click"}, event_types_only=True
-        )
-    )
-    expected: Any
-    try:
-        result = mapper.map(value)
-        if result is None:
-            expected = None
-        else:
-            key, event = result
-            expected = (key, event["eventId"], event["sentAt"], orjson.dumps(event).decode())
-    except InvalidRecord as error:
-        expected = ("error", error.stage, error.reason, error.message)
-    try:
-        got: Any = mapper.member(Rec(value))
-    except InvalidRecord as error:
-        got = ("error", error.stage, error.reason, error.message)
-    assert got == expected
 
 
 def batcher_state(batcher: Batcher[str, int]) -> Any:

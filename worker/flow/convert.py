@@ -54,8 +54,6 @@ def record_converter(route: Route, schemas: Schemas | None = None) -> Convert:
         if route.tracking_id_field:
             raise ConfigError(f"route {route.name}: tracking_id_field with _kafka.* or a layout is not supported")
         return _events_of_records(mapper.map_record)
-    if schemas is None and not route.tracking_id_field:
-        return mapper.member  # `_events(mapper.map)` in one call
     return _events(map_value)
 
 

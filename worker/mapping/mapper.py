@@ -152,29 +152,6 @@ class Mapper:
         except Exception as error:
             raise self._culprit(obj, error) from None
 
-    def member(self, record: Any, partition: Any = None) -> tuple[SessionKey, str, float, str] | None:
-        """`map` of a record's value as the intake's member: (session key, eventId, sentAt, the event as JSON).
-
-        The `Convert` of a plain JSON route (`worker.flow.convert`): `map` and a converter around it were two
-        calls and a tuple per record. Decodes exactly as `map` does (same reasons, same messages)."""
-        value = record.value
-        if not value:
-            raise InvalidRecord("decode", "empty", "the message value is empty")
-        try:
-            obj = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRecord("decode", "not_json", f"not valid JSON: {exc}") from None
-        if type(obj) is not dict:
-            raise InvalidRecord("decode", "not_object", f"expected a JSON object, got {type_name(obj)}")
-        try:
-            mapped = self._map(obj, len(value) <= self._surely_fits)
-        except Exception as error:
-            raise self._culprit(obj, error) from None
-        if mapped is None:
-            return None
-        key, event = mapped
-        return key, event["eventId"], event["sentAt"], orjson.dumps(event).decode()
-
     def map_record(self, record: Any, topic: str = "", partition: int = 0) -> tuple[SessionKey, dict[str, Any]] | None:
         """`map` for a whole Kafka record: its key, headers and metadata are readable as `_kafka.*`, and the
         layout (`cloudevents`, `snowplow_tsv`) may build the object from headers and value together."""
